@@ -1,0 +1,10 @@
+"""binax: binary neural networks in JAX/Flax.
+
+Submodules: ``binarizers`` (forward/backward estimators), ``layers``, ``models`` (registry),
+``summary`` (bit-aware model summary), ``data``, ``train``, ``transforms``, ``mismatch``,
+``export`` (bit-packed inference).
+"""
+
+__version__ = "0.1.0"
+
+from binax import binarizers  # noqa: F401

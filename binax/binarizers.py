@@ -1,0 +1,737 @@
+"""Binarizers: pure forward/backward estimators for binary (and few-bit) networks.
+
+Every estimator is a plain function built on ``jax.custom_vjp``: the forward is the
+quantizer, the backward the paper's surrogate gradient. Formulas follow
+``shared/reference/methods.md``; the conventions binax keeps everywhere:
+
+* ``sign(0) = +1`` (as Larq does; ``jnp.sign(0)`` is 0).
+* A kernel's LAST axis is its output channel; "per output channel" reduces over every
+  other axis.
+* "STE on [a, b]" means forward as stated, backward ``g * 1[a <= x <= b]``.
+* Schedule values (EDE's ``t``/``k``, tanh's ``nu``, clip values) are ordinary, possibly
+  traced, array arguments whose cotangent is zero. They are never ``nondiff_argnums`` and
+  never Python constants baked into a trace, so moving them during training does not
+  recompile.
+* Outputs keep the input's dtype (float32, bfloat16, ...). Schedule arithmetic runs in
+  float32 and is cast once.
+
+Names are a public contract (configs and outside code call them by these names); the
+registry ``get(name)`` maps config strings to the functions, and ``resolve(spec, **kw)``
+turns a name or callable into a ``fn(x, progress)`` that derives schedule values from
+training progress.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import math
+from typing import Any, Callable, Mapping
+
+import jax
+import jax.numpy as jnp
+
+Array = jax.Array
+
+__all__ = [
+    "sign",
+    "ste_sign",
+    "approx_sign",
+    "swish_sign",
+    "ede_sign",
+    "ede_params",
+    "tanh_sign",
+    "nu_schedule",
+    "ste_heaviside",
+    "duo_binary",
+    "duo_ternary",
+    "ste_tern",
+    "dorefa",
+    "xnor_weight",
+    "libra_pb",
+    "abc_weight_bases",
+    "abc_weight",
+    "duo_weight",
+    "abc_activation",
+    "get",
+    "names",
+    "register",
+    "resolve",
+    "SCHEDULES",
+    "SCHEDULE_OUTPUTS",
+]
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def _f32(v) -> Array:
+    """A schedule value as a float32 array (traced or not); float32 keeps t**k exact enough."""
+    return jnp.asarray(v, dtype=jnp.float32)
+
+
+def _zero_like(v: Array) -> Array:
+    return jnp.zeros_like(v)
+
+
+def _sign_forward(x: Array) -> Array:
+    return jnp.where(x >= 0, 1, -1).astype(x.dtype)
+
+
+def _in_range(x: Array, lo, hi) -> Array:
+    return ((x >= lo) & (x <= hi)).astype(x.dtype)
+
+
+def _check_per_channel_kernel(w: Array, fn_name: str) -> None:
+    if w.ndim < 2:
+        raise ValueError(
+            f"{fn_name} needs a kernel of rank >= 2 with the output channel last "
+            f"(Dense (in, out), Conv (h, w, in, out)); got shape {tuple(w.shape)} (rank {w.ndim})."
+        )
+
+
+def _reduce_axes(w: Array) -> tuple[int, ...]:
+    """Every axis but the last (output channel)."""
+    return tuple(range(w.ndim - 1))
+
+
+# ----------------------------------------------------------------- sign and its STEs
+
+
+def sign(x: Array) -> Array:
+    """Hard sign with ``sign(0) = +1``; zero gradient almost everywhere (its true gradient).
+
+    Forward: ``+1 if x >= 0 else -1``. Backward: 0.
+    Used at inference and as the forward of every ``*_sign`` estimator below.
+    """
+    return _sign_forward(x)
+
+
+@jax.custom_vjp
+def _ste_sign_clipped(x, clip_value):
+    return _sign_forward(x)
+
+
+def _ste_sign_clipped_fwd(x, clip_value):
+    return _sign_forward(x), (x, clip_value)
+
+
+def _ste_sign_clipped_bwd(res, g):
+    x, clip_value = res
+    return g * (jnp.abs(x) <= clip_value.astype(x.dtype)).astype(g.dtype), _zero_like(clip_value)
+
+
+_ste_sign_clipped.defvjp(_ste_sign_clipped_fwd, _ste_sign_clipped_bwd)
+
+
+@jax.custom_vjp
+def _ste_sign_identity(x):
+    return _sign_forward(x)
+
+
+_ste_sign_identity.defvjp(lambda x: (_sign_forward(x), None), lambda _, g: (g,))
+
+
+def ste_sign(x: Array, clip_value: float | Array | None = 1.0) -> Array:
+    """Straight-through sign (BNN, Hubara et al. 2016; Larq ``ste_sign``).
+
+    Forward: ``sign(x)`` (0 -> +1).
+    Backward: ``g * 1[|x| <= clip_value]``; ``clip_value=None`` passes ``g`` unchanged.
+    """
+    if clip_value is None:
+        return _ste_sign_identity(x)
+    return _ste_sign_clipped(x, _f32(clip_value))
+
+
+@jax.custom_vjp
+def approx_sign(x: Array) -> Array:
+    """ApproxSign (Bi-Real Net, Liu et al. 2018).
+
+    Forward: ``sign(x)``. Backward: ``g * max(0, 2 - 2|x|)`` (the derivative of the
+    piecewise-quadratic approximation of sign).
+    """
+    return _sign_forward(x)
+
+
+def _approx_sign_fwd(x):
+    return _sign_forward(x), x
+
+
+def _approx_sign_bwd(x, g):
+    return (g * jnp.maximum(0, 2 - 2 * jnp.abs(x)).astype(g.dtype),)
+
+
+approx_sign.defvjp(_approx_sign_fwd, _approx_sign_bwd)
+
+
+@jax.custom_vjp
+def _swish_sign(x, beta):
+    return _sign_forward(x)
+
+
+def _swish_sign_fwd(x, beta):
+    return _sign_forward(x), (x, beta)
+
+
+def _swish_sign_bwd(res, g):
+    x, beta = res
+    bx = beta * x.astype(jnp.float32)
+    grad = beta * (2 - bx * jnp.tanh(bx / 2)) / (1 + jnp.cosh(bx))
+    return g * grad.astype(g.dtype), _zero_like(beta)
+
+
+_swish_sign.defvjp(_swish_sign_fwd, _swish_sign_bwd)
+
+
+def swish_sign(x: Array, beta: float | Array = 5.0) -> Array:
+    """SwishSign (BNN+, Darabi et al. 2018; Larq ``swish_sign``).
+
+    Forward: ``sign(x)``.
+    Backward: ``g * beta * (2 - beta*x*tanh(beta*x/2)) / (1 + cosh(beta*x))``, the
+    derivative of ``2*sigmoid(beta*x)*(1 + beta*x*(1 - sigmoid(beta*x))) - 1``.
+    """
+    return _swish_sign(x, _f32(beta))
+
+
+# ------------------------------------------------------------------- IR-Net: EDE
+
+
+@jax.custom_vjp
+def _ede_sign(x, t, k):
+    return _sign_forward(x)
+
+
+def _ede_sign_fwd(x, t, k):
+    return _sign_forward(x), (x, t, k)
+
+
+def _ede_sign_bwd(res, g):
+    x, t, k = res
+    th = jnp.tanh(t * x.astype(jnp.float32))
+    grad = k * t * (1 - th * th)
+    return g * grad.astype(g.dtype), _zero_like(t), _zero_like(k)
+
+
+_ede_sign.defvjp(_ede_sign_fwd, _ede_sign_bwd)
+
+
+def ede_sign(x: Array, t: float | Array, k: float | Array) -> Array:
+    """Sign with the Error Decay Estimator backward (IR-Net, Qin et al. CVPR 2020).
+
+    Forward: ``sign(x)``. Backward: ``g * k * t * (1 - tanh(t*x)**2)``.
+    ``t`` and ``k`` come from ``ede_params(progress)``; they are traced values with zero
+    cotangent.
+    """
+    return _ede_sign(x, _f32(t), _f32(k))
+
+
+def ede_params(
+    progress: float | Array, t_min: float = 0.1, t_max: float = 10.0
+) -> tuple[Array, Array]:
+    """IR-Net's EDE schedule: ``(t, k)`` as a function of training progress in [0, 1].
+
+    ``t = 10 ** (log10 t_min + (log10 t_max - log10 t_min) * progress)``,
+    ``k = max(1/t, 1)``. The official code evaluates it once per epoch
+    (``progress = epoch / epochs``); T_min = 0.1 (VGG-small) or 1e-3 (ResNet-20 1w1a).
+    """
+    if not (t_min > 0 and t_max > 0):
+        raise ValueError(f"ede_params needs t_min > 0 and t_max > 0; got t_min={t_min}, t_max={t_max}.")
+    p = _f32(progress)
+    lo, hi = math.log10(t_min), math.log10(t_max)
+    t = jnp.power(_f32(10.0), lo + (hi - lo) * p)
+    k = jnp.maximum(1.0 / t, 1.0)
+    return t, k
+
+
+# ------------------------------------------------------- Self-Binarizing: tanh(nu x)
+
+
+@jax.custom_vjp
+def _tanh_sign(x, nu):
+    return jnp.tanh(nu.astype(x.dtype) * x)
+
+
+def _tanh_sign_fwd(x, nu):
+    y = jnp.tanh(nu.astype(x.dtype) * x)
+    return y, (y, nu)
+
+
+def _tanh_sign_bwd(res, g):
+    y, nu = res
+    return g * nu.astype(g.dtype) * (1 - y * y), _zero_like(nu)
+
+
+_tanh_sign.defvjp(_tanh_sign_fwd, _tanh_sign_bwd)
+
+
+def tanh_sign(x: Array, nu: float | Array) -> Array:
+    """Self-Binarizing soft sign (Lahoud & Achanta 2019): ``tanh(nu * x)``, true gradient.
+
+    Forward: ``tanh(nu*x)``. Backward: ``g * nu * (1 - tanh(nu*x)**2)``; ``nu`` is a
+    schedule value (zero cotangent). As ``nu`` grows it approaches ``sign``; at the end of
+    training binax swaps it for ``sign`` (see ``binax.transforms``).
+    """
+    return _tanh_sign(x, _f32(nu))
+
+
+def nu_schedule(progress: float | Array, nu_0: float = 1.0, nu_max: float = 1000.0) -> Array:
+    """Sharpening schedule for ``tanh_sign``: ``nu = nu_0 * (nu_max / nu_0) ** progress``.
+
+    The paper gives no exact schedule; binax uses this geometric one (methods.md). The
+    default ``nu_max = 1000`` makes ``tanh(nu x)`` within 1e-3 of ``sign(x)`` for
+    ``|x| >= 0.004``.
+    """
+    if not (nu_0 > 0 and nu_max > 0):
+        raise ValueError(f"nu_schedule needs nu_0 > 0 and nu_max > 0; got nu_0={nu_0}, nu_max={nu_max}.")
+    p = _f32(progress)
+    return _f32(nu_0) * jnp.power(_f32(nu_max / nu_0), p)
+
+
+# ----------------------------------------------------------- {0, 1} and ternary
+
+
+@jax.custom_vjp
+def _ste_heaviside(x, clip_value):
+    return (x > 0).astype(x.dtype)
+
+
+def _ste_heaviside_fwd(x, clip_value):
+    return (x > 0).astype(x.dtype), (x, clip_value)
+
+
+def _ste_heaviside_bwd(res, g):
+    x, clip_value = res
+    return g * (jnp.abs(x) <= clip_value.astype(x.dtype)).astype(g.dtype), _zero_like(clip_value)
+
+
+_ste_heaviside.defvjp(_ste_heaviside_fwd, _ste_heaviside_bwd)
+
+
+def ste_heaviside(x: Array, clip_value: float | Array = 1.0) -> Array:
+    """Straight-through Heaviside (Larq ``ste_heaviside``): values in {0, 1}.
+
+    Forward: ``1 if x > 0 else 0`` (0 -> 0). Backward: ``g * 1[|x| <= clip_value]``.
+    """
+    return _ste_heaviside(x, _f32(clip_value))
+
+
+def _unit_ste_bwd(x, g):
+    return (g * _in_range(x, 0, 1).astype(g.dtype),)
+
+
+@jax.custom_vjp
+def duo_binary(x: Array) -> Array:
+    """BinaryDuo binary activation (Kim et al. ICLR 2020): values in {0, 1}.
+
+    Forward: ``1[clip(x, 0, 1) >= 0.5]`` (= ``1[x >= 0.5]``). Backward: STE on [0, 1],
+    ``g * 1[0 <= x <= 1]``.
+    """
+    return (x >= 0.5).astype(x.dtype)
+
+
+duo_binary.defvjp(lambda x: ((x >= 0.5).astype(x.dtype), x), _unit_ste_bwd)
+
+
+def _duo_ternary_forward(x):
+    half = jnp.asarray(0.5, x.dtype)
+    return half * (x >= 0.25).astype(x.dtype) + half * (x >= 0.75).astype(x.dtype)
+
+
+@jax.custom_vjp
+def duo_ternary(x: Array) -> Array:
+    """BinaryDuo coupled ternary activation: values in {0, 1/2, 1}.
+
+    Forward: ``1/2 * 1[x >= 0.25] + 1/2 * 1[x >= 0.75]`` = ``round(2*clip(x, 0, 1))/2``
+    with rounding half UP (``jnp.round`` rounds half to even and would break the exact
+    decoupling into two binary activations). Backward: STE on [0, 1].
+    """
+    return _duo_ternary_forward(x)
+
+
+duo_ternary.defvjp(lambda x: (_duo_ternary_forward(x), x), _unit_ste_bwd)
+
+
+@jax.custom_vjp
+def _ste_tern(x, threshold, clip_value):
+    return _tern_forward(x, threshold)
+
+
+def _tern_forward(x, threshold):
+    th = threshold.astype(x.dtype)
+    return jnp.where(x >= th, 1, jnp.where(x <= -th, -1, 0)).astype(x.dtype)
+
+
+def _ste_tern_fwd(x, threshold, clip_value):
+    return _tern_forward(x, threshold), (x, threshold, clip_value)
+
+
+def _ste_tern_bwd(res, g):
+    x, threshold, clip_value = res
+    mask = (jnp.abs(x) <= clip_value.astype(x.dtype)).astype(g.dtype)
+    return g * mask, _zero_like(threshold), _zero_like(clip_value)
+
+
+_ste_tern.defvjp(_ste_tern_fwd, _ste_tern_bwd)
+
+
+def ste_tern(
+    x: Array,
+    threshold_value: float | Array = 0.05,
+    ternary_weight_networks: bool = False,
+    clip_value: float | Array = 1.0,
+) -> Array:
+    """Ternary straight-through quantizer (Larq ``ste_tern``): values in {-1, 0, +1}.
+
+    Forward: ``sign(sign(x + θ) + sign(x − θ))`` with the inner signs mapping 0 to 0 as
+    Larq's ``tf.sign`` does, i.e. ``+1 if x >= θ``, ``-1 if x <= -θ``, else 0.
+    ``θ = threshold_value``, or with ``ternary_weight_networks=True`` (TWN, Li et al.
+    2016) ``θ = 0.7 * mean|x|`` over the whole tensor (treated as a constant).
+    Backward: ``g * 1[|x| <= clip_value]``.
+    """
+    if ternary_weight_networks:
+        threshold = jax.lax.stop_gradient(0.7 * jnp.mean(jnp.abs(x.astype(jnp.float32))))
+    else:
+        threshold = _f32(threshold_value)
+    return _ste_tern(x, threshold, _f32(clip_value))
+
+
+def _check_k_bit(k_bit) -> int:
+    if isinstance(k_bit, bool) or not isinstance(k_bit, int) or k_bit < 1:
+        raise ValueError(f"k_bit must be an integer >= 1; got {k_bit!r}.")
+    return k_bit
+
+
+def dorefa(x: Array, k_bit: int = 2) -> Array:
+    """DoReFa activation quantizer (Zhou et al. 2016), activation mode.
+
+    Forward: ``q_k(clip(x, 0, 1))`` with ``q_k(v) = round((2^k − 1) v) / (2^k − 1)``.
+    Backward: STE on [0, 1]: ``g * 1[0 <= x <= 1]``. ``k_bit`` is a static Python int.
+    """
+    n = float(2 ** _check_k_bit(k_bit) - 1)
+    return _dorefa(x, n)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
+def _dorefa(x, n):
+    # n is a static level count (a precision choice, not a schedule): nondiff is right here.
+    return _dorefa_forward(x, n)
+
+
+def _dorefa_forward(x, n):
+    return (jnp.round(jnp.clip(x, 0, 1) * n) / n).astype(x.dtype)
+
+
+def _dorefa_fwd(x, n):
+    return _dorefa_forward(x, n), x
+
+
+def _dorefa_bwd(n, x, g):
+    return (g * _in_range(x, 0, 1).astype(g.dtype),)
+
+
+_dorefa.defvjp(_dorefa_fwd, _dorefa_bwd)
+
+
+# ------------------------------------------------------------- weight binarizers
+
+
+def _channel_mean_abs(w: Array) -> Array:
+    return jnp.mean(jnp.abs(w), axis=_reduce_axes(w), keepdims=True)
+
+
+def xnor_weight(w: Array) -> Array:
+    """XNOR-Net weight binarizer (Rastegari et al. 2016).
+
+    Forward: ``alpha * sign(W)``, ``alpha = mean|W|`` per output channel (last axis).
+    Backward: straight through the sign with the scale held constant, ``g * alpha``.
+    (Larq Zoo clips latent weights to [-1, 1], so an extra ``1[|W| <= 1]`` would change
+    nothing there; binax leaves clipping to the layer's latent-weight constraint.)
+    """
+    _check_per_channel_kernel(w, "xnor_weight")
+    alpha = jax.lax.stop_gradient(_channel_mean_abs(w))
+    return _ste_sign_identity(w) * alpha
+
+
+def _standardize_per_channel(w: Array) -> Array:
+    axes = _reduce_axes(w)
+    n = math.prod(w.shape[:-1])
+    mean = jnp.mean(w, axis=axes, keepdims=True)
+    centered = w - mean
+    # ddof = 1, as torch.std in the official IR-Net code.
+    std = jnp.sqrt(jnp.sum(centered * centered, axis=axes, keepdims=True) / max(n - 1, 1))
+    return centered / std
+
+
+def libra_pb(w: Array, t: float | Array, k: float | Array) -> Array:
+    """IR-Net Libra-PB weight binarizer (Qin et al. CVPR 2020; official code htqin/IR-Net).
+
+    Per output channel: ``ŵ = (w − mean(w)) / std(w)`` with the unbiased std (ddof = 1),
+    mean and std NOT stopped, so the gradient flows through the standardization;
+    ``Q(w) = ede_sign(ŵ, t, k) * s`` with ``s = 2 ** round(log2(mean|ŵ|))`` per channel,
+    held constant in the backward. The paper's entropy term is not in the official code,
+    and binax follows the code.
+
+    Backward: ``∂ŵ = g * s * k * t * (1 − tanh(t ŵ)**2)``, then through the
+    standardization's Jacobian.
+    """
+    _check_per_channel_kernel(w, "libra_pb")
+    w_hat = _standardize_per_channel(w)
+    s = jax.lax.stop_gradient(jnp.exp2(jnp.round(jnp.log2(_channel_mean_abs(w_hat)))))
+    return ede_sign(w_hat, t, k) * s.astype(w.dtype)
+
+
+def _check_m(m) -> int:
+    if isinstance(m, bool) or not isinstance(m, int) or m < 1:
+        raise ValueError(f"m (the number of ABC-Net weight bases) must be an integer >= 1; got {m!r}.")
+    return m
+
+
+def _abc_shifts(m: int) -> list[float]:
+    """ABC-Net's u_i = −1 + 2(i − 1)/(M − 1), i = 1..M (u = 0 when M = 1)."""
+    if m == 1:
+        return [0.0]
+    return [-1.0 + 2.0 * i / (m - 1) for i in range(m)]
+
+
+def abc_weight_bases(w: Array, m: int) -> tuple[Array, Array]:
+    """ABC-Net weight bases (Lin et al. NIPS 2017): ``W ≈ Σ_i α_i B_i``.
+
+    ``B_i = sign(W − mean(W) + u_i * std(W))`` with ``u_i = −1 + 2(i − 1)/(M − 1)``
+    (layer-wise mean and population std over the whole tensor, as the paper states);
+    ``α = argmin ‖vec(W) − [vec(B_1) … vec(B_M)] α‖²`` by least squares, recomputed from
+    the current W. Returns ``(bases, alphas)``, ``bases.shape == (m, *w.shape)``,
+    ``alphas.shape == (m,)``. No gradient flows through this function; use
+    ``abc_weight`` for training.
+    """
+    m = _check_m(m)
+    w = jax.lax.stop_gradient(w)
+    w32 = w.astype(jnp.float32)
+    mean, std = jnp.mean(w32), jnp.std(w32)
+    bases = jnp.stack([_sign_forward(w32 - mean + u * std) for u in _abc_shifts(m)])
+    design = bases.reshape(m, -1).T  # (numel, m)
+    alphas = jnp.linalg.lstsq(design, w32.reshape(-1))[0]
+    return bases.astype(w.dtype), alphas.astype(w.dtype)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
+def _abc_weight(w, m):
+    bases, alphas = abc_weight_bases(w, m)
+    return jnp.tensordot(alphas, bases, axes=1)
+
+
+def _abc_weight_fwd(w, m):
+    bases, alphas = abc_weight_bases(w, m)
+    return jnp.tensordot(alphas, bases, axes=1), jnp.sum(alphas)
+
+
+def _abc_weight_bwd(m, alpha_sum, g):
+    return (g * alpha_sum.astype(g.dtype),)
+
+
+_abc_weight.defvjp(_abc_weight_fwd, _abc_weight_bwd)
+
+
+def abc_weight(w: Array, m: int) -> Array:
+    """ABC-Net combined weight ``Σ_i α_i B_i`` with the paper's STE backward.
+
+    Forward: ``Σ_i α_i B_i`` from ``abc_weight_bases(w, m)``.
+    Backward (paper eq. 5): ``∂c/∂W = Σ_i α_i ∂c/∂B_i`` where ``∂c/∂B_i`` is the gradient
+    reaching the i-th binary kernel before its α scaling, i.e. ``g`` for every base, so
+    ``∂c/∂W = (Σ_i α_i) * g`` with α held constant. ``m`` is a static Python int.
+    """
+    return _abc_weight(w, _check_m(m))
+
+
+def duo_weight(w: Array) -> Array:
+    """BinaryDuo weight binarizer: ``sign(w) * mean|w|`` with ONE scale per layer.
+
+    Forward: ``alpha * sign(w)``, ``alpha = mean|w|`` over the whole kernel (0 -> +1).
+    Backward: straight through with the scale held constant, ``g * alpha``.
+    """
+    alpha = jax.lax.stop_gradient(jnp.mean(jnp.abs(w)))
+    return _ste_sign_identity(w) * alpha
+
+
+@jax.custom_vjp
+def _abc_activation(x, shifts, betas):
+    return _abc_activation_forward(x, shifts, betas)
+
+
+def _abc_heavisides(x, shifts):
+    # (N, *x.shape): H_v(x) = 2 * 1[clip(x + v, 0, 1) >= 0.5] − 1 for each shift v.
+    shifted = x[None] + shifts.reshape((-1,) + (1,) * x.ndim).astype(x.dtype)
+    return shifted, (2 * (jnp.clip(shifted, 0, 1) >= 0.5).astype(x.dtype) - 1)
+
+
+def _abc_activation_forward(x, shifts, betas):
+    _, h = _abc_heavisides(x, shifts)
+    return jnp.tensordot(betas.astype(x.dtype), h, axes=1)
+
+
+def _abc_activation_fwd(x, shifts, betas):
+    shifted, h = _abc_heavisides(x, shifts)
+    out = jnp.tensordot(betas.astype(x.dtype), h, axes=1)
+    return out, (shifted, h, betas, shifts)
+
+
+def _abc_activation_bwd(res, g):
+    shifted, h, betas, shifts = res
+    # STE through the clip: dH_v/dx = 2 * 1[0 <= x + v <= 1].
+    dh = 2 * _in_range(shifted, 0, 1).astype(g.dtype)
+    b = betas.astype(g.dtype).reshape((-1,) + (1,) * g.ndim)
+    per_base = b * dh * g[None]  # (N, *x.shape)
+    gx = jnp.sum(per_base, axis=0)
+    reduce = tuple(range(1, per_base.ndim))
+    g_shifts = jnp.sum(per_base, axis=reduce).astype(shifts.dtype)
+    g_betas = jnp.sum(h * g[None], axis=reduce).astype(betas.dtype)
+    return gx, g_shifts, g_betas
+
+
+_abc_activation.defvjp(_abc_activation_fwd, _abc_activation_bwd)
+
+
+def abc_activation(x: Array, shifts: Array, betas: Array) -> Array:
+    """ABC-Net multiple binary activations: ``A = Σ_n β_n H_{v_n}(x)``.
+
+    ``H_v(x) = 2 * 1[clip(x + v, 0, 1) >= 0.5] − 1`` ∈ {−1, +1}; ``shifts`` (v_n) and
+    ``betas`` (β_n) are learned vectors of length N.
+    Backward (STE through the clip, the indicator replaced by identity):
+    ``∂x = Σ_n β_n * 2 * 1[0 <= x + v_n <= 1] * g``; ``∂v_n`` is the same term summed over
+    the tensor; ``∂β_n = Σ H_{v_n}(x) * g``.
+    """
+    shifts = jnp.atleast_1d(jnp.asarray(shifts))
+    betas = jnp.atleast_1d(jnp.asarray(betas))
+    if shifts.shape != betas.shape or shifts.ndim != 1:
+        raise ValueError(
+            f"abc_activation needs 1-D shifts and betas of equal length N; got shapes "
+            f"{tuple(shifts.shape)} and {tuple(betas.shape)}."
+        )
+    return _abc_activation(x, shifts, betas)
+
+
+# ------------------------------------------------------------------------ registry
+
+_REGISTRY: dict[str, Callable[..., Array]] = {
+    "sign": sign,
+    "ste_sign": ste_sign,
+    "approx_sign": approx_sign,
+    "swish_sign": swish_sign,
+    "ede_sign": ede_sign,
+    "tanh_sign": tanh_sign,
+    "ste_heaviside": ste_heaviside,
+    "duo_binary": duo_binary,
+    "duo_ternary": duo_ternary,
+    "ste_tern": ste_tern,
+    "dorefa": dorefa,
+    "xnor_weight": xnor_weight,
+    "libra_pb": libra_pb,
+    "abc_weight": abc_weight,
+    "duo_weight": duo_weight,
+}
+
+
+def _ede_schedule(progress, t_min: float = 0.1, t_max: float = 10.0) -> dict[str, Array]:
+    t, k = ede_params(progress, t_min=t_min, t_max=t_max)
+    return {"t": t, "k": k}
+
+
+def _nu_schedule(progress, nu_0: float = 1.0, nu_max: float = 1000.0) -> dict[str, Array]:
+    return {"nu": nu_schedule(progress, nu_0=nu_0, nu_max=nu_max)}
+
+
+#: Binarizers whose arguments are functions of training progress: name -> schedule
+#: function ``(progress, **schedule_kwargs) -> {arg: value}``.
+SCHEDULES: dict[str, Callable[..., dict[str, Array]]] = {
+    "ede_sign": _ede_schedule,
+    "libra_pb": _ede_schedule,
+    "tanh_sign": _nu_schedule,
+}
+
+#: The arguments each schedule supplies (not settable through ``resolve``).
+SCHEDULE_OUTPUTS: dict[str, tuple[str, ...]] = {
+    "ede_sign": ("t", "k"),
+    "libra_pb": ("t", "k"),
+    "tanh_sign": ("nu",),
+}
+
+
+def names() -> list[str]:
+    """Registered binarizer names, sorted."""
+    return sorted(_REGISTRY)
+
+
+def get(name: str) -> Callable[..., Array]:
+    """The binarizer function registered under ``name`` (e.g. ``get("ede_sign")``)."""
+    if callable(name):
+        return name
+    try:
+        return _REGISTRY[name]
+    except (KeyError, TypeError):
+        raise ValueError(
+            f"Unknown binarizer {name!r}; valid names are: {', '.join(names())}."
+        ) from None
+
+
+def register(
+    name: str,
+    fn: Callable[..., Array],
+    schedule: Callable[..., dict] | None = None,
+    schedule_outputs: tuple[str, ...] = (),
+) -> None:
+    """Add a binarizer (and optionally its progress schedule) to the registry.
+
+    ``schedule(progress, **kw)`` returns the keyword arguments named in
+    ``schedule_outputs`` (e.g. ``{"t": ..., "k": ...}``).
+    """
+    if name in _REGISTRY:
+        raise ValueError(f"A binarizer named {name!r} is already registered.")
+    _REGISTRY[name] = fn
+    if schedule is not None:
+        SCHEDULES[name] = schedule
+        SCHEDULE_OUTPUTS[name] = tuple(schedule_outputs)
+
+
+def _split_kwargs(fn: Callable, schedule: Callable | None, kwargs: Mapping[str, Any], label: str):
+    """Split ``kwargs`` into the binarizer's own and its schedule's; reject unknown keys."""
+    fn_params = set(inspect.signature(fn).parameters) - {"x", "w"}
+    sched_params = set(inspect.signature(schedule).parameters) - {"progress"} if schedule else set()
+    # Values the schedule computes (t, k, nu) are not user settings.
+    allowed = (fn_params - set(SCHEDULE_OUTPUTS.get(label, ()))) | sched_params
+    unknown = set(kwargs) - allowed
+    if unknown:
+        raise ValueError(
+            f"Unknown keyword argument(s) {sorted(unknown)} for binarizer {label!r}; "
+            f"allowed: {sorted(allowed)}."
+        )
+    return (
+        {k: v for k, v in kwargs.items() if k in fn_params},
+        {k: v for k, v in kwargs.items() if k in sched_params},
+    )
+
+
+def resolve(spec: str | Callable | None, **kwargs) -> Callable[[Array, Any], Array] | None:
+    """Bind a binarizer name (or callable) and its keyword arguments to ``fn(x, progress)``.
+
+    For names in ``SCHEDULES`` the schedule keywords (``t_min``/``t_max`` for EDE,
+    ``nu_0``/``nu_max`` for tanh) are split off, and ``t, k`` or ``nu`` are computed from
+    ``progress`` (a traced scalar) on every call. A plain callable is called as
+    ``fn(x, **kwargs)``; one that takes a ``progress`` argument also receives it.
+    ``None`` resolves to ``None`` (no quantization).
+    """
+    if spec is None:
+        return None
+    fn = get(spec)
+    label = spec if isinstance(spec, str) else getattr(spec, "__name__", repr(spec))
+    schedule = SCHEDULES.get(spec) if isinstance(spec, str) else None
+    if not isinstance(spec, str):
+        if "progress" in inspect.signature(fn).parameters:
+            return lambda x, progress=1.0: fn(x, progress=progress, **kwargs)
+        return lambda x, progress=1.0: fn(x, **kwargs)
+    fn_kwargs, sched_kwargs = _split_kwargs(fn, schedule, kwargs, label)
+
+    def bound(x: Array, progress: float | Array = 1.0) -> Array:
+        extra = schedule(progress, **sched_kwargs) if schedule is not None else {}
+        return fn(x, **fn_kwargs, **extra)
+
+    bound.__name__ = label
+    return bound

@@ -1,0 +1,60 @@
+#!/usr/bin/env bash
+# binax developer entry point: `bash dev.sh run` trains the default config,
+# `bash dev.sh test` runs the whole test suite. Both set up everything first:
+# Debian's Fashion-MNIST package and a virtual environment at .venv/.
+set -euo pipefail
+cd "$(dirname "$0")"
+
+PYTHON=${PYTHON:-python3}
+FMNIST_DIR=/usr/share/datasets/fashion-mnist
+
+as_root() {
+  if [ "$(id -u)" -eq 0 ]; then "$@"; else sudo "$@"; fi
+}
+
+apt_install() {
+  as_root apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive as_root apt-get install -y -qq "$@"
+}
+
+setup() {
+  if [ ! -f "$FMNIST_DIR/train-images-idx3-ubyte.gz" ]; then
+    echo "==> installing Debian's dataset-fashion-mnist"
+    apt_install dataset-fashion-mnist
+  fi
+  if [ ! -x .venv/bin/python ]; then
+    echo "==> creating .venv"
+    "$PYTHON" -m venv .venv 2>/dev/null || { apt_install python3-venv; rm -rf .venv; "$PYTHON" -m venv .venv; }
+  fi
+  # Reinstall only when pyproject.toml changed since the last install.
+  if [ ! -f .venv/.binax-installed ] || [ pyproject.toml -nt .venv/.binax-installed ]; then
+    echo "==> installing binax and its test dependencies into .venv"
+    .venv/bin/python -m pip install -q --upgrade pip
+    .venv/bin/python -m pip install -q -e ".[test]"
+    touch .venv/.binax-installed
+  fi
+}
+
+cmd=${1:-help}
+shift || true
+case "$cmd" in
+  setup) setup ;;
+  run)
+    setup
+    exec .venv/bin/python -m experiments.run "$@"
+    ;;
+  test)
+    setup
+    # -n 2: one worker per core; pytest's exit 5 (no tests collected) is a failure.
+    set +e
+    .venv/bin/python -m pytest -n 2 --durations=15 "$@"
+    rc=$?
+    set -e
+    if [ "$rc" -eq 5 ]; then echo "pytest collected no tests: failing" >&2; exit 1; fi
+    exit "$rc"
+    ;;
+  *)
+    echo "usage: bash dev.sh {setup|run [flags for experiments.run]|test [pytest args]}" >&2
+    exit 2
+    ;;
+esac
