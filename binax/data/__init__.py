@@ -1,0 +1,96 @@
+"""Input data: IDX files (MNIST, Fashion-MNIST), scikit-learn digits, tfds pipelines.
+
+::
+
+    ds = binax.data.create(config.data, seed=0, process_index=jax.process_index(),
+                           process_count=jax.process_count())
+    for batch in ds.train_batches(epoch, batch_size, start_step):   # process-local numpy
+        ...                                  # {'image': f32 (B/P, H, W, C), 'label': i32}
+    for batch in ds.eval_batches(batch_size):                       # + 'mask' (f32 0/1)
+        ...
+
+The batches of an epoch are a pure function of ``(seed, epoch)``; ``start_step=k`` yields
+exactly batches ``k, k+1, ...`` of that sequence, so a killed run resumes bit-exactly.
+TensorFlow is imported only when a tfds dataset is created.
+"""
+
+from __future__ import annotations
+
+import ml_collections
+from ml_collections import config_dict
+
+from binax.data.idx import load_idx, parse_idx
+from binax.data.in_memory import ArrayDataset, load_arrays, random_crop_flip
+from binax.data.registry import SPECS, get_spec, names
+from binax.data.spec import NORMALIZE_MODES, Dataset, Spec, check_normalize, normalize
+
+__all__ = [
+    "ArrayDataset", "Dataset", "NORMALIZE_MODES", "SPECS", "Spec", "create",
+    "default_config", "get_spec", "load_arrays", "load_idx", "names", "normalize",
+    "parse_idx", "random_crop_flip",
+]
+
+
+def default_config() -> ml_collections.ConfigDict:
+    """The ``config.data`` fields :func:`create` reads, with their defaults."""
+    config = ml_collections.ConfigDict()
+    # A name from binax.data.names(), or 'tfds:<builder>' for another tfds dataset.
+    config.name = "fashion_mnist"
+    # Where the files are. None: Debian's /usr/share/datasets/fashion-mnist for the IDX
+    # Fashion-MNIST, tfds's default data_dir (TFDS_DATA_DIR or ~/tensorflow_datasets) for
+    # tfds datasets. MNIST has no default.
+    config.data_dir = config_dict.placeholder(str)
+    # Training augmentation. None: the dataset's default (on for CIFAR and ImageNet, off
+    # for the MNIST family and digits, where it is a 2-pixel (digits: 1) pad-and-crop,
+    # with a flip for Fashion-MNIST only).
+    config.augment = config_dict.placeholder(bool)
+    # 'mean_std' ((x - mean) / std per channel), 'unit' ([0, 1]) or 'sym' ([-1, 1]).
+    config.normalize = "mean_std"
+    # tfds only: examples in the shuffle buffer (on top of shuffled file order).
+    config.shuffle_buffer = 16_384
+    return config
+
+
+def create(data_config, *, seed: int, process_index: int = 0, process_count: int = 1) -> Dataset:
+    """Builds the dataset ``data_config`` names (see :func:`default_config`).
+
+    Args:
+      data_config: a ``ConfigDict`` (or mapping) with the fields of
+        :func:`default_config`; missing fields take their defaults, unknown ones are an
+        error (a typo would otherwise be ignored).
+      seed: non-negative integer; with the epoch it fixes order and augmentation.
+      process_index, process_count: this process's slot; each process yields its
+        ``batch_size // process_count`` share of every global batch.
+
+    Raises:
+      ValueError: unknown dataset name, config field or normalize mode; bad seed/process.
+      FileNotFoundError: the data is not there; the message says how to get it.
+    """
+    config = default_config()
+    given = dict(data_config.items()) if hasattr(data_config, "items") else None
+    if given is None:
+        raise ValueError(f"data_config must be a ConfigDict or mapping, got {data_config!r}")
+    unknown = sorted(set(given) - set(config.keys()))
+    if unknown:
+        raise ValueError(f"unknown data config field(s) {unknown}; valid: {sorted(config.keys())}")
+    for key, value in given.items():
+        if value is not None:
+            config[key] = value
+    if not isinstance(seed, int) or isinstance(seed, bool) or seed < 0:
+        raise ValueError(f"seed must be a non-negative integer, got {seed!r}")
+    if not isinstance(process_count, int) or process_count < 1:
+        raise ValueError(f"process_count must be a positive integer, got {process_count!r}")
+    if not isinstance(process_index, int) or not 0 <= process_index < process_count:
+        raise ValueError(f"process_index={process_index!r} is outside [0, {process_count})")
+
+    spec = get_spec(config.name)
+    check_normalize(config.normalize, spec)
+    augment = spec.augment_default if config.augment is None else bool(config.augment)
+    common = dict(data_dir=config.data_dir, seed=seed, augment=augment,
+                  normalize_mode=config.normalize, process_index=process_index,
+                  process_count=process_count)
+    if spec.source == "tfds":
+        from binax.data.tfds_pipeline import TfdsDataset  # imports TensorFlow
+
+        return TfdsDataset(spec, shuffle_buffer=int(config.shuffle_buffer), **common)
+    return ArrayDataset(spec, **common)
