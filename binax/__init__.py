@@ -8,3 +8,5 @@ Submodules: ``binarizers`` (forward/backward estimators), ``layers``, ``models``
 __version__ = "0.1.0"
 
 from binax import binarizers  # noqa: F401
+from binax import layers  # noqa: F401,E402
+from binax import models  # noqa: F401,E402

@@ -1,0 +1,78 @@
+"""The model registry: ``create(name, **overrides)``, ``names()``, ``get_config(name)``.
+
+Each registered model is a Flax Linen module whose fields are exactly the keys of its
+default ``ml_collections.ConfigDict``; ``create`` applies overrides to that config (an
+unknown key raises a ``ValueError`` listing the valid keys), validates binarizer names and
+keywords, and returns the module. Call it as
+``model.apply(variables, x, train=bool, progress=p, mutable=['batch_stats'] if train else False)``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable
+
+import flax.linen as nn
+import ml_collections
+
+from binax.models import common, mlp, vgg
+
+__all__ = ["create", "names", "get_config", "register", "common"]
+
+_REGISTRY: dict[str, tuple[Callable[[], ml_collections.ConfigDict], type[nn.Module]]] = {}
+
+
+def register(name: str, config_fn: Callable[[], ml_collections.ConfigDict], model_cls: type[nn.Module]) -> None:
+    """Register ``model_cls`` under ``name`` with default config ``config_fn()``."""
+    if name in _REGISTRY:
+        raise ValueError(f"A model named {name!r} is already registered.")
+    fields = {f.name for f in dataclasses.fields(model_cls)} - {"parent", "name"}
+    unknown = set(config_fn().keys()) - fields
+    if unknown:
+        raise ValueError(f"config keys {sorted(unknown)} of model {name!r} are not fields of {model_cls.__name__}.")
+    _REGISTRY[name] = (config_fn, model_cls)
+
+
+def names() -> list[str]:
+    """Registered model names, sorted."""
+    return sorted(_REGISTRY)
+
+
+def _entry(name: str):
+    try:
+        return _REGISTRY[name]
+    except (KeyError, TypeError):
+        raise ValueError(f"Unknown model {name!r}; valid names are: {', '.join(names())}.") from None
+
+
+def get_config(name: str) -> ml_collections.ConfigDict:
+    """The default config of model ``name`` (a fresh, locked ``ConfigDict``)."""
+    cfg = _entry(name)[0]()
+    cfg.lock()
+    return cfg
+
+
+def create(name: str, **overrides: Any) -> nn.Module:
+    """Build model ``name`` from its default config with ``overrides`` applied.
+
+    ``overrides`` may also be a whole config: ``create(name, **config)`` with a dict or
+    ``ConfigDict`` whose keys are a subset of ``get_config(name)``. Binarizers may be given
+    as registry names or callables.
+    """
+    config_fn, model_cls = _entry(name)
+    values = config_fn().to_dict()
+    unknown = sorted(set(overrides) - set(values))
+    if unknown:
+        raise ValueError(
+            f"Unknown config key(s) {unknown} for model {name!r}; valid keys: {', '.join(sorted(values))}."
+        )
+    values.update(overrides)
+    values = {k: common.freeze(v) for k, v in values.items()}
+    common.validate_common(values, name)
+    return model_cls(**values)
+
+
+register("bnn_mlp", mlp.get_config, mlp.MLP)
+register("cnn_small", vgg.cnn_small_config, vgg.VGG)
+register("vgg_small", vgg.vgg_small_config, vgg.VGG)
+register("vgg7_tiny", vgg.vgg7_tiny_config, vgg.VGG)

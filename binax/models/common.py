@@ -1,0 +1,245 @@
+"""Pieces shared by the model families: the quantization settings every model takes,
+layer factories that turn them into binary / float / ABC layers, activations, input checks.
+
+Every model is a Flax Linen module whose dataclass fields are exactly the keys of its
+default ``ml_collections.ConfigDict`` (``binax.models.get_config(name)``), called as
+``model.apply(variables, x, train=bool, progress=p, mutable=[...])``.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Mapping, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+from flax.core import FrozenDict
+
+from binax import binarizers
+from binax import layers as L
+
+Array = jax.Array
+
+LAYER_TYPES = ("binary", "abc")
+ACTIVATIONS = ("none", "hardtanh", "relu", "tanh", "rprelu")
+
+
+def base_config() -> ml_collections.ConfigDict:
+    """Keys every model takes (families add their own)."""
+    c = ml_collections.ConfigDict()
+    c.num_classes = 10
+    c.width_multiplier = 1.0
+    # Binarizers by registry name (binax.binarizers.names()) and their keyword arguments
+    # (schedule keywords too: t_min/t_max for ede_sign/libra_pb, nu_0/nu_max for tanh_sign).
+    c.input_quantizer = "ste_sign"
+    c.input_quantizer_kwargs = {}
+    c.kernel_quantizer = "ste_sign"
+    c.kernel_quantizer_kwargs = {}
+    # The first layer sees pixels (never quantized); True also keeps its weights float.
+    c.first_layer_float = True
+    # True: the classifier's input and weights are float.
+    c.last_layer_float = True
+    # 'binary': BinaryConv/BinaryDense; 'abc': ABC-Net layers with abc_m x abc_n bases
+    # (ABC layers ignore input_quantizer/kernel_quantizer).
+    c.layer_type = "binary"
+    c.abc_m = 3
+    c.abc_n = 3
+    # Value binarized convolutions pad with; None: +1 when the input is binarized.
+    c.pad_values = ml_collections.config_dict.placeholder(float)
+    # Latent-weight clip the trainer applies after each update (None: no clipping).
+    c.latent_weight_clip = ml_collections.config_dict.placeholder(float)
+    # Nonlinearity after each batch norm of a binary block ('none' lets the next
+    # layer's input binarizer act directly on the BN output, as BNN does).
+    c.activation = "none"
+    c.bn_momentum = 0.9
+    c.bn_epsilon = 1e-5
+    return c
+
+
+def freeze(value: Any) -> Any:
+    """Config values as hashable module fields: dicts -> FrozenDict, lists -> tuples."""
+    if isinstance(value, ml_collections.ConfigDict):
+        value = value.to_dict()
+    if isinstance(value, Mapping):
+        return FrozenDict({k: freeze(v) for k, v in value.items()})
+    if isinstance(value, list):
+        return tuple(freeze(v) for v in value)
+    return value
+
+
+def scaled(widths: Sequence[int], multiplier: float) -> tuple[int, ...]:
+    """Widths times ``multiplier``, rounded, at least 1."""
+    return tuple(max(1, int(round(w * multiplier))) for w in widths)
+
+
+def activation_fn(name: str | None) -> Callable[[Array], Array] | None:
+    """Parameter-free activations by name; None for 'none' (and for 'rprelu', a module)."""
+    name = "none" if name is None else name
+    if name not in ACTIVATIONS:
+        raise ValueError(f"Unknown activation {name!r}; valid: {', '.join(ACTIVATIONS)}.")
+    return {
+        "none": None,
+        "hardtanh": lambda x: jnp.clip(x, -1.0, 1.0),
+        "relu": nn.relu,
+        "tanh": jnp.tanh,
+        "rprelu": None,
+    }[name]
+
+
+def apply_activation(name: str | None, x: Array, module_name: str) -> Array:
+    """Apply activation ``name``; 'rprelu' creates an RPReLU submodule ``module_name``."""
+    if name == "rprelu":
+        return L.RPReLU(name=module_name)(x)
+    fn = activation_fn(name)
+    return x if fn is None else fn(x)
+
+
+def check_image_input(x: Array, model: str, min_size: int) -> None:
+    """CNNs take NHWC batches whose spatial size survives their downsampling."""
+    if x.ndim != 4:
+        raise ValueError(
+            f"{model} expects NHWC input of rank 4 (batch, height, width, channels); "
+            f"got shape {tuple(x.shape)} (rank {x.ndim})."
+        )
+    h, w = x.shape[1], x.shape[2]
+    if h < min_size or w < min_size:
+        raise ValueError(
+            f"{model} needs inputs of at least {min_size}x{min_size} pixels to survive its "
+            f"downsampling; got {h}x{w} (input shape {tuple(x.shape)})."
+        )
+
+
+def validate_common(cfg: Mapping[str, Any], model: str) -> None:
+    """Fail at creation (not at first call) on bad names and keyword arguments."""
+    for key in ("input_quantizer", "kernel_quantizer"):
+        binarizers.resolve(cfg[key], **dict(cfg[key + "_kwargs"] or {}))
+    if cfg["layer_type"] not in LAYER_TYPES:
+        raise ValueError(f"{model}: unknown layer_type {cfg['layer_type']!r}; valid: {', '.join(LAYER_TYPES)}.")
+    for key in ("activation", "stem_activation", "classifier_activation"):
+        if key in cfg:
+            activation_fn(cfg[key])
+    if cfg["width_multiplier"] <= 0:
+        raise ValueError(f"{model}: width_multiplier must be > 0; got {cfg['width_multiplier']!r}.")
+
+
+class BinaryModel(nn.Module):
+    """Base of every binax model: the quantization fields and the layer factories.
+
+    Subclasses add their architecture fields and ``__call__(x, train=False, progress=1.0)``.
+    """
+
+    num_classes: int = 10
+    width_multiplier: float = 1.0
+    input_quantizer: Any = "ste_sign"
+    input_quantizer_kwargs: Mapping[str, Any] = FrozenDict()
+    kernel_quantizer: Any = "ste_sign"
+    kernel_quantizer_kwargs: Mapping[str, Any] = FrozenDict()
+    first_layer_float: bool = True
+    last_layer_float: bool = True
+    layer_type: str = "binary"
+    abc_m: int = 3
+    abc_n: int = 3
+    pad_values: float | None = None
+    latent_weight_clip: float | None = None
+    activation: str = "none"
+    bn_momentum: float = 0.9
+    bn_epsilon: float = 1e-5
+
+    # -- layer factories -------------------------------------------------------------
+
+    def conv(
+        self,
+        features: int,
+        kernel_size,
+        strides=1,
+        padding="SAME",
+        *,
+        name: str,
+        quantize_input: bool = True,
+        quantize_kernel: bool = True,
+        use_bias: bool = False,
+    ) -> nn.Module:
+        """A convolution in this model's binary style (or float when nothing is quantized)."""
+        if quantize_input and quantize_kernel and self.layer_type == "abc":
+            return L.ABCConv(
+                features,
+                kernel_size,
+                strides,
+                padding,
+                m=self.abc_m,
+                n=self.abc_n,
+                pad_values=self.pad_values,
+                use_bias=use_bias,
+                kernel_clip=self.latent_weight_clip,
+                name=name,
+            )
+        kq = self.kernel_quantizer if quantize_kernel else None
+        return L.BinaryConv(
+            features,
+            kernel_size,
+            strides,
+            padding,
+            use_bias=use_bias,
+            pad_values=self.pad_values,
+            input_quantizer=self.input_quantizer if quantize_input else None,
+            input_quantizer_kwargs=self.input_quantizer_kwargs,
+            kernel_quantizer=kq,
+            kernel_quantizer_kwargs=self.kernel_quantizer_kwargs,
+            kernel_clip=self.latent_weight_clip if kq is not None else None,
+            kernel_init=L._glorot if kq is not None else nn.initializers.lecun_normal(),
+            name=name,
+        )
+
+    def dense(
+        self,
+        features: int,
+        *,
+        name: str,
+        quantize_input: bool = True,
+        quantize_kernel: bool = True,
+        use_bias: bool = False,
+    ) -> nn.Module:
+        if quantize_input and quantize_kernel and self.layer_type == "abc":
+            return L.ABCDense(
+                features, m=self.abc_m, n=self.abc_n, use_bias=use_bias, kernel_clip=self.latent_weight_clip, name=name
+            )
+        kq = self.kernel_quantizer if quantize_kernel else None
+        return L.BinaryDense(
+            features,
+            use_bias=use_bias,
+            input_quantizer=self.input_quantizer if quantize_input else None,
+            input_quantizer_kwargs=self.input_quantizer_kwargs,
+            kernel_quantizer=kq,
+            kernel_quantizer_kwargs=self.kernel_quantizer_kwargs,
+            kernel_clip=self.latent_weight_clip if kq is not None else None,
+            kernel_init=L._glorot if kq is not None else nn.initializers.lecun_normal(),
+            name=name,
+        )
+
+    def classifier(self, x: Array, progress) -> Array:
+        """The last dense layer (float unless ``last_layer_float=False``), with a bias."""
+        q = not self.last_layer_float
+        return self.dense(self.num_classes, name="classifier", quantize_input=q, quantize_kernel=q, use_bias=True)(
+            x, progress
+        )
+
+    def batch_norm(self, train: bool, name: str) -> nn.Module:
+        return nn.BatchNorm(
+            use_running_average=not train, momentum=self.bn_momentum, epsilon=self.bn_epsilon, name=name
+        )
+
+
+def bn_sign_block(model: BinaryModel, x: Array, train: bool, name: str, binary_bn: bool) -> Array:
+    """Batch norm then the model's activation; with ``binary_bn`` the pair BN -> sign is one
+    :class:`binax.layers.BinaryBatchNorm` (inference only: fold a trained model's BN with
+    ``binax.transforms.fold_binary_bn``)."""
+    if binary_bn:
+        if train:
+            raise ValueError(
+                "binary_bn=True models are for inference (BinaryBatchNorm has no statistics "
+                "or gradient); train the model with binary_bn=False and fold its batch norms."
+            )
+        return L.BinaryBatchNorm(name=name)(x)
+    x = model.batch_norm(train, name)(x)
+    return apply_activation(model.activation, x, name + "_act")

@@ -1,0 +1,106 @@
+"""VGG-style binary CNNs: ``cnn_small``, ``vgg_small``, ``vgg7_tiny``.
+
+Block ``i``: conv3x3 (SAME) -> [2x2 max-pool if ``i+1`` in ``pool_after``] -> BN ->
+activation, pooling before the batch norm as IR-Net's and LQ-Nets' VGG-small do. Then
+flatten -> hidden dense layers (dense -> BN -> activation) -> ``classifier_activation`` ->
+classifier.
+
+* ``vgg_small`` (LQ-Nets / IR-Net, CIFAR-10): 128-128-256-256-512-512, pools after the
+  2nd, 4th and 6th conv, then FC 512*4*4 -> 10.
+* ``cnn_small``: 32-32-64-64 with pools after the 2nd and 4th conv, the Fashion-MNIST
+  default CNN for recipes (28x28 -> 7x7x64 -> 10).
+* ``vgg7_tiny`` (BinaryDuo's tiny VGG-7 for CIFAR-10, read from the paper's Torch7 code):
+  45-45-90-90 convs with pools after the 2nd, 3rd and 4th, a 4x4 conv to 336 (on a 4x4
+  map, i.e. a dense layer over the flattened map), a 1x1 conv to 512 followed by ReLU,
+  and the classifier. BinaryDuo's activations are ``duo_binary``/``duo_ternary`` on the BN
+  output, BinaryDuo weights ``duo_weight``.
+"""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+
+from binax.models import common
+
+Array = jax.Array
+
+
+def _config(widths, pool_after, hidden_dense=(), classifier_activation="none") -> ml_collections.ConfigDict:
+    c = common.base_config()
+    c.widths = tuple(widths)
+    c.pool_after = tuple(pool_after)
+    c.hidden_dense = tuple(hidden_dense)
+    c.kernel_size = 3
+    c.classifier_activation = classifier_activation
+    c.binary_bn = False
+    return c
+
+
+def cnn_small_config() -> ml_collections.ConfigDict:
+    """BNN-style (ste_sign on weights and activations, latent clip 1) 4-conv CNN."""
+    c = _config((32, 32, 64, 64), (2, 4))
+    c.latent_weight_clip = 1.0
+    return c
+
+
+def vgg_small_config() -> ml_collections.ConfigDict:
+    """IR-Net VGG-small 1w1a: Libra-PB weights, EDE sign activations, hardtanh."""
+    c = _config((128, 128, 256, 256, 512, 512), (2, 4, 6))
+    c.input_quantizer = "ede_sign"
+    c.input_quantizer_kwargs = {"t_min": 0.1, "t_max": 10.0}
+    c.kernel_quantizer = "libra_pb"
+    c.kernel_quantizer_kwargs = {"t_min": 0.1, "t_max": 10.0}
+    c.activation = "hardtanh"
+    return c
+
+
+def vgg7_tiny_config() -> ml_collections.ConfigDict:
+    """BinaryDuo tiny VGG-7 with the coupled ternary activation (duo_ternary) and duo_weight."""
+    c = _config((45, 45, 90, 90), (2, 3, 4), hidden_dense=(336, 512), classifier_activation="relu")
+    c.input_quantizer = "duo_ternary"
+    c.kernel_quantizer = "duo_weight"
+    return c
+
+
+class VGG(common.BinaryModel):
+    widths: tuple[int, ...] = (128, 128, 256, 256, 512, 512)
+    pool_after: tuple[int, ...] = (2, 4, 6)
+    hidden_dense: tuple[int, ...] = ()
+    kernel_size: int = 3
+    classifier_activation: str = "none"
+    binary_bn: bool = False
+
+    @property
+    def min_input_size(self) -> int:
+        return 2 ** len(self.pool_after)
+
+    @nn.compact
+    def __call__(self, x: Array, train: bool = False, progress: float | Array = 1.0) -> Array:
+        common.check_image_input(x, type(self).__name__, self.min_input_size)
+        k = self.kernel_size
+        widths = common.scaled(self.widths, self.width_multiplier)
+        hidden = common.scaled(self.hidden_dense, self.width_multiplier)
+        # Only a BN whose output a binarized layer consumes is a BN -> sign pair.
+        n_bn = len(widths) + len(hidden)
+        foldable = [self.binary_bn and (i < n_bn - 1 or not self.last_layer_float) for i in range(n_bn)]
+        for i, width in enumerate(widths):
+            first = i == 0
+            x = self.conv(
+                width,
+                (k, k),
+                name=f"conv{i}",
+                quantize_input=not first,
+                quantize_kernel=not (first and self.first_layer_float),
+            )(x, progress)
+            if i + 1 in self.pool_after:
+                x = nn.max_pool(x, (2, 2), strides=(2, 2))
+            x = common.bn_sign_block(self, x, train, f"bn{i}", foldable[i])
+        x = x.reshape(x.shape[0], -1)
+        for j, width in enumerate(hidden):
+            x = self.dense(width, name=f"fc{j}")(x, progress)
+            x = common.bn_sign_block(self, x, train, f"fc_bn{j}", foldable[len(widths) + j])
+        x = common.apply_activation(self.classifier_activation, x, "classifier_act")
+        return self.classifier(x, progress)
