@@ -295,6 +295,8 @@ def test_tfds_unprepared_dataset_says_how_to_build_it(tfds, tmp_path):
         bd.create(_config("cifar10", data_dir=str(tmp_path)), seed=0)
     with pytest.raises(FileNotFoundError, match="downloads/manual"):
         bd.create(_config("imagenet2012", data_dir=str(tmp_path)), seed=0)
+    with pytest.raises(ValueError, match="tfds has no dataset 'no_such_builder'"):
+        bd.create(_config("tfds:no_such_builder", normalize="unit"), seed=0)
 
 
 @pytest.fixture(scope="module")

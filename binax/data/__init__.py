@@ -17,6 +17,7 @@ TensorFlow is imported only when a tfds dataset is created.
 from __future__ import annotations
 
 import ml_collections
+import numpy as np
 from ml_collections import config_dict
 
 from binax.data.idx import load_idx, parse_idx
@@ -51,6 +52,10 @@ def default_config() -> ml_collections.ConfigDict:
     return config
 
 
+def _is_int(value) -> bool:
+    return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
+
+
 def create(data_config, *, seed: int, process_index: int = 0, process_count: int = 1) -> Dataset:
     """Builds the dataset ``data_config`` names (see :func:`default_config`).
 
@@ -76,12 +81,13 @@ def create(data_config, *, seed: int, process_index: int = 0, process_count: int
     for key, value in given.items():
         if value is not None:
             config[key] = value
-    if not isinstance(seed, int) or isinstance(seed, bool) or seed < 0:
+    if not _is_int(seed) or seed < 0:
         raise ValueError(f"seed must be a non-negative integer, got {seed!r}")
-    if not isinstance(process_count, int) or process_count < 1:
+    if not _is_int(process_count) or process_count < 1:
         raise ValueError(f"process_count must be a positive integer, got {process_count!r}")
-    if not isinstance(process_index, int) or not 0 <= process_index < process_count:
+    if not _is_int(process_index) or not 0 <= process_index < process_count:
         raise ValueError(f"process_index={process_index!r} is outside [0, {process_count})")
+    seed, process_index, process_count = int(seed), int(process_index), int(process_count)
 
     spec = get_spec(config.name)
     check_normalize(config.normalize, spec)

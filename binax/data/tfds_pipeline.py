@@ -89,19 +89,20 @@ class TfdsDataset(Dataset):
         """Fills shape and classes of an unregistered builder from its features."""
         import dataclasses
 
-        features = self._builder.info.features
-        image, label = features["image"] if "image" in features else None, (
-            features["label"] if "label" in features else None)
-        shape = getattr(image, "shape", None)
-        if shape is None or None in shape or not hasattr(label, "num_classes"):
+        info = self._builder.info
+        features = info.features
+        shape = getattr(features["image"], "shape", None) if "image" in features else None
+        num_classes = getattr(features["label"], "num_classes", None) if "label" in features \
+            else None
+        if shape is None or None in shape or num_classes is None:
             raise ValueError(
                 f"{spec.name!r}: binax reads tfds builders with a fixed-shape 'image' and a "
                 f"ClassLabel 'label' feature; this one has {features}"
             )
-        test = "test" if "test" in self._builder.info.splits or not self._builder.info.splits \
-            else "validation"
-        return dataclasses.replace(spec, image_shape=tuple(shape),
-                                   num_classes=label.num_classes, test_split=test)
+        # Builders without a 'test' split (ImageNet-like) evaluate on 'validation'.
+        test = "validation" if info.splits and "test" not in info.splits else "test"
+        return dataclasses.replace(spec, image_shape=tuple(shape), num_classes=num_classes,
+                                   test_split=test)
 
     def _split_sizes(self, spec: Spec, split: str, count: int) -> list[int]:
         """Example counts of the ``count`` even shards of ``split`` (as read, not metadata).
