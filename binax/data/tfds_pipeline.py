@@ -150,7 +150,7 @@ class TfdsDataset(Dataset):
 
     def _decode(self, encoded):
         tf = self._tf
-        h, w, c = self.image_shape
+        c = self.image_shape[2]
         image = tf.io.decode_image(encoded, channels=c, expand_animations=False)
         image.set_shape((None, None, c))
         return image
