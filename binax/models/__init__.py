@@ -15,7 +15,7 @@ from typing import Any, Callable
 import flax.linen as nn
 import ml_collections
 
-from binax.models import common, mlp, vgg
+from binax.models import alexnet, common, mlp, resnet, vgg
 
 __all__ = ["create", "names", "get_config", "register", "common"]
 
@@ -76,3 +76,9 @@ register("bnn_mlp", mlp.get_config, mlp.MLP)
 register("cnn_small", vgg.cnn_small_config, vgg.VGG)
 register("vgg_small", vgg.vgg_small_config, vgg.VGG)
 register("vgg7_tiny", vgg.vgg7_tiny_config, vgg.VGG)
+register("resnet20", resnet.resnet20_config, resnet.ResNet)
+register("resnet18_cifar", resnet.resnet18_cifar_config, resnet.ResNet)
+register("resnet18", resnet.resnet18_config, resnet.ResNet)
+register("resnet34", resnet.resnet34_config, resnet.ResNet)
+register("reactnet18", resnet.reactnet18_config, resnet.ResNet)
+register("alexnet", alexnet.alexnet_config, alexnet.AlexNet)

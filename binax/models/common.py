@@ -8,6 +8,7 @@ default ``ml_collections.ConfigDict`` (``binax.models.get_config(name)``), calle
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any, Callable, Mapping, Sequence
 
 import flax.linen as nn
@@ -123,20 +124,18 @@ def validate_common(cfg: Mapping[str, Any], model: str) -> None:
         raise ValueError(f"{model}: width_multiplier must be > 0; got {cfg['width_multiplier']!r}.")
 
 
-class BinaryModel(nn.Module):
-    """Base of every binax model: the quantization fields and the layer factories.
+@dataclasses.dataclass(frozen=True)
+class LayerSpec:
+    """A model's quantization settings and the layer factories that apply them.
 
-    Subclasses add their architecture fields and ``__call__(x, train=False, progress=1.0)``.
+    A plain frozen dataclass (not a Module), so submodules such as residual units can
+    carry it as a field and build their layers in their own scope.
     """
 
-    num_classes: int = 10
-    width_multiplier: float = 1.0
     input_quantizer: Any = "ste_sign"
     input_quantizer_kwargs: Mapping[str, Any] = FrozenDict()
     kernel_quantizer: Any = "ste_sign"
     kernel_quantizer_kwargs: Mapping[str, Any] = FrozenDict()
-    first_layer_float: bool = True
-    last_layer_float: bool = True
     layer_type: str = "binary"
     abc_m: int = 3
     abc_n: int = 3
@@ -145,8 +144,6 @@ class BinaryModel(nn.Module):
     activation: str = "none"
     bn_momentum: float = 0.9
     bn_epsilon: float = 1e-5
-
-    # -- layer factories -------------------------------------------------------------
 
     def conv(
         self,
@@ -160,7 +157,7 @@ class BinaryModel(nn.Module):
         quantize_kernel: bool = True,
         use_bias: bool = False,
     ) -> nn.Module:
-        """A convolution in this model's binary style (or float when nothing is quantized)."""
+        """A convolution in this model's binary style (float when nothing is quantized)."""
         if quantize_input and quantize_kernel and self.layer_type == "abc":
             return L.ABCConv(
                 features,
@@ -200,6 +197,7 @@ class BinaryModel(nn.Module):
         quantize_kernel: bool = True,
         use_bias: bool = False,
     ) -> nn.Module:
+        """A dense layer in this model's binary style (float when nothing is quantized)."""
         if quantize_input and quantize_kernel and self.layer_type == "abc":
             return L.ABCDense(
                 features, m=self.abc_m, n=self.abc_n, use_bias=use_bias, kernel_clip=self.latent_weight_clip, name=name
@@ -217,17 +215,51 @@ class BinaryModel(nn.Module):
             name=name,
         )
 
-    def classifier(self, x: Array, progress) -> Array:
-        """The last dense layer (float unless ``last_layer_float=False``), with a bias."""
-        q = not self.last_layer_float
-        return self.dense(self.num_classes, name="classifier", quantize_input=q, quantize_kernel=q, use_bias=True)(
-            x, progress
-        )
-
     def batch_norm(self, train: bool, name: str) -> nn.Module:
         return nn.BatchNorm(
             use_running_average=not train, momentum=self.bn_momentum, epsilon=self.bn_epsilon, name=name
         )
+
+
+_SPEC_FIELDS = tuple(f.name for f in dataclasses.fields(LayerSpec))
+
+
+class BinaryModel(nn.Module):
+    """Base of every binax model: the quantization fields every config has.
+
+    Subclasses add their architecture fields and ``__call__(x, train=False, progress=1.0)``;
+    they build layers through ``layer_spec(self)``.
+    """
+
+    num_classes: int = 10
+    width_multiplier: float = 1.0
+    input_quantizer: Any = "ste_sign"
+    input_quantizer_kwargs: Mapping[str, Any] = FrozenDict()
+    kernel_quantizer: Any = "ste_sign"
+    kernel_quantizer_kwargs: Mapping[str, Any] = FrozenDict()
+    first_layer_float: bool = True
+    last_layer_float: bool = True
+    layer_type: str = "binary"
+    abc_m: int = 3
+    abc_n: int = 3
+    pad_values: float | None = None
+    latent_weight_clip: float | None = None
+    activation: str = "none"
+    bn_momentum: float = 0.9
+    bn_epsilon: float = 1e-5
+
+
+def layer_spec(model: BinaryModel) -> LayerSpec:
+    """The LayerSpec of a model's fields."""
+    return LayerSpec(**{f: getattr(model, f) for f in _SPEC_FIELDS})
+
+
+def classifier(model: BinaryModel, x: Array, progress) -> Array:
+    """The last dense layer (float unless ``last_layer_float=False``), with a bias."""
+    q = not model.last_layer_float
+    return layer_spec(model).dense(
+        model.num_classes, name="classifier", quantize_input=q, quantize_kernel=q, use_bias=True
+    )(x, progress)
 
 
 def bn_sign_block(model: BinaryModel, x: Array, train: bool, name: str, binary_bn: bool) -> Array:
@@ -241,5 +273,5 @@ def bn_sign_block(model: BinaryModel, x: Array, train: bool, name: str, binary_b
                 "or gradient); train the model with binary_bn=False and fold its batch norms."
             )
         return L.BinaryBatchNorm(name=name)(x)
-    x = model.batch_norm(train, name)(x)
+    x = layer_spec(model).batch_norm(train, name)(x)
     return apply_activation(model.activation, x, name + "_act")

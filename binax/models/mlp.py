@@ -38,13 +38,14 @@ class MLP(common.BinaryModel):
         if x.ndim < 2:
             raise ValueError(f"MLP expects a batch (N, ...) of rank >= 2; got shape {tuple(x.shape)}.")
         x = x.reshape(x.shape[0], -1)
+        spec = common.layer_spec(self)
         widths = common.scaled(self.widths, self.width_multiplier)
         for i, width in enumerate(widths):
             first = i == 0
             # The last BN feeds the classifier, binarized only when it is not float.
             foldable = self.binary_bn and (i < len(widths) - 1 or not self.last_layer_float)
-            x = self.dense(
+            x = spec.dense(
                 width, name=f"fc{i}", quantize_input=not first, quantize_kernel=not (first and self.first_layer_float)
             )(x, progress)
             x = common.bn_sign_block(self, x, train, f"bn{i}", foldable)
-        return self.classifier(x, progress)
+        return common.classifier(self, x, progress)

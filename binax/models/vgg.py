@@ -81,6 +81,7 @@ class VGG(common.BinaryModel):
     def __call__(self, x: Array, train: bool = False, progress: float | Array = 1.0) -> Array:
         common.check_image_input(x, type(self).__name__, self.min_input_size)
         k = self.kernel_size
+        spec = common.layer_spec(self)
         widths = common.scaled(self.widths, self.width_multiplier)
         hidden = common.scaled(self.hidden_dense, self.width_multiplier)
         # Only a BN whose output a binarized layer consumes is a BN -> sign pair.
@@ -88,7 +89,7 @@ class VGG(common.BinaryModel):
         foldable = [self.binary_bn and (i < n_bn - 1 or not self.last_layer_float) for i in range(n_bn)]
         for i, width in enumerate(widths):
             first = i == 0
-            x = self.conv(
+            x = spec.conv(
                 width,
                 (k, k),
                 name=f"conv{i}",
@@ -100,7 +101,7 @@ class VGG(common.BinaryModel):
             x = common.bn_sign_block(self, x, train, f"bn{i}", foldable[i])
         x = x.reshape(x.shape[0], -1)
         for j, width in enumerate(hidden):
-            x = self.dense(width, name=f"fc{j}")(x, progress)
+            x = spec.dense(width, name=f"fc{j}")(x, progress)
             x = common.bn_sign_block(self, x, train, f"fc_bn{j}", foldable[len(widths) + j])
         x = common.apply_activation(self.classifier_activation, x, "classifier_act")
-        return self.classifier(x, progress)
+        return common.classifier(self, x, progress)

@@ -1,0 +1,65 @@
+"""Binary AlexNet (XNOR-Net / BinaryDuo layout, ImageNet).
+
+conv11x11/4 (pad 2) -> max-pool 3x3/2 -> BN -> act; conv5x5 (pad 2) -> pool -> BN -> act;
+conv3x3 x 3 (pad 1) with a pool after the last; each followed by BN -> act; flatten
+(6x6x256 at 224x224) -> [dense -> BN -> act] x 2 -> classifier. Pooling precedes the batch
+norm as in BinaryDuo's AlexNet (which writes the first dense layer as a 6x6 convolution,
+the same map). Widths follow the original AlexNet (96-256-384-384-256, 4096-4096);
+BinaryDuo's narrower coupled model is ``conv_widths=(88, 192, 256, 256, 192),
+fc_widths=(2400, 4096)``. Needs at least 63x63 inputs.
+"""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import ml_collections
+
+from binax.models import common
+
+Array = jax.Array
+
+
+def alexnet_config() -> ml_collections.ConfigDict:
+    c = common.base_config()
+    c.num_classes = 1000
+    c.conv_widths = (96, 256, 384, 384, 256)
+    c.fc_widths = (4096, 4096)
+    c.latent_weight_clip = 1.0
+    return c
+
+
+# (kernel, stride, padding, pool after) of the five convolutions.
+_CONVS = ((11, 4, 2, True), (5, 1, 2, True), (3, 1, 1, False), (3, 1, 1, False), (3, 1, 1, True))
+
+
+class AlexNet(common.BinaryModel):
+    conv_widths: tuple[int, ...] = (96, 256, 384, 384, 256)
+    fc_widths: tuple[int, ...] = (4096, 4096)
+    min_input_size: int = 63  # smallest input whose last pool still sees a 3x3 window
+
+    @nn.compact
+    def __call__(self, x: Array, train: bool = False, progress: float | Array = 1.0) -> Array:
+        if len(self.conv_widths) != len(_CONVS):
+            raise ValueError(f"AlexNet has {len(_CONVS)} convolutions; got conv_widths={self.conv_widths}.")
+        common.check_image_input(x, "AlexNet", self.min_input_size)
+        spec = common.layer_spec(self)
+        for i, (width, (k, s, p, pool)) in enumerate(zip(common.scaled(self.conv_widths, self.width_multiplier), _CONVS)):
+            first = i == 0
+            x = spec.conv(
+                width,
+                (k, k),
+                s,
+                p,
+                name=f"conv{i}",
+                quantize_input=not first,
+                quantize_kernel=not (first and self.first_layer_float),
+            )(x, progress)
+            if pool:
+                x = nn.max_pool(x, (3, 3), (2, 2))
+            x = common.bn_sign_block(self, x, train, f"bn{i}", False)
+        x = x.reshape(x.shape[0], -1)
+        for j, width in enumerate(common.scaled(self.fc_widths, self.width_multiplier)):
+            x = spec.dense(width, name=f"fc{j}")(x, progress)
+            x = common.bn_sign_block(self, x, train, f"fc_bn{j}", False)
+        return common.classifier(self, x, progress)
