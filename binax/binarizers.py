@@ -26,6 +26,7 @@ from __future__ import annotations
 import functools
 import inspect
 import math
+import operator
 from typing import Any, Callable, Mapping
 
 import jax
@@ -78,8 +79,45 @@ def _sign_forward(x: Array) -> Array:
     return jnp.where(x >= 0, 1, -1).astype(x.dtype)
 
 
+def _sech2(z: Array) -> Array:
+    """``1 − tanh(z)**2`` as ``1 / cosh(z)**2``: no cancellation for large |z|.
+
+    In float32, ``1 − tanh(6)**2`` keeps only 3 significant digits; this form keeps them
+    all, and underflows to 0 (not NaN) where cosh overflows.
+    """
+    c = jnp.cosh(z)
+    return 1.0 / (c * c)
+
+
 def _in_range(x: Array, lo, hi) -> Array:
     return ((x >= lo) & (x <= hi)).astype(x.dtype)
+
+
+def _within_clip(x: Array, clip_value: Array, dtype) -> Array:
+    """``1[|x| <= clip_value]`` compared in float32.
+
+    Comparing in float32 keeps the boundary where the caller put it: casting a clip value
+    such as 0.3 to bfloat16 would move it, and a bfloat16 ``x`` is exact in float32.
+    """
+    return (jnp.abs(x.astype(jnp.float32)) <= clip_value).astype(dtype)
+
+
+def _clip_or_inf(clip_value) -> Array:
+    """A clip value as float32; ``None`` (no clipping, as in Larq) becomes +inf."""
+    return _f32(jnp.inf if clip_value is None else clip_value)
+
+
+def _static_int(value, what: str) -> int:
+    """A static positive integer argument (``k_bit``, ``m``): Python or NumPy int, >= 1."""
+    try:
+        if isinstance(value, bool):
+            raise TypeError
+        n = operator.index(value)
+    except TypeError:
+        n = None
+    if n is None or n < 1:
+        raise ValueError(f"{what} must be an integer >= 1; got {value!r}.")
+    return n
 
 
 def _check_per_channel_kernel(w: Array, fn_name: str) -> None:
@@ -118,7 +156,7 @@ def _ste_sign_clipped_fwd(x, clip_value):
 
 def _ste_sign_clipped_bwd(res, g):
     x, clip_value = res
-    return g * (jnp.abs(x) <= clip_value.astype(x.dtype)).astype(g.dtype), _zero_like(clip_value)
+    return g * _within_clip(x, clip_value, g.dtype), _zero_like(clip_value)
 
 
 _ste_sign_clipped.defvjp(_ste_sign_clipped_fwd, _ste_sign_clipped_bwd)
@@ -158,7 +196,8 @@ def _approx_sign_fwd(x):
 
 
 def _approx_sign_bwd(x, g):
-    return (g * jnp.maximum(0, 2 - 2 * jnp.abs(x)).astype(g.dtype),)
+    grad = jnp.maximum(0.0, 2.0 - 2.0 * jnp.abs(x.astype(jnp.float32)))
+    return (g * grad.astype(g.dtype),)
 
 
 approx_sign.defvjp(_approx_sign_fwd, _approx_sign_bwd)
@@ -207,8 +246,7 @@ def _ede_sign_fwd(x, t, k):
 
 def _ede_sign_bwd(res, g):
     x, t, k = res
-    th = jnp.tanh(t * x.astype(jnp.float32))
-    grad = k * t * (1 - th * th)
+    grad = k * t * _sech2(t * x.astype(jnp.float32))
     return g * grad.astype(g.dtype), _zero_like(t), _zero_like(k)
 
 
@@ -246,19 +284,23 @@ def ede_params(
 # ------------------------------------------------------- Self-Binarizing: tanh(nu x)
 
 
+def _tanh_f32(x, nu):
+    # float32 so that a bfloat16 x sees the same nu (and the same tanh) as a float32 one.
+    return jnp.tanh(nu * x.astype(jnp.float32))
+
+
 @jax.custom_vjp
 def _tanh_sign(x, nu):
-    return jnp.tanh(nu.astype(x.dtype) * x)
+    return _tanh_f32(x, nu).astype(x.dtype)
 
 
 def _tanh_sign_fwd(x, nu):
-    y = jnp.tanh(nu.astype(x.dtype) * x)
-    return y, (y, nu)
+    return _tanh_f32(x, nu).astype(x.dtype), (x, nu)
 
 
 def _tanh_sign_bwd(res, g):
-    y, nu = res
-    return g * nu.astype(g.dtype) * (1 - y * y), _zero_like(nu)
+    x, nu = res
+    return g * (nu * _sech2(nu * x.astype(jnp.float32))).astype(g.dtype), _zero_like(nu)
 
 
 _tanh_sign.defvjp(_tanh_sign_fwd, _tanh_sign_bwd)
@@ -301,18 +343,19 @@ def _ste_heaviside_fwd(x, clip_value):
 
 def _ste_heaviside_bwd(res, g):
     x, clip_value = res
-    return g * (jnp.abs(x) <= clip_value.astype(x.dtype)).astype(g.dtype), _zero_like(clip_value)
+    return g * _within_clip(x, clip_value, g.dtype), _zero_like(clip_value)
 
 
 _ste_heaviside.defvjp(_ste_heaviside_fwd, _ste_heaviside_bwd)
 
 
-def ste_heaviside(x: Array, clip_value: float | Array = 1.0) -> Array:
+def ste_heaviside(x: Array, clip_value: float | Array | None = 1.0) -> Array:
     """Straight-through Heaviside (Larq ``ste_heaviside``): values in {0, 1}.
 
-    Forward: ``1 if x > 0 else 0`` (0 -> 0). Backward: ``g * 1[|x| <= clip_value]``.
+    Forward: ``1 if x > 0 else 0`` (0 -> 0). Backward: ``g * 1[|x| <= clip_value]``;
+    ``clip_value=None`` passes ``g`` unchanged.
     """
-    return _ste_heaviside(x, _f32(clip_value))
+    return _ste_heaviside(x, _clip_or_inf(clip_value))
 
 
 def _unit_ste_bwd(x, g):
@@ -357,8 +400,11 @@ def _ste_tern(x, threshold, clip_value):
 
 
 def _tern_forward(x, threshold):
-    th = threshold.astype(x.dtype)
-    return jnp.where(x >= th, 1, jnp.where(x <= -th, -1, 0)).astype(x.dtype)
+    # Larq's formula with tf.sign (= jnp.sign, 0 -> 0). In floating point x ± θ is 0 exactly
+    # when x = ∓θ, so this is +1 for x >= θ, -1 for x <= -θ, 0 between -- and 0 for
+    # θ <= 0 at x = 0, where a "x >= θ" shortcut would give +1.
+    x32 = x.astype(jnp.float32)
+    return jnp.sign(jnp.sign(x32 + threshold) + jnp.sign(x32 - threshold)).astype(x.dtype)
 
 
 def _ste_tern_fwd(x, threshold, clip_value):
@@ -367,8 +413,7 @@ def _ste_tern_fwd(x, threshold, clip_value):
 
 def _ste_tern_bwd(res, g):
     x, threshold, clip_value = res
-    mask = (jnp.abs(x) <= clip_value.astype(x.dtype)).astype(g.dtype)
-    return g * mask, _zero_like(threshold), _zero_like(clip_value)
+    return g * _within_clip(x, clip_value, g.dtype), _zero_like(threshold), _zero_like(clip_value)
 
 
 _ste_tern.defvjp(_ste_tern_fwd, _ste_tern_bwd)
@@ -378,36 +423,35 @@ def ste_tern(
     x: Array,
     threshold_value: float | Array = 0.05,
     ternary_weight_networks: bool = False,
-    clip_value: float | Array = 1.0,
+    clip_value: float | Array | None = 1.0,
 ) -> Array:
     """Ternary straight-through quantizer (Larq ``ste_tern``): values in {-1, 0, +1}.
 
-    Forward: ``sign(sign(x + θ) + sign(x − θ))`` with the inner signs mapping 0 to 0 as
-    Larq's ``tf.sign`` does, i.e. ``+1 if x >= θ``, ``-1 if x <= -θ``, else 0.
+    Forward: ``sign(sign(x + θ) + sign(x − θ))`` with every sign mapping 0 to 0 as Larq's
+    ``tf.sign`` does: for θ > 0 that is ``+1 if x >= θ``, ``-1 if x <= -θ``, else 0 (the
+    boundaries ±θ go to ±1), and for θ = 0 it is ``tf.sign(x)`` (0 -> 0). Evaluated in
+    float32, so θ is not rounded to a bfloat16 ``x``'s precision.
     ``θ = threshold_value``, or with ``ternary_weight_networks=True`` (TWN, Li et al.
     2016) ``θ = 0.7 * mean|x|`` over the whole tensor (treated as a constant).
-    Backward: ``g * 1[|x| <= clip_value]``.
+    Backward: ``g * 1[|x| <= clip_value]``; ``clip_value=None`` passes ``g`` unchanged.
     """
     if ternary_weight_networks:
         threshold = jax.lax.stop_gradient(0.7 * jnp.mean(jnp.abs(x.astype(jnp.float32))))
     else:
         threshold = _f32(threshold_value)
-    return _ste_tern(x, threshold, _f32(clip_value))
-
-
-def _check_k_bit(k_bit) -> int:
-    if isinstance(k_bit, bool) or not isinstance(k_bit, int) or k_bit < 1:
-        raise ValueError(f"k_bit must be an integer >= 1; got {k_bit!r}.")
-    return k_bit
+    return _ste_tern(x, threshold, _clip_or_inf(clip_value))
 
 
 def dorefa(x: Array, k_bit: int = 2) -> Array:
     """DoReFa activation quantizer (Zhou et al. 2016), activation mode.
 
-    Forward: ``q_k(clip(x, 0, 1))`` with ``q_k(v) = round((2^k − 1) v) / (2^k − 1)``.
-    Backward: STE on [0, 1]: ``g * 1[0 <= x <= 1]``. ``k_bit`` is a static Python int.
+    Forward: ``q_k(clip(x, 0, 1))`` with ``q_k(v) = round((2^k − 1) v) / (2^k − 1)``;
+    ``round`` is half to even, as ``tf.round`` in the DoReFa code (for ``k_bit=1``,
+    ``x = 0.5`` maps to 0). Computed in float32 and cast back.
+    Backward: STE on [0, 1]: ``g * 1[0 <= x <= 1]``. ``k_bit`` is a static integer >= 1
+    (a precision choice, not a schedule).
     """
-    n = float(2 ** _check_k_bit(k_bit) - 1)
+    n = float(2 ** _static_int(k_bit, "k_bit") - 1)
     return _dorefa(x, n)
 
 
@@ -418,7 +462,8 @@ def _dorefa(x, n):
 
 
 def _dorefa_forward(x, n):
-    return (jnp.round(jnp.clip(x, 0, 1) * n) / n).astype(x.dtype)
+    # float32: (2^k - 1) * x in bfloat16 would already be rounded before jnp.round.
+    return (jnp.round(jnp.clip(x.astype(jnp.float32), 0, 1) * n) / n).astype(x.dtype)
 
 
 def _dorefa_fwd(x, n):
@@ -436,7 +481,8 @@ _dorefa.defvjp(_dorefa_fwd, _dorefa_bwd)
 
 
 def _channel_mean_abs(w: Array) -> Array:
-    return jnp.mean(jnp.abs(w), axis=_reduce_axes(w), keepdims=True)
+    """``mean|w|`` per output channel, accumulated in float32."""
+    return jnp.mean(jnp.abs(w.astype(jnp.float32)), axis=_reduce_axes(w), keepdims=True)
 
 
 def xnor_weight(w: Array) -> Array:
@@ -448,17 +494,23 @@ def xnor_weight(w: Array) -> Array:
     nothing there; binax leaves clipping to the layer's latent-weight constraint.)
     """
     _check_per_channel_kernel(w, "xnor_weight")
-    alpha = jax.lax.stop_gradient(_channel_mean_abs(w))
+    alpha = jax.lax.stop_gradient(_channel_mean_abs(w)).astype(w.dtype)
     return _ste_sign_identity(w) * alpha
 
 
 def _standardize_per_channel(w: Array) -> Array:
+    """``(w − mean) / std`` per output channel, std with ddof = 1 (``torch.std``).
+
+    A constant channel (std 0; the official code divides 0 by 0) maps to 0 here, with a
+    finite gradient: the double ``where`` keeps the NaN of sqrt'(0) out of the backward.
+    """
     axes = _reduce_axes(w)
     n = math.prod(w.shape[:-1])
     mean = jnp.mean(w, axis=axes, keepdims=True)
     centered = w - mean
-    # ddof = 1, as torch.std in the official IR-Net code.
-    std = jnp.sqrt(jnp.sum(centered * centered, axis=axes, keepdims=True) / max(n - 1, 1))
+    var = jnp.sum(centered * centered, axis=axes, keepdims=True) / max(n - 1, 1)
+    positive = var > 0
+    std = jnp.where(positive, jnp.sqrt(jnp.where(positive, var, 1.0)), 1.0)
     return centered / std
 
 
@@ -472,18 +524,18 @@ def libra_pb(w: Array, t: float | Array, k: float | Array) -> Array:
     and binax follows the code.
 
     Backward: ``∂ŵ = g * s * k * t * (1 − tanh(t ŵ)**2)``, then through the
-    standardization's Jacobian.
+    standardization's Jacobian. Statistics are computed in float32; a constant channel
+    (std 0) gives 0 rather than the official code's NaN.
     """
     _check_per_channel_kernel(w, "libra_pb")
-    w_hat = _standardize_per_channel(w)
+    # Statistics in float32: a bfloat16 mean/std would misplace the sign boundary.
+    w_hat = _standardize_per_channel(w.astype(jnp.float32))
     s = jax.lax.stop_gradient(jnp.exp2(jnp.round(jnp.log2(_channel_mean_abs(w_hat)))))
-    return ede_sign(w_hat, t, k) * s.astype(w.dtype)
+    return (ede_sign(w_hat, t, k) * s).astype(w.dtype)
 
 
 def _check_m(m) -> int:
-    if isinstance(m, bool) or not isinstance(m, int) or m < 1:
-        raise ValueError(f"m (the number of ABC-Net weight bases) must be an integer >= 1; got {m!r}.")
-    return m
+    return _static_int(m, "m (the number of ABC-Net weight bases)")
 
 
 def _abc_shifts(m: int) -> list[float]:
@@ -503,25 +555,31 @@ def abc_weight_bases(w: Array, m: int) -> tuple[Array, Array]:
     ``alphas.shape == (m,)``. No gradient flows through this function; use
     ``abc_weight`` for training.
     """
-    m = _check_m(m)
-    w = jax.lax.stop_gradient(w)
-    w32 = w.astype(jnp.float32)
+    bases, alphas = _abc_bases_f32(w, _check_m(m))
+    return bases.astype(w.dtype), alphas.astype(w.dtype)
+
+
+def _abc_bases_f32(w: Array, m: int) -> tuple[Array, Array]:
+    """float32 bases ``(m, *w.shape)`` and least-squares alphas ``(m,)``; no gradient."""
+    w32 = jax.lax.stop_gradient(w).astype(jnp.float32)
     mean, std = jnp.mean(w32), jnp.std(w32)
     bases = jnp.stack([_sign_forward(w32 - mean + u * std) for u in _abc_shifts(m)])
     design = bases.reshape(m, -1).T  # (numel, m)
+    # lstsq (SVD) rather than the normal equations: bases can coincide (e.g. a constant W),
+    # and then it returns the minimum-norm alphas instead of a singular solve.
     alphas = jnp.linalg.lstsq(design, w32.reshape(-1))[0]
-    return bases.astype(w.dtype), alphas.astype(w.dtype)
+    return bases, alphas
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
 def _abc_weight(w, m):
-    bases, alphas = abc_weight_bases(w, m)
-    return jnp.tensordot(alphas, bases, axes=1)
+    bases, alphas = _abc_bases_f32(w, m)
+    return jnp.tensordot(alphas, bases, axes=1).astype(w.dtype)
 
 
 def _abc_weight_fwd(w, m):
-    bases, alphas = abc_weight_bases(w, m)
-    return jnp.tensordot(alphas, bases, axes=1), jnp.sum(alphas)
+    bases, alphas = _abc_bases_f32(w, m)
+    return jnp.tensordot(alphas, bases, axes=1).astype(w.dtype), jnp.sum(alphas)
 
 
 def _abc_weight_bwd(m, alpha_sum, g):
@@ -548,7 +606,7 @@ def duo_weight(w: Array) -> Array:
     Forward: ``alpha * sign(w)``, ``alpha = mean|w|`` over the whole kernel (0 -> +1).
     Backward: straight through with the scale held constant, ``g * alpha``.
     """
-    alpha = jax.lax.stop_gradient(jnp.mean(jnp.abs(w)))
+    alpha = jax.lax.stop_gradient(jnp.mean(jnp.abs(w.astype(jnp.float32)))).astype(w.dtype)
     return _ste_sign_identity(w) * alpha
 
 
@@ -558,32 +616,32 @@ def _abc_activation(x, shifts, betas):
 
 
 def _abc_heavisides(x, shifts):
-    # (N, *x.shape): H_v(x) = 2 * 1[clip(x + v, 0, 1) >= 0.5] − 1 for each shift v.
-    shifted = x[None] + shifts.reshape((-1,) + (1,) * x.ndim).astype(x.dtype)
-    return shifted, (2 * (jnp.clip(shifted, 0, 1) >= 0.5).astype(x.dtype) - 1)
+    # (N, *x.shape) float32: x + v_n and H_v(x) = 2 * 1[clip(x + v, 0, 1) >= 0.5] − 1.
+    # float32 so a bfloat16 x is shifted by the exact learned v, not a rounded one.
+    shifted = x.astype(jnp.float32)[None] + shifts.astype(jnp.float32).reshape((-1,) + (1,) * x.ndim)
+    return shifted, 2 * (jnp.clip(shifted, 0, 1) >= 0.5).astype(jnp.float32) - 1
 
 
 def _abc_activation_forward(x, shifts, betas):
     _, h = _abc_heavisides(x, shifts)
-    return jnp.tensordot(betas.astype(x.dtype), h, axes=1)
+    return jnp.tensordot(betas.astype(jnp.float32), h, axes=1).astype(x.dtype)
 
 
 def _abc_activation_fwd(x, shifts, betas):
-    shifted, h = _abc_heavisides(x, shifts)
-    out = jnp.tensordot(betas.astype(x.dtype), h, axes=1)
-    return out, (shifted, h, betas, shifts)
+    return _abc_activation_forward(x, shifts, betas), (x, shifts, betas)
 
 
 def _abc_activation_bwd(res, g):
-    shifted, h, betas, shifts = res
+    x, shifts, betas = res
+    shifted, h = _abc_heavisides(x, shifts)
+    g32 = g.astype(jnp.float32)[None]
     # STE through the clip: dH_v/dx = 2 * 1[0 <= x + v <= 1].
-    dh = 2 * _in_range(shifted, 0, 1).astype(g.dtype)
-    b = betas.astype(g.dtype).reshape((-1,) + (1,) * g.ndim)
-    per_base = b * dh * g[None]  # (N, *x.shape)
-    gx = jnp.sum(per_base, axis=0)
+    b = betas.astype(jnp.float32).reshape((-1,) + (1,) * x.ndim)
+    per_base = b * 2 * _in_range(shifted, 0, 1) * g32  # (N, *x.shape)
     reduce = tuple(range(1, per_base.ndim))
+    gx = jnp.sum(per_base, axis=0).astype(x.dtype)
     g_shifts = jnp.sum(per_base, axis=reduce).astype(shifts.dtype)
-    g_betas = jnp.sum(h * g[None], axis=reduce).astype(betas.dtype)
+    g_betas = jnp.sum(h * g32, axis=reduce).astype(betas.dtype)
     return gx, g_shifts, g_betas
 
 
@@ -693,16 +751,26 @@ def register(
 
 def _split_kwargs(fn: Callable, schedule: Callable | None, kwargs: Mapping[str, Any], label: str):
     """Split ``kwargs`` into the binarizer's own and its schedule's; reject unknown keys."""
-    fn_params = set(inspect.signature(fn).parameters) - {"x", "w"}
+    signature = inspect.signature(fn).parameters
+    fn_params = set(signature) - {"x", "w"}
     sched_params = set(inspect.signature(schedule).parameters) - {"progress"} if schedule else set()
     # Values the schedule computes (t, k, nu) are not user settings.
-    allowed = (fn_params - set(SCHEDULE_OUTPUTS.get(label, ()))) | sched_params
+    computed = set(SCHEDULE_OUTPUTS.get(label, ()))
+    allowed = (fn_params - computed) | sched_params
     unknown = set(kwargs) - allowed
     if unknown:
         raise ValueError(
             f"Unknown keyword argument(s) {sorted(unknown)} for binarizer {label!r}; "
             f"allowed: {sorted(allowed)}."
         )
+    # Fail at configuration time, not at the first forward pass inside a trace.
+    required = {
+        name for name in fn_params - computed
+        if signature[name].default is inspect.Parameter.empty
+    }
+    missing = required - set(kwargs)
+    if missing:
+        raise ValueError(f"Binarizer {label!r} needs the keyword argument(s) {sorted(missing)}.")
     return (
         {k: v for k, v in kwargs.items() if k in fn_params},
         {k: v for k, v in kwargs.items() if k in sched_params},
@@ -714,12 +782,15 @@ def resolve(spec: str | Callable | None, **kwargs) -> Callable[[Array, Any], Arr
 
     For names in ``SCHEDULES`` the schedule keywords (``t_min``/``t_max`` for EDE,
     ``nu_0``/``nu_max`` for tanh) are split off, and ``t, k`` or ``nu`` are computed from
-    ``progress`` (a traced scalar) on every call. A plain callable is called as
-    ``fn(x, **kwargs)``; one that takes a ``progress`` argument also receives it.
-    ``None`` resolves to ``None`` (no quantization).
+    ``progress`` (a traced scalar) on every call. A registered function passed as itself
+    (``resolve(ede_sign)``) is treated as its name, so it keeps its schedule. Any other
+    callable is called as ``fn(x, **kwargs)``; one that takes a ``progress`` argument also
+    receives it. ``None`` resolves to ``None`` (no quantization).
     """
     if spec is None:
         return None
+    if not isinstance(spec, str):
+        spec = next((name for name, f in _REGISTRY.items() if f is spec), spec)
     fn = get(spec)
     label = spec if isinstance(spec, str) else getattr(spec, "__name__", repr(spec))
     schedule = SCHEDULES.get(spec) if isinstance(spec, str) else None
