@@ -1,0 +1,47 @@
+"""Training: optimizers (optax, Bop), the pure train/eval steps, the sharded loop,
+checkpoints and metrics.
+
+``train_and_evaluate(config, workdir)`` is the entry point (``experiments/run.py`` calls
+it); the pieces are public for notebooks and tests: ``train_step``/``eval_step`` are pure
+functions of explicit state, ``create_optimizer`` builds optax transformations from a
+config, ``bop`` is Larq's Bop as an optax ``GradientTransformation``.
+"""
+
+from binax.train.checkpoints import Checkpoints
+from binax.train.loop import NonFiniteLossError, create_model, make_mesh, maybe_initialize_distributed, train_and_evaluate
+from binax.train.metrics import MetricsWriter, ProgressReporter, quiet_checkpoint_logs, read_metrics
+from binax.train.optimizers import bop, create_optimizer, default_config as optimizer_config, make_schedule, param_labels
+from binax.train.steps import (
+    TrainState,
+    create_train_state,
+    eval_step,
+    flip_ratio,
+    latent_kernel_signs,
+    progress_at,
+    train_step,
+)
+
+__all__ = [
+    "Checkpoints",
+    "MetricsWriter",
+    "NonFiniteLossError",
+    "ProgressReporter",
+    "TrainState",
+    "bop",
+    "create_model",
+    "create_optimizer",
+    "create_train_state",
+    "eval_step",
+    "flip_ratio",
+    "latent_kernel_signs",
+    "make_mesh",
+    "make_schedule",
+    "maybe_initialize_distributed",
+    "optimizer_config",
+    "param_labels",
+    "progress_at",
+    "quiet_checkpoint_logs",
+    "read_metrics",
+    "train_and_evaluate",
+    "train_step",
+]

@@ -1,0 +1,181 @@
+"""The training state and the pure train/eval steps.
+
+``train_step(state, batch, progress, rng, ...)`` is a pure function: it returns a new
+state and a dict of scalar metrics and touches nothing else, so one ``jax.jit`` of it
+serves one device, many devices (the batch sharded over a ``'data'`` mesh axis, the state
+replicated: XLA inserts the gradient all-reduce and batch norm sees the global batch) and
+many hosts alike.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import flax
+import jax
+import jax.numpy as jnp
+import optax
+
+from binax import layers
+
+__all__ = [
+    "TrainState",
+    "create_train_state",
+    "train_step",
+    "eval_step",
+    "progress_at",
+    "latent_kernel_signs",
+    "flip_ratio",
+    "COMPUTE_DTYPES",
+]
+
+COMPUTE_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+
+@flax.struct.dataclass
+class TrainState:
+    """Everything a resumed run needs, as one pytree (checkpointed whole).
+
+    Attributes:
+      step: int32 scalar, the number of updates applied so far.
+      params, batch_stats: the model's variable collections (float32 master copies).
+      opt_state: the optax state.
+      rng: the run's base PRNG key; the key of update ``s`` is ``fold_in(rng, s)``, so no
+        key is carried from step to step and a resumed run draws the same keys.
+    """
+
+    step: jax.Array
+    params: Any
+    batch_stats: Any
+    opt_state: Any
+    rng: jax.Array
+
+
+def create_train_state(model, tx: optax.GradientTransformation, image_shape, rng: jax.Array) -> TrainState:
+    """Initializes the model on one dummy image and the optimizer on its parameters."""
+    init_rng, state_rng = jax.random.split(rng)
+    variables = model.init(
+        {"params": init_rng, "dropout": init_rng}, jnp.zeros((1, *image_shape), jnp.float32), train=False
+    )
+    params = variables["params"]
+    return TrainState(
+        step=jnp.zeros([], jnp.int32),
+        params=params,
+        batch_stats=variables.get("batch_stats", {}),
+        opt_state=tx.init(params),
+        rng=state_rng,
+    )
+
+
+def progress_at(step, *, steps_per_epoch: int, num_epochs: int, unit: str = "epoch"):
+    """Training progress in [0, 1] before update ``step`` (a traced int is fine).
+
+    ``unit='epoch'``: ``floor(step / steps_per_epoch) / num_epochs``, constant within an
+    epoch, as IR-Net's official code steps its EDE schedule; ``unit='step'``:
+    ``step / (steps_per_epoch * num_epochs)``. Both reach 1 after the last update, which is
+    the progress the final evaluation uses.
+    """
+    step = jnp.asarray(step, jnp.float32)
+    if unit == "epoch":
+        p = jnp.floor(step / steps_per_epoch) / num_epochs
+    elif unit == "step":
+        p = step / (steps_per_epoch * num_epochs)
+    else:
+        raise ValueError(f"progress_unit={unit!r} is not one of ('epoch', 'step')")
+    return jnp.clip(p, 0.0, 1.0)
+
+
+def latent_kernel_signs(params) -> dict[str, jax.Array]:
+    """``{path: latent_kernel >= 0}`` for every latent binary kernel (sign(0) = +1)."""
+    leaves = jax.tree_util.tree_leaves_with_path(params)
+    return {jax.tree_util.keystr(p): w >= 0 for p, w in leaves if layers.is_latent_kernel_path(p)}
+
+
+def flip_ratio(old_signs: dict[str, jax.Array], new_signs: dict[str, jax.Array]) -> jax.Array:
+    """Share of binary weights whose sign differs between two ``latent_kernel_signs``."""
+    flips = sum(jnp.sum(old_signs[k] != new_signs[k]) for k in new_signs)
+    total = sum(v.size for v in new_signs.values())
+    return jnp.asarray(flips, jnp.float32) / max(total, 1)
+
+
+def _cast_floats(tree, dtype):
+    return jax.tree.map(lambda x: x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x, tree)
+
+
+def train_step(
+    state: TrainState,
+    batch: dict[str, jax.Array],
+    progress: jax.Array,
+    rng: jax.Array,
+    *,
+    model,
+    tx: optax.GradientTransformation,
+    latent_weight_clip: float | None = None,
+    compute_dtype=jnp.float32,
+    label_smoothing: float = 0.0,
+) -> tuple[TrainState, dict[str, jax.Array]]:
+    """One update on ``batch = {'image', 'label'}``; returns ``(new_state, metrics)``.
+
+    Loss: mean softmax cross-entropy (with ``label_smoothing``, Szegedy et al. 2016) in
+    float32. With ``compute_dtype=bfloat16`` the forward and backward run on bfloat16
+    copies of the parameters and images while the gradients, optimizer and master weights
+    stay float32 (mixed precision, Micikevicius et al. 2018). After the update, latent
+    binary kernels are clipped to ``[-latent_weight_clip, latent_weight_clip]`` if given.
+    ``progress`` reaches every binarizer schedule as a traced scalar, so changing it never
+    recompiles. Metrics: ``loss``, ``accuracy``, ``grad_norm``, ``update_norm``,
+    ``param_norm`` (global L2 norms over the whole tree).
+    """
+    labels = batch["label"]
+    images = batch["image"].astype(compute_dtype)
+
+    def loss_fn(params):
+        variables = {"params": _cast_floats(params, compute_dtype), "batch_stats": state.batch_stats}
+        logits, new_vars = model.apply(
+            variables, images, train=True, progress=progress, mutable=["batch_stats"], rngs={"dropout": rng}
+        )
+        logits = logits.astype(jnp.float32)
+        targets = optax.smooth_labels(jax.nn.one_hot(labels, logits.shape[-1]), label_smoothing)
+        loss = optax.softmax_cross_entropy(logits, targets).mean()
+        return loss, (logits, new_vars.get("batch_stats", {}))
+
+    (loss, (logits, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+    # Keep the stored statistics in their own dtype whatever precision the forward used.
+    batch_stats = jax.tree.map(lambda new, old: new.astype(old.dtype), batch_stats, state.batch_stats)
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    params = layers.clip_latent_weights(params, latent_weight_clip)
+    metrics = {
+        "loss": loss,
+        "accuracy": jnp.mean(jnp.argmax(logits, -1) == labels),
+        "grad_norm": optax.tree.norm(grads),
+        "update_norm": optax.tree.norm(updates),
+        "param_norm": optax.tree.norm(params),
+    }
+    new_state = state.replace(step=state.step + 1, params=params, batch_stats=batch_stats, opt_state=opt_state)
+    return new_state, metrics
+
+
+def eval_step(
+    state: TrainState,
+    batch: dict[str, jax.Array],
+    progress: jax.Array,
+    *,
+    model,
+    compute_dtype=jnp.float32,
+) -> dict[str, jax.Array]:
+    """Masked sums over one eval batch: ``loss_sum``, ``correct``, ``count``.
+
+    ``batch['mask']`` (1 for real examples, 0 for the padding of the last batch) keeps
+    padded rows out of every sum; batch norm uses its running statistics.
+    """
+    variables = {"params": _cast_floats(state.params, compute_dtype), "batch_stats": state.batch_stats}
+    logits = model.apply(variables, batch["image"].astype(compute_dtype), train=False, progress=progress)
+    logits = logits.astype(jnp.float32)
+    mask = batch["mask"].astype(jnp.float32)
+    loss = optax.softmax_cross_entropy_with_integer_labels(logits, batch["label"])
+    return {
+        "loss_sum": jnp.sum(loss * mask),
+        "correct": jnp.sum((jnp.argmax(logits, -1) == batch["label"]) * mask),
+        "count": jnp.sum(mask),
+    }
+

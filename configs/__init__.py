@@ -1,0 +1,1 @@
+"""Training configs: ``get_config(arg)`` per file; shared keys in ``configs/common.py``."""

@@ -1,0 +1,111 @@
+"""Train and evaluate one config: ``python -m experiments.run --config configs/x.py --workdir DIR``.
+
+``--config configs/x.py:quick`` passes ``'quick'`` to the file's ``get_config``;
+``--config.optimizer.learning_rate=0.01`` overrides one key (the config is locked, so a
+misspelt key is an error). Without ``--config`` this trains ``configs/default.py``; without
+``--workdir`` it uses ``runs/<config file name>[_<arg>]``. A workdir that holds checkpoints
+is resumed.
+"""
+
+import importlib.util
+import os
+import sys
+
+import ml_collections
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+DEFAULT_CONFIG = os.path.join(_ROOT, "configs", "default.py")
+
+_CONFIG = config_flags.DEFINE_config_file(
+    "config",
+    default=None,  # DEFAULT_CONFIG, inserted by _parse_flags (a default here is parsed at import)
+    help_string=f"Training config file (get_config(arg)), optionally with ':arg'; default {DEFAULT_CONFIG}.",
+    lock_config=True,
+)
+_WORKDIR = flags.DEFINE_string(
+    "workdir", None, "Directory for checkpoints, metrics and the final summary (resumed if it exists)."
+)
+
+
+def default_workdir(config_path: str) -> str:
+    """``runs/<file stem>[_<arg>]`` under the repository root."""
+    path, _, arg = config_path.partition(":")
+    stem = os.path.splitext(os.path.basename(path))[0]
+    suffix = "_" + "".join(ch if ch.isalnum() else "_" for ch in arg) if arg else ""
+    return os.path.join(_ROOT, "runs", stem + suffix)
+
+
+def _load_config(argv: list[str]) -> ml_collections.ConfigDict:
+    """The config ``--config`` names, loaded without overrides (for error messages)."""
+    value = DEFAULT_CONFIG
+    for i, arg in enumerate(argv):
+        if arg.startswith("--config="):
+            value = arg.split("=", 1)[1]
+        elif arg == "--config" and i + 1 < len(argv):
+            value = argv[i + 1]
+    path, _, config_arg = value.partition(":")
+    spec = importlib.util.spec_from_file_location("_config_module", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config(config_arg or None)
+
+
+def _bad_override(argv: list[str]) -> str | None:
+    """Names the first ``--config.a.b=`` flag whose key is not in the config, with the valid keys."""
+    config = _load_config(argv)
+    for arg in argv:
+        if not arg.startswith("--config."):
+            continue
+        key = arg[len("--config."):].split("=", 1)[0]
+        node, seen = config, []
+        for part in key.split("."):
+            if not isinstance(node, ml_collections.ConfigDict):
+                return f"--config.{key}: config.{'.'.join(seen)} is a {type(node).__name__}, not a group of keys"
+            if part not in node:
+                where = "config." + ".".join(seen) if seen else "config"
+                return f"--config.{key}: {where} has no key {part!r}; valid keys: {', '.join(sorted(node.keys()))}"
+            node, seen = node[part], seen + [part]
+    return None
+
+
+def _parse_flags(argv: list[str]) -> list[str]:
+    """absl flag parsing, with a one-line error instead of a traceback for a bad config key."""
+    if not any(a == "--config" or a.startswith("--config=") for a in argv[1:]):
+        argv = [argv[0], f"--config={DEFAULT_CONFIG}", *argv[1:]]
+    try:
+        rest = flags.FLAGS(argv)
+        config = flags.FLAGS["config"].value
+        if not isinstance(config, ml_collections.ConfigDict):
+            config.get("seed")  # a file that failed to load raises its error here
+        return rest
+    except OSError as e:
+        sys.exit(f"error: {e}")
+    except flags.Error as e:
+        # A config file that fails to load puts its whole traceback in the message; the
+        # last line says what went wrong.
+        lines = [line for line in str(e).splitlines() if line.strip()]
+        sys.exit(f"error: {lines[-1] if lines else e}\nPass --help for the flags.")
+    except (AttributeError, KeyError) as e:
+        try:
+            message = _bad_override(argv)
+        except Exception:  # noqa: BLE001 - the original error is the better message then
+            message = None
+        sys.exit(f"error: {message or e}")
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    from binax import train
+
+    train.quiet_checkpoint_logs()
+    workdir = _WORKDIR.value or default_workdir(config_flags.get_config_filename(flags.FLAGS["config"]))
+    logging.info("config:\n%s", _CONFIG.value)
+    train.train_and_evaluate(_CONFIG.value, workdir)
+
+
+if __name__ == "__main__":
+    app.run(main, flags_parser=_parse_flags)
