@@ -1,0 +1,453 @@
+"""XNOR-popcount kernels: dense and 2D convolution on bit-packed ±1 operands.
+
+For ``a, w ∈ {−1, +1}^K`` packed as bits (``binax.export.packing``: bit 1 = +1),
+``a·w = (#agree) − (#disagree) = K − 2·popcount(a XOR w)``; popcounts summed over the
+packed words. Padding bits count in the popcount only where the two operands differ, and
+every binax producer pads with the same ``PAD_BIT``, so with the true ``K`` the result is
+exactly the integer dot product ``sign(a) @ sign(w)`` (int32; |result| <= K).
+
+Formulations (``method=``); all give identical integers:
+
+* ``"xor_popcount"`` (default on CPU): the weight is re-laid out in tiles of ``TILE`` = 16
+  output columns (one 512-bit vector of int32 lanes), ``(ceil(N/16), K/32, 16)``, so
+  the words one output vector needs are contiguous and stay in L1 while the kernel
+  sweeps the rows of ``a``. The reduction over words is written as sums of reductions
+  over at most 32 words: XLA:CPU splits a reduced dimension longer than 32 into a
+  ``reduce-window`` + ``reduce`` pair that no longer fuses with the XOR and popcount
+  (the whole ``M×K/32×N`` intermediate would be written to memory). When the weight
+  exceeds ``FUSED_WEIGHT_BYTES`` (it would not stay in L2 while every row streams it),
+  the words are processed in groups in a ``fori_loop`` and the int32 accumulator is
+  read and written once per group. Each word costs ``vpxord``, ``vpopcntd``, ``vpaddd``
+  (AVX-512 VPOPCNTDQ); compile the caller's ``jax.jit`` with
+  ``compiler_options=CPU_COMPILER_OPTIONS`` to get 512-bit rather than 256-bit vectors.
+* ``"xor_popcount_outer"``: an outer-product loop, ``fori_loop`` over words, each step
+  ``acc += popcount(a[:, j, None] ^ w[None, j, :])``.
+* ``"xor_popcount_broadcast"``: ``popcount(a[:, None, :] ^ wᵀ[None]).sum(-1)``.
+  XLA materialises the broadcast; kept as the slow textbook baseline.
+* ``"int8_dot"`` (default on GPU/TPU): unpack both operands to ±1 int8 and
+  ``jnp.dot(..., preferred_element_type=int32)``. Not bitwise; on accelerators it runs on
+  the int8 matrix units, which XLA exposes and 1-bit XOR MMA it does not. (This choice for
+  GPU is reasoned, not measured here.)
+
+``benchmarks/packed.py`` measures them against float32 ``jnp.dot``/``lax.conv``.
+
+Between binary layers no float activation is needed: :func:`threshold_to_bits` turns the
+int32 accumulators into the next layer's packed bits with one integer compare per channel
+(BatchNorm followed by sign is ``sign(γ)·sign(x − τ)``; :func:`bn_sign_thresholds`).
+"""
+
+from __future__ import annotations
+
+import math
+import operator
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+
+from binax.export.packing import PAD_BIT, WORD_BITS, num_words, pack_bits, unpack_bits
+
+Array = jax.Array
+
+__all__ = [
+    "METHODS",
+    "TILE",
+    "FUSED_WEIGHT_BYTES",
+    "CPU_COMPILER_OPTIONS",
+    "default_method",
+    "packed_dense",
+    "packed_conv",
+    "threshold_to_bits",
+    "bn_sign_thresholds",
+]
+
+METHODS = ("xor_popcount", "xor_popcount_outer", "xor_popcount_broadcast", "int8_dot")
+
+#: Output columns per weight tile: 16 int32 lanes fill one 512-bit vector register.
+TILE = 16
+
+#: A packed weight up to this size is reduced in one fused pass (it stays in cache while
+#: every row of ``a`` streams over it) ...
+FUSED_WEIGHT_BYTES = 512 * 1024
+#: ... a larger one in groups of word rows this big, accumulating in memory between groups.
+GROUP_WEIGHT_BYTES = 256 * 1024
+
+#: Per-``jax.jit`` XLA:CPU options for the packed kernels: 512-bit vectors (XLA:CPU
+#: prefers 256 by default), worth 20–30 % on AVX-512 machines. Pass as
+#: ``jax.jit(f, compiler_options=CPU_COMPILER_OPTIONS)`` on the outermost jit; a jit nested
+#: inside another is inlined and its options are ignored. Only valid on the CPU backend.
+CPU_COMPILER_OPTIONS = {"xla_cpu_prefer_vector_width": 512}
+
+# Longest reduced dimension XLA:CPU keeps fused (see the module docstring).
+_MAX_FUSED_REDUCE = 32
+# Thresholds beyond ±2**30 act as ±inf for any accumulator |acc| <= K < 2**30, and are
+# exact in float32 (2**31 − 1 is not).
+_INT_INF = 2**30
+
+
+def default_method(backend: str | None = None) -> str:
+    """The formulation used for ``method="auto"``: bitwise on CPU, int8 matmul elsewhere."""
+    backend = backend or jax.default_backend()
+    return "xor_popcount" if backend == "cpu" else "int8_dot"
+
+
+def _resolve_method(method: str) -> str:
+    if method == "auto":
+        return default_method()
+    if method not in METHODS:
+        raise ValueError(f"Unknown method {method!r}; valid: 'auto', {', '.join(map(repr, METHODS))}.")
+    return method
+
+
+def _static_int(value, what: str, minimum: int = 1) -> int:
+    try:
+        if isinstance(value, bool):
+            raise TypeError
+        n = operator.index(value)
+    except TypeError:
+        n = None
+    if n is None or n < minimum:
+        raise ValueError(f"{what} must be a static integer >= {minimum}; got {value!r}.")
+    return n
+
+
+def _check_uint32(x: Array, what: str) -> None:
+    if x.dtype != jnp.uint32:
+        raise ValueError(f"{what} must be packed uint32 words (binax.export.pack_bits); got dtype {x.dtype}.")
+
+
+def _check_k(k, words: int, what: str = "k") -> int:
+    k = _static_int(k, what)
+    if num_words(k) != words:
+        raise ValueError(
+            f"{what}={k} needs {num_words(k)} words of 32 bits, but the packed reduction axis has "
+            f"{words} words (valid {what}: {32 * (words - 1) + 1}..{32 * words})."
+        )
+    return k
+
+
+def _popcount(x: Array) -> Array:
+    return lax.population_count(x).astype(jnp.int32)
+
+
+def _spans(n: int, longest: int) -> list[tuple[int, int]]:
+    """``[0, n)`` cut into near-equal spans of at most ``longest``."""
+    parts = -(-n // longest)
+    size = -(-n // parts)
+    return [(s, min(s + size, n)) for s in range(0, n, size)]
+
+
+# ----------------------------------------------------------------------------- dense
+
+
+def _xor_popcount_sum(a: Array, w: Array, start, size: int) -> Array:
+    """``sum_j popcount(a[m, j] ^ w[j, c·T + l])`` over words ``[start, start + size)``.
+
+    ``a`` (M, Kw), ``w`` (Kw, NC·T) → (M, NC, T) int32, as a sum of reductions of at most
+    32 words. ``start`` may be traced (inside the group loop). The (NC, T) split of the
+    columns is only a view: XLA folds it into the loop nest's indexing, reading ``w`` in
+    place, which makes every 512-bit vector of the output a register accumulator.
+    """
+    nc = w.shape[1] // TILE
+    acc = None
+    for s, e in _spans(size, _MAX_FUSED_REDUCE):
+        aj = lax.dynamic_slice_in_dim(a, start + s, e - s, 1)
+        wj = lax.dynamic_slice_in_dim(w, start + s, e - s, 0).reshape(e - s, nc, TILE).transpose(1, 0, 2)
+        part = _popcount(aj[:, None, :, None] ^ wj[None, :, :, :]).sum(2)
+        acc = part if acc is None else acc + part
+    return acc
+
+
+def _auto_group_words(kw: int, n: int) -> int:
+    row_bytes = n * 4
+    if kw * row_bytes <= FUSED_WEIGHT_BYTES:
+        return kw
+    return max(1, GROUP_WEIGHT_BYTES // row_bytes)
+
+
+def _xor_popcount(a: Array, w: Array, group_words: int | None = None) -> Array:
+    """Popcount of ``a XOR w`` summed over words: (M, Kw) × (Kw, N) → (M, N) int32."""
+    m, kw = a.shape
+    n = w.shape[1]
+    n_pad = -(-n // TILE) * TILE
+    if n_pad != n:
+        w = jnp.pad(w, ((0, 0), (0, n_pad - n)))  # extra output columns, dropped below
+    if group_words is None:
+        group_words = _auto_group_words(kw, n_pad)
+    group_words = min(_static_int(group_words, "group_words"), kw)
+    if group_words == kw:
+        acc = _xor_popcount_sum(a, w, 0, kw)
+    else:
+        # Zero words in both operands XOR to 0: padding the word axis changes nothing.
+        groups = -(-kw // group_words)
+        pad = groups * group_words - kw
+        if pad:
+            a = jnp.pad(a, ((0, 0), (0, pad)))
+            w = jnp.pad(w, ((0, pad), (0, 0)))
+
+        def body(g, acc):
+            return acc + _xor_popcount_sum(a, w, g * group_words, group_words)
+
+        acc = lax.fori_loop(0, groups, body, jnp.zeros((m, n_pad // TILE, TILE), jnp.int32))
+    return acc.reshape(m, n_pad)[:, :n]
+
+
+def _outer_loop(a: Array, w: Array, unroll: int = 8) -> Array:
+    def body(j, acc):
+        aj = lax.dynamic_index_in_dim(a, j, 1, keepdims=True)
+        wj = lax.dynamic_index_in_dim(w, j, 0, keepdims=True)
+        return acc + _popcount(aj ^ wj)
+
+    kw = a.shape[1]
+    return lax.fori_loop(0, kw, body, jnp.zeros((a.shape[0], w.shape[1]), jnp.int32), unroll=min(unroll, kw))
+
+
+def _broadcast(a: Array, w: Array) -> Array:
+    return _popcount(a[:, None, :] ^ w.T[None, :, :]).sum(-1)
+
+
+def _int8_dot(a: Array, w: Array, k: int) -> Array:
+    """±1 int8 matmul over all 32·Kw bit positions, minus the padding positions.
+
+    Padding bits are equal in both operands, so each contributes exactly +1.
+    """
+    bits = a.shape[1] * WORD_BITS
+    a8 = unpack_bits(a, bits, axis=1, dtype=jnp.int8)
+    w8 = unpack_bits(w, bits, axis=0, dtype=jnp.int8)
+    return jnp.dot(a8, w8, preferred_element_type=jnp.int32) - (bits - k)
+
+
+def packed_dense(a_packed, w_packed, k: int, *, method: str = "auto", group_words: int | None = None) -> Array:
+    """±1 matrix product from packed operands: ``K − 2·popcount(a XOR w)``.
+
+    Args:
+      a_packed: ``(..., K/32)`` uint32, ``pack_bits(a, axis=-1)``.
+      w_packed: ``(K/32, N)`` uint32, ``pack_bits(w, axis=0)`` of a ``(K, N)`` kernel
+        (output channel last, as binax kernels are).
+      k: the true reduction length ``K`` (padding bits do not count).
+      method: ``"auto"`` (:func:`default_method`) or one of ``METHODS``.
+      group_words: ``"xor_popcount"`` only: words reduced per pass over the accumulator
+        (default: all of them when the packed weight fits ``FUSED_WEIGHT_BYTES``, else
+        ``GROUP_WEIGHT_BYTES`` worth of weight rows). A tuning knob; the result is the same.
+
+    Returns:
+      ``(..., N)`` int32, exactly ``sign(a) @ sign(w)`` with ``sign(0) = +1``.
+    """
+    a = jnp.asarray(a_packed)
+    w = jnp.asarray(w_packed)
+    _check_uint32(a, "a_packed")
+    _check_uint32(w, "w_packed")
+    if w.ndim != 2:
+        raise ValueError(f"w_packed must be (K/32, N) (pack_bits(w, axis=0)); got shape {tuple(w.shape)}.")
+    if a.ndim < 1 or a.shape[-1] != w.shape[0]:
+        raise ValueError(
+            f"a_packed has {a.shape[-1] if a.ndim else 0} words on its last axis, w_packed {w.shape[0]} rows."
+        )
+    k = _check_k(k, w.shape[0])
+    lead = a.shape[:-1]
+    out = _dense(a.reshape(-1, a.shape[-1]), w, k, _resolve_method(method), group_words)
+    return out.reshape(*lead, w.shape[1])
+
+
+def _dense(a: Array, w: Array, k: int, method: str, group_words: int | None = None) -> Array:
+    """(M, Kw) × (Kw, N) → (M, N) int32; ``k`` counts the non-padding bit positions."""
+    if method == "xor_popcount":
+        return k - 2 * _xor_popcount(a, w, group_words)
+    if method == "int8_dot":
+        return _int8_dot(a, w, k)
+    pop = _outer_loop(a, w) if method == "xor_popcount_outer" else _broadcast(a, w)
+    return k - 2 * pop
+
+
+# ------------------------------------------------------------------------------ conv
+
+
+def _pair(v, what: str) -> tuple[int, int]:
+    if isinstance(v, (int, np.integer)) and not isinstance(v, bool):
+        v = (v, v)
+    try:
+        pair = tuple(_static_int(x, what) for x in v)
+    except TypeError:
+        raise ValueError(f"{what} must be an int or a pair of ints; got {v!r}.") from None
+    if len(pair) != 2:
+        raise ValueError(f"{what} must be an int or a pair of ints; got {v!r}.")
+    return pair
+
+
+def _conv_pads(padding, in_hw, window, strides) -> list[tuple[int, int]]:
+    if isinstance(padding, str):
+        if padding.upper() not in ("SAME", "VALID"):
+            raise ValueError(f"padding must be 'SAME', 'VALID' or ((top, bottom), (left, right)); got {padding!r}.")
+        return [tuple(p) for p in lax.padtype_to_pads(in_hw, window, strides, padding.upper())]
+    try:
+        pads = [(_static_int(lo, "padding", 0), _static_int(hi, "padding", 0)) for lo, hi in padding]
+    except (TypeError, ValueError):
+        raise ValueError(f"padding must be 'SAME', 'VALID' or ((top, bottom), (left, right)); got {padding!r}.") from None
+    if len(pads) != 2:
+        raise ValueError(f"explicit padding needs two (low, high) pairs; got {padding!r}.")
+    return pads
+
+
+def _out_of_bounds(in_hw, window, strides, pads, out_hw) -> np.ndarray:
+    """``oob[ho, wo, i·kw + j]``: tap (i, j) of output (ho, wo) reads a padded pixel."""
+    masks = []
+    for size, k, s, (lo, _), o in zip(in_hw, window, strides, pads, out_hw):
+        pos = np.arange(o)[:, None] * s + np.arange(k)[None, :] - lo  # (out, tap)
+        masks.append((pos < 0) | (pos >= size))
+    oob = masks[0][:, None, :, None] | masks[1][None, :, None, :]  # (Ho, Wo, kh, kw)
+    return oob.reshape(out_hw[0], out_hw[1], window[0] * window[1])
+
+
+def _im2col(xp: Array, window, strides, out_hw) -> Array:
+    """(B, Hp, Wp, Cw) → (B·Ho·Wo, kh·kw·Cw) patches in (i, j, word) order, as HWIO kernels."""
+    (kh, kw), (sh, sw), (ho, wo) = window, strides, out_hw
+    b, cw = xp.shape[0], xp.shape[3]
+    taps = [
+        lax.slice(xp, (0, i, j, 0), (b, i + (ho - 1) * sh + 1, j + (wo - 1) * sw + 1, cw), (1, sh, sw, 1))
+        for i in range(kh)
+        for j in range(kw)
+    ]
+    return jnp.stack(taps, axis=3).reshape(b * ho * wo, kh * kw * cw)
+
+
+def packed_conv(
+    x_packed,
+    w_packed,
+    in_channels: int,
+    strides: int | Sequence[int] = (1, 1),
+    padding: str | Sequence[tuple[int, int]] = "SAME",
+    pad_value: float = 1.0,
+    *,
+    method: str = "auto",
+    group_words: int | None = None,
+) -> Array:
+    """2D convolution of ±1 images with ±1 kernels from channel-packed operands.
+
+    Equals ``lax.conv_general_dilated(sign(x), sign(w), strides, padding)`` in NHWC/HWIO
+    with the padded pixels set to ``pad_value`` (Larq's ``pad_values``) instead of 0.
+    Patches of ``(kh, kw, C/32)`` words are gathered (im2col) and reduced by
+    :func:`packed_dense` over ``K = kh·kw·C``.
+
+    Args:
+      x_packed: ``(B, H, W, ceil(C/32))`` uint32, ``pack_bits(x, axis=-1)``.
+      w_packed: ``(kh, kw, ceil(C/32), O)`` uint32, ``pack_bits(w, axis=2)`` of an HWIO kernel.
+      in_channels: the true number of input channels ``C``.
+      strides: an int or ``(sh, sw)``.
+      padding: ``"SAME"``, ``"VALID"`` or ``((top, bottom), (left, right))``.
+      pad_value: the value of padded pixels: ``+1`` (all-ones words), ``-1`` (zero words)
+        or ``0`` (computed as ``-1`` plus the per-position correction
+        ``sum over padded taps of sum_c sign(w)``, which does not depend on the image).
+      method, group_words: as in :func:`packed_dense`.
+
+    Returns:
+      ``(B, Ho, Wo, O)`` int32.
+    """
+    x = jnp.asarray(x_packed)
+    w = jnp.asarray(w_packed)
+    _check_uint32(x, "x_packed")
+    _check_uint32(w, "w_packed")
+    if x.ndim != 4 or w.ndim != 4:
+        raise ValueError(
+            f"x_packed must be (B, H, W, C/32) and w_packed (kh, kw, C/32, O); got shapes "
+            f"{tuple(x.shape)} and {tuple(w.shape)}."
+        )
+    if x.shape[3] != w.shape[2]:
+        raise ValueError(f"x_packed has {x.shape[3]} channel words, w_packed {w.shape[2]}.")
+    c = _check_k(in_channels, x.shape[3], "in_channels")
+    if pad_value not in (-1, 0, 1):
+        raise ValueError(f"pad_value must be -1, 0 or +1 (the padded pixels' value); got {pad_value!r}.")
+    strides = _pair(strides, "strides")
+    window = (w.shape[0], w.shape[1])
+    in_hw = (x.shape[1], x.shape[2])
+    pads = _conv_pads(padding, in_hw, window, strides)
+    out_hw = tuple((size + lo + hi - k) // s + 1 for size, (lo, hi), k, s in zip(in_hw, pads, window, strides))
+    if min(out_hw) < 1:
+        raise ValueError(f"the {window} window does not fit the {in_hw} input with padding {pads}.")
+
+    if pad_value == 1 and any(lo or hi for lo, hi in pads):
+        # All C channels +1; the word's padding bits keep PAD_BIT like the kernel's.
+        pad_word = pack_bits(np.ones(c, np.float32))
+        xp = jnp.pad(x ^ pad_word, ((0, 0), pads[0], pads[1], (0, 0))) ^ pad_word
+    else:
+        xp = jnp.pad(x, ((0, 0), pads[0], pads[1], (0, 0)))  # zero words: every channel -1
+    patches = _im2col(xp, window, strides, out_hw)
+    o = w.shape[3]
+    # Every tap holds C true channels in its words; its padding bits agree with the kernel's.
+    out = _dense(patches, w.reshape(-1, o), window[0] * window[1] * c, _resolve_method(method), group_words)
+    out = out.reshape(x.shape[0], *out_hw, o)
+    if pad_value == 0:
+        # Padded pixel: 0 instead of -1 adds +sum_c sign(w[tap, c, o]) per padded tap.
+        tap_sums = 2 * _popcount(w.reshape(-1, w.shape[2], o)).sum(1) - c  # PAD_BIT = 0 adds nothing
+        oob = jnp.asarray(_out_of_bounds(in_hw, window, strides, pads, out_hw), jnp.int32)
+        out = out + jnp.einsum("hwt,to->hwo", oob, tap_sums)[None]
+    return out
+
+
+# ---------------------------------------------------------------- binary activations
+
+
+def threshold_to_bits(acc, threshold, flip=None, axis: int = -1) -> Array:
+    """Next layer's packed bits from int32 accumulators: ``bit = (acc >= threshold) XOR flip``.
+
+    With ``threshold``/``flip`` from :func:`bn_sign_thresholds` this is BatchNorm followed
+    by sign (``sign(γ)·sign(x − τ)``, BinaryBN), computed without float activations.
+
+    Args:
+      acc: integer accumulators, e.g. ``(..., C)`` from :func:`packed_dense`/:func:`packed_conv`.
+      threshold: broadcastable to ``acc`` (per channel: shape ``(C,)``). Integers are
+        compared as they are; real values are compared exactly as ``acc >= ceil(threshold)``
+        (``acc`` is an integer), ``±inf`` allowed.
+      flip: optional booleans broadcastable to ``acc``; True inverts the bit (``γ < 0``).
+      axis: the channel axis to pack (32 channels per word, ``PAD_BIT`` padding).
+
+    Returns:
+      ``uint32`` words, ``acc.shape[axis]`` replaced by ``ceil(C / 32)``.
+    """
+    acc = jnp.asarray(acc)
+    if not jnp.issubdtype(acc.dtype, jnp.integer):
+        raise ValueError(f"threshold_to_bits takes integer accumulators; got dtype {acc.dtype}.")
+    t = jnp.asarray(threshold)
+    if jnp.issubdtype(t.dtype, jnp.floating):
+        t = jnp.clip(jnp.ceil(t), -_INT_INF, _INT_INF).astype(jnp.int32)
+    elif not jnp.issubdtype(t.dtype, jnp.integer):
+        raise ValueError(f"threshold must be an integer or real array; got dtype {t.dtype}.")
+    bits = acc >= t
+    if flip is not None:
+        bits = bits ^ jnp.asarray(flip, jnp.bool_)
+    return pack_bits(bits, axis=axis)
+
+
+def bn_sign_thresholds(mean, var, gamma, beta, *, epsilon: float = 1e-5, scale=1.0):
+    """Integer thresholds for ``sign(BN(scale·acc))`` on integer accumulators (export time).
+
+    ``sign(γ(x − μ)/σ + β) = sign(γ)·sign(x − τ)`` with ``τ = μ − β·σ/γ``,
+    ``σ = sqrt(var + ε)`` (methods.md, BinaryBN). With ``x = scale·acc`` and ``scale > 0``
+    (the XNOR-Net ``α = mean|W|`` per output channel, times any input scale),
+    ``x >= τ  ⟺  acc >= ceil(τ / scale)``: the scale folds into the threshold. Then
+    the output is +1 iff ``(acc >= t) XOR (γ < 0)`` (``sign(0) = +1`` on both sides).
+    ``γ = 0`` gives the constant ``sign(β)``; ``scale = 0`` the constant ``sign(BN(0))``.
+
+    Computed in float64 NumPy, once, from concrete parameters (not traceable); float32 BN
+    in a model can differ only where ``BN(x)`` rounds to the other side of 0.
+
+    Returns:
+      ``(threshold, flip)``: int32 and bool NumPy arrays of the broadcast shape, for
+      :func:`threshold_to_bits`.
+    """
+    mean, var, gamma, beta, scale = (np.asarray(v, np.float64) for v in (mean, var, gamma, beta, scale))
+    if np.any(scale < 0) or not np.all(np.isfinite(scale)):
+        raise ValueError(f"scale must be finite and >= 0 (a magnitude such as mean|W|); got {scale}.")
+    if np.any(var + epsilon <= 0):
+        raise ValueError(f"var + epsilon must be > 0; got var={var}, epsilon={epsilon}.")
+    mean, var, gamma, beta, scale = np.broadcast_arrays(mean, var, gamma, beta, scale)
+    sigma = np.sqrt(var + epsilon)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        tau = mean - beta * sigma / gamma
+        t = np.ceil(tau / scale)
+    constant_bit = np.where(gamma == 0, beta >= 0, gamma * (0.0 - mean) / sigma + beta >= 0)
+    is_constant = (gamma == 0) | (scale == 0)
+    threshold = np.where(is_constant, -_INT_INF, np.clip(np.nan_to_num(t), -_INT_INF, _INT_INF))
+    flip = np.where(is_constant, ~constant_bit, gamma < 0)
+    return threshold.astype(np.int32), flip.astype(bool)
