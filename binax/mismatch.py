@@ -20,13 +20,18 @@ perturbation of one layer's input (activation smoothing, see ``input_perturbatio
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
+from flax import traverse_util
+
+from binax import layers, models
 
 PyTree = Any
 
@@ -67,6 +72,7 @@ def smoothed_grad(
     num_samples: int = 256,
     chunk_size: int = 32,
     num_groups: int = 8,
+    separable: bool = False,
 ) -> SmoothedGradient:
     """Antithetic Monte-Carlo gradient of the Gaussian-smoothed loss ``E L(θ + σε)``.
 
@@ -75,8 +81,19 @@ def smoothed_grad(
     with ``lax.scan`` into per-group sums and a sum of squares. ``num_samples`` is rounded
     up so that whole chunks split evenly over ``num_groups`` groups; the count used is
     returned as ``num_samples``.
+
+    ``separable=True`` is for a mean of per-example losses ``L = 1/B Σ_b ℓ_b`` where
+    ``ℓ_b`` depends only on row ``b`` of every leaf (the perturbed pre-activations of one
+    layer, with batch norm in inference mode): ``loss_fn`` then returns the vector
+    ``(ℓ_1, ..., ℓ_B)`` and row ``b`` of a sample is ``ε_b (ℓ_b(+) − ℓ_b(−)) / (2σB)``.
+    The dropped cross terms ``ε_b ℓ_c`` (c ≠ b) have mean zero, so the estimate is still
+    unbiased; its variance is that of B independent problems of one row's dimension
+    instead of one problem of the whole tensor's.
+
+    ``loss_fn`` is a static argument of a jitted kernel: pass the same function object
+    for several ``sigma`` values and it is compiled once.
     """
-    if sigma <= 0:
+    if not sigma > 0:
         raise ValueError(f"sigma must be > 0; got {sigma}.")
     if num_samples < 2 or chunk_size < 1 or num_groups < 2:
         raise ValueError(
@@ -87,13 +104,42 @@ def smoothed_grad(
     num_chunks = math.ceil(num_chunks / num_groups) * num_groups
     n = num_chunks * chunk_size
     params32 = jax.tree.map(lambda p: jnp.asarray(p, jnp.float32), params)
+    if separable:
+        rows = {l.shape[0] if l.ndim else None for l in jax.tree.leaves(params32)}
+        if len(rows) != 1 or None in rows:
+            raise ValueError(
+                f"separable=True needs every leaf to have the same leading (example) axis; "
+                f"got leaf shapes {[l.shape for l in jax.tree.leaves(params32)]}."
+            )
+    sums, sq = _smoothed_sums(
+        loss_fn, params32, key, jnp.float32(sigma),
+        chunk_size=chunk_size, num_chunks=num_chunks, num_groups=num_groups, separable=separable,
+    )
+    total = jax.tree.map(lambda s: jnp.sum(s, 0), sums)
+    mean = jax.tree.map(lambda t: t / n, total)
+    var = jax.tree.map(lambda s, m: jnp.maximum(s / n - m * m, 0.0) * n / (n - 1), sq, mean)
+    stderr = jax.tree.map(lambda v: jnp.sqrt(v / n), var)
+    per_group = n // num_groups
+    group_grads = jax.tree.map(lambda s: s / per_group, sums)
+    return SmoothedGradient(mean, stderr, group_grads, float(sigma), n)
+
+
+@functools.partial(
+    jax.jit, static_argnames=("loss_fn", "chunk_size", "num_chunks", "num_groups", "separable")
+)
+def _smoothed_sums(loss_fn, params32, key, sigma, *, chunk_size, num_chunks, num_groups, separable):
+    """Per-group sums ``(num_groups, ...)`` and the sum of squares of the MC samples."""
+    n = num_chunks * chunk_size
 
     def one_sample(k):
         eps = _tree_normal(k, params32)
         plus = jax.tree.map(lambda p, e: p + sigma * e, params32, eps)
         minus = jax.tree.map(lambda p, e: p - sigma * e, params32, eps)
         diff = (loss_fn(plus) - loss_fn(minus)) / (2.0 * sigma)
-        return jax.tree.map(lambda e: e * diff, eps)
+        if not separable:
+            return jax.tree.map(lambda e: e * diff, eps)
+        rows = diff.shape[0]
+        return jax.tree.map(lambda e: e * diff.reshape((rows,) + (1,) * (e.ndim - 1)) / rows, eps)
 
     zeros = jax.tree.map(jnp.zeros_like, params32)
     group_zeros = jax.tree.map(lambda z: jnp.zeros((num_groups,) + z.shape, z.dtype), params32)
@@ -110,13 +156,7 @@ def smoothed_grad(
     keys = jax.random.split(key, n)
     keys = keys.reshape((num_chunks, chunk_size) + keys.shape[1:])  # typed or raw uint32 keys
     (sums, sq), _ = jax.lax.scan(body, (group_zeros, zeros), (jnp.arange(num_chunks), keys))
-    total = jax.tree.map(lambda s: jnp.sum(s, 0), sums)
-    mean = jax.tree.map(lambda t: t / n, total)
-    var = jax.tree.map(lambda s, m: jnp.maximum(s / n - m * m, 0.0) * n / (n - 1), sq, mean)
-    stderr = jax.tree.map(lambda v: jnp.sqrt(v / n), var)
-    per_group = n // num_groups
-    group_grads = jax.tree.map(lambda s: s / per_group, sums)
-    return SmoothedGradient(mean, stderr, group_grads, float(sigma), n)
+    return sums, sq
 
 
 # ------------------------------------------------------- coordinate discrete gradient
@@ -267,17 +307,443 @@ def input_perturbation(module_path: str):
     return with_delta
 
 
-def module_input_shape(apply_fn: Callable[[], Any], module_path: str) -> tuple[int, ...]:
-    """Shape of the first input that ``module_path`` receives when ``apply_fn()`` runs."""
-    shapes = []
+def _first_input(apply_fn: Callable[[], Any], module_path: str, run: Callable) -> jax.Array:
+    inputs, called = [], []
 
     def interceptor(next_fun, args, kwargs, context):
-        if context.method_name == "__call__" and "/".join(context.module.scope.path) == module_path:
-            shapes.append(tuple(args[0].shape))
+        if context.method_name == "__call__":
+            path = "/".join(context.module.scope.path)
+            called.append(path)
+            if path == module_path and not inputs:
+                inputs.append(args[0])
         return next_fun(*args, **kwargs)
 
-    with nn.intercept_methods(interceptor):
-        jax.eval_shape(apply_fn)
-    if not shapes:
-        raise ValueError(f"No module at path {module_path!r} was called.")
-    return shapes[0]
+    def wrapped():
+        with nn.intercept_methods(interceptor):
+            apply_fn()
+        if not inputs:
+            raise ValueError(
+                f"No module at path {module_path!r} was called; called: {sorted(set(called))}."
+            )
+        return inputs[0]
+
+    return run(wrapped)
+
+
+def module_input_shape(apply_fn: Callable[[], Any], module_path: str) -> tuple[int, ...]:
+    """Shape of the first input that ``module_path`` receives when ``apply_fn()`` runs."""
+    return tuple(_first_input(apply_fn, module_path, jax.eval_shape).shape)
+
+
+def module_input(apply_fn: Callable[[], Any], module_path: str) -> jax.Array:
+    """The first input ``module_path`` receives when ``apply_fn()`` runs (its pre-activation,
+    before its input binarizer), e.g. to look at the values an estimator's backward sees."""
+    return _first_input(apply_fn, module_path, lambda f: f())
+
+
+# ------------------------------------------------- noise-corrected cosine similarity
+
+
+def _gram(estimate, group_grads) -> tuple[np.ndarray, np.ndarray, float]:
+    """float64 Gram matrix of the groups, their dot products with ``estimate``, ``|estimate|²``."""
+    e = np.asarray(estimate, np.float64).ravel()
+    g = np.asarray(group_grads, np.float64).reshape(len(group_grads), -1)
+    return g @ g.T, g @ e, float(e @ e)
+
+
+def _cosines_from_gram(gram: np.ndarray, eg: np.ndarray, ee: float) -> tuple[float, float]:
+    """Raw and noise-corrected cosine from the group Gram matrix (see ``group_similarities``)."""
+    k = len(eg)
+    s2 = float(gram.sum())  # |Σ_i ĝ_i|²
+    dot = float(eg.sum()) / k  # <e, ĝ>, ĝ the mean of the groups
+    norm_mean = math.sqrt(max(s2, 0.0)) / k
+    raw = dot / (math.sqrt(ee) * norm_mean) if ee > 0 and norm_mean > 0 else 0.0
+    # Mean over ordered pairs i != j of <ĝ_i, ĝ_j>: unbiased for |∇L_σ|² (independent groups).
+    u = (s2 - float(np.trace(gram))) / (k * (k - 1))
+    corrected = dot / (math.sqrt(ee) * math.sqrt(u)) if ee > 0 and u > 0 else float("nan")
+    return raw, corrected
+
+
+def group_similarities(estimate: jax.Array, group_grads: jax.Array) -> tuple[Similarity, Similarity]:
+    """Cosine between ``estimate`` and ∇L_σ from ``k >= 3`` independent group means ĝ_i.
+
+    Returns ``(raw, corrected)``, each with a jackknife (delete-one-group) 95% CI.
+
+    * raw: ``cos(e, ĝ)`` with ĝ the mean of the groups. Monte-Carlo noise adds a
+      component orthogonal to everything, so in d dimensions with N samples it shrinks the
+      cosine roughly by ``1/sqrt(1 + d/N)`` — the same factor for every estimator.
+    * corrected: ``<e, ĝ> / (|e| sqrt(U))`` with ``U = 1/(k(k−1)) Σ_{i≠j} <ĝ_i, ĝ_j>``.
+      The numerator is unbiased for ``<e, ∇L_σ>`` and U for ``|∇L_σ|²``, so the ratio is a
+      consistent estimate of ``cos(e, ∇L_σ)`` that does not shrink with d/N (it is NaN
+      when U <= 0, i.e. the signal is not resolved).
+    """
+    k = len(group_grads)
+    if k < 3:
+        raise ValueError(f"group_similarities needs >= 3 groups for a jackknife; got {k}.")
+    gram, eg, ee = _gram(estimate, group_grads)
+    raw, corrected = _cosines_from_gram(gram, eg, ee)
+    keep = [np.delete(np.arange(k), i) for i in range(k)]
+    loo = np.array([_cosines_from_gram(gram[np.ix_(ix, ix)], eg[ix], ee) for ix in keep])
+    return _jackknife(raw, loo[:, 0]), _jackknife(corrected, loo[:, 1])
+
+
+# ------------------------------------------------------- estimators on a real model
+
+#: Activation binarizers whose forward is exactly ``sign`` (0 -> +1): they differ only in
+#: their backward, so they share one smoothed loss.
+SIGN_FORWARD = frozenset({"sign", "ste_sign", "approx_sign", "swish_sign", "ede_sign"})
+#: Soft forwards that are replaced by ``sign`` at inference (Self-Binarizing networks).
+DEPLOYED_AS_SIGN = frozenset({"tanh_sign"})
+
+
+def fixed_ede(t: float, **overrides) -> dict:
+    """Model overrides for ``ede_sign`` frozen at ``t`` (``k = max(1/t, 1)``): t_min = t_max = t."""
+    return {"input_quantizer": "ede_sign", "input_quantizer_kwargs": {"t_min": t, "t_max": t}, **overrides}
+
+
+def fixed_tanh(nu: float, **overrides) -> dict:
+    """Model overrides for ``tanh_sign`` frozen at ``nu``: nu_0 = nu_max = nu."""
+    return {"input_quantizer": "tanh_sign", "input_quantizer_kwargs": {"nu_0": nu, "nu_max": nu}, **overrides}
+
+
+def sign_estimators(ede_t: Sequence[float] = (1.0, 10.0), tanh_nu: Sequence[float] = (5.0,)) -> dict[str, dict]:
+    """The backward estimators of a sign activation, as model overrides by label.
+
+    STE (identity backward, ``ste_sign(clip_value=None)``), clipped STE (``1[|x| <= 1]``),
+    ApproxSign, SwishSign (β = 5), EDE at each ``t`` and tanh at each ``nu``.
+    """
+    out = {
+        "STE": {"input_quantizer": "ste_sign", "input_quantizer_kwargs": {"clip_value": None}},
+        "clipped STE": {"input_quantizer": "ste_sign", "input_quantizer_kwargs": {"clip_value": 1.0}},
+        "ApproxSign": {"input_quantizer": "approx_sign", "input_quantizer_kwargs": {}},
+        "SwishSign": {"input_quantizer": "swish_sign", "input_quantizer_kwargs": {"beta": 5.0}},
+    }
+    out.update({f"EDE t={t:g}": fixed_ede(t) for t in ede_t})
+    out.update({f"tanh ν={nu:g}": fixed_tanh(nu) for nu in tanh_nu})
+    return out
+
+
+#: Networks whose activation has a different forward (ternary / 2-bit / {0, 1}), each with
+#: the straight-through backward it is trained with; compared against the smoothed
+#: gradient of their OWN loss.
+MULTILEVEL_ACTIVATIONS: dict[str, dict] = {
+    "duo_binary {0,1}": {"input_quantizer": "duo_binary", "input_quantizer_kwargs": {}},
+    "duo_ternary {0,½,1}": {"input_quantizer": "duo_ternary", "input_quantizer_kwargs": {}},
+    "ste_tern θ=0.5": {"input_quantizer": "ste_tern", "input_quantizer_kwargs": {"threshold_value": 0.5}},
+    "dorefa k=2": {"input_quantizer": "dorefa", "input_quantizer_kwargs": {"k_bit": 2}},
+}
+
+
+def deployed_forward(overrides: dict, model_name: str) -> dict:
+    """The model overrides whose loss an estimator is measured against.
+
+    Sign-forward estimators and ``tanh_sign`` (deployed as sign) map to the plain
+    ``sign`` network, so they all share one smoothed loss; any other quantizer is measured
+    against its own forward.
+    """
+    config = models.get_config(model_name)
+    out = dict(overrides)
+    for field in ("input_quantizer", "kernel_quantizer"):
+        name = out.get(field, config[field])
+        if isinstance(name, str) and name in SIGN_FORWARD | DEPLOYED_AS_SIGN:
+            out[field], out[field + "_kwargs"] = "sign", {}
+    return out
+
+
+def _canonical(value) -> str:
+    if isinstance(value, Mapping):
+        return "{" + ", ".join(f"{k!r}: {_canonical(value[k])}" for k in sorted(value)) + "}"
+    return repr(value)
+
+
+def cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
+    """Per-example softmax cross-entropy with integer labels."""
+    return optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), labels)
+
+
+def selected_params(params: PyTree, layer: str | None = None) -> dict[str, jax.Array]:
+    """The parameters weight smoothing perturbs, as a flat ``{'fc1/latent_kernel': array}``.
+
+    ``layer=None``: every ``latent_kernel`` (the binary weights). ``layer='fc1'``: that
+    module's kernel (``latent_kernel`` or, for a float layer, ``kernel``).
+    """
+    flat = traverse_util.flatten_dict(params, sep="/")
+    if layer is None:
+        out = {k: v for k, v in flat.items() if k.endswith("/latent_kernel")}
+    else:
+        out = {k: v for k, v in flat.items() if k in (f"{layer}/latent_kernel", f"{layer}/kernel")}
+    if not out:
+        raise ValueError(
+            f"No {'latent_kernel' if layer is None else repr(layer) + ' kernel'} among the "
+            f"parameters; they are: {sorted(flat)}."
+        )
+    return out
+
+
+def make_loss(
+    model: nn.Module,
+    variables: PyTree,
+    x: jax.Array,
+    labels: jax.Array,
+    *,
+    wrt: str = "weights",
+    layer: str | None = None,
+    progress: float = 1.0,
+    per_example: bool = False,
+    loss: Callable[[jax.Array, jax.Array], jax.Array] = cross_entropy,
+    max_channels: int | None = None,
+    seed: int = 0,
+) -> tuple[Callable[[PyTree], jax.Array], PyTree]:
+    """``(loss_fn, point)``: the loss as a function of what is smoothed, and where.
+
+    ``wrt='weights'``: ``point = selected_params(params, layer)``; ``loss_fn`` swaps those
+    leaves into ``variables``. ``wrt='activations'``: ``point`` is a zero array shaped like
+    the input of module ``layer`` (its pre-activation, before its input binarizer), and
+    ``loss_fn(delta)`` runs the model with ``delta`` added there (``input_perturbation``).
+    The model runs in inference mode (batch norm with running statistics), so examples do
+    not interact; ``per_example=True`` returns the vector of per-example losses instead of
+    their mean (for ``smoothed_grad(..., separable=True)``).
+
+    ``max_channels`` (weights only): perturb just that many output channels of each kernel,
+    drawn without replacement by ``numpy.random.default_rng(seed)`` (the same for every
+    call with the same seed); ``point`` then holds those columns only. The Monte-Carlo
+    error of ∇L_σ grows with the dimension smoothed (≈ d/N), so a subspace of a few
+    thousand weights is what a few thousand samples resolve. Its smoothed loss averages
+    over those coordinates only: a partial smoothing, compared on those coordinates.
+    """
+    x = jnp.asarray(x, jnp.float32)
+    labels = jnp.asarray(labels)
+    progress = jnp.float32(progress)
+    reduce = (lambda v: v) if per_example else jnp.mean
+    if wrt == "weights":
+        flat = traverse_util.flatten_dict(variables["params"], sep="/")
+        full = selected_params(variables["params"], layer)
+        columns = _channel_subsets(full, max_channels, seed)
+        point = {k: v[..., columns[k]] for k, v in full.items()}
+        rest = {k: v for k, v in variables.items() if k != "params"}
+
+        def loss_fn(selected):
+            selected = {k: jnp.asarray(full[k]).at[..., columns[k]].set(v) for k, v in selected.items()}
+            params = traverse_util.unflatten_dict({**flat, **selected}, sep="/")
+            logits = model.apply({**rest, "params": params}, x, train=False, progress=progress)
+            return reduce(loss(logits, labels))
+
+        return loss_fn, point
+    if wrt == "activations":
+        if layer is None:
+            raise ValueError("wrt='activations' needs layer, the module whose input is perturbed (e.g. 'fc1').")
+        shape = module_input_shape(lambda: model.apply(variables, x, train=False, progress=progress), layer)
+        perturb = input_perturbation(layer)
+
+        def loss_fn(delta):
+            with perturb(delta):
+                logits = model.apply(variables, x, train=False, progress=progress)
+            return reduce(loss(logits, labels))
+
+        return loss_fn, jnp.zeros(shape, jnp.float32)
+    raise ValueError(f"wrt must be 'weights' or 'activations'; got {wrt!r}.")
+
+
+def _channel_subsets(kernels: Mapping[str, jax.Array], max_channels: int | None, seed: int) -> dict[str, np.ndarray]:
+    """Sorted output-channel indices per kernel: all of them, or ``max_channels`` drawn at random."""
+    if max_channels is not None and max_channels < 1:
+        raise ValueError(f"max_channels must be >= 1 or None; got {max_channels}.")
+    rng = np.random.default_rng(seed)
+    out = {}
+    for name in sorted(kernels):
+        c = kernels[name].shape[-1]
+        out[name] = np.arange(c) if max_channels is None or max_channels >= c else np.sort(
+            rng.choice(c, max_channels, replace=False))
+    return out
+
+
+def estimator_grad(model: nn.Module, variables: PyTree, x, labels, **kwargs) -> PyTree:
+    """The gradient the model's backward estimators give for the mean loss.
+
+    Same arguments as ``make_loss`` (``wrt``, ``layer``, ``progress``, ``loss``,
+    ``max_channels``, ``seed``); the result is shaped like its ``point``:
+    ``{'fc1/latent_kernel': ...}`` for weights, the layer's input shape for activations.
+    """
+    loss_fn, point = make_loss(model, variables, x, labels, **kwargs)
+    return jax.jit(jax.grad(loss_fn))(point)
+
+
+def compare_estimators(
+    model_name: str,
+    model_overrides: Mapping[str, Any],
+    variables: PyTree,
+    batch: tuple[Any, Any] | Mapping[str, Any],
+    estimators: Mapping[str, Mapping[str, Any]],
+    sigmas: Sequence[float],
+    num_samples: int | Sequence[int],
+    *,
+    wrt: str = "weights",
+    layer: str | None = None,
+    progress: float = 1.0,
+    seed: int = 0,
+    chunk_size: int = 32,
+    num_groups: int = 8,
+    references: Mapping[str, Mapping[str, Any]] | None = None,
+    loss: Callable[[jax.Array, jax.Array], jax.Array] = cross_entropy,
+    max_channels: int | None = None,
+) -> list[dict]:
+    """Cosine similarity between each estimator's gradient and ∇L_σ, per layer, σ and N.
+
+    ``estimators`` maps a label to model overrides (typically ``input_quantizer`` and its
+    kwargs) applied on top of ``model_overrides``; every model shares ``variables``. Each
+    estimator is measured against the smoothed loss of ``references[label]`` (default
+    ``deployed_forward``: the sign network for every sign-forward estimator and for tanh,
+    the network itself otherwise); estimators with the same reference share one
+    Monte-Carlo estimate per σ (the same random numbers for every reference, ``seed``).
+
+    ``wrt='weights'`` smooths the binary weights (``layer=None``: all latent kernels, one
+    row per kernel; ``layer='fc1'``: that kernel only; ``max_channels``: only that many
+    random output channels of each, see ``make_loss``). ``wrt='activations'`` smooths the
+    pre-activations entering module ``layer`` over the batch, using the per-example
+    separable estimator. ``num_samples`` may be a list: the largest is drawn once and the
+    smaller counts use the first groups of it (each rounded to whole groups, >= 3).
+
+    Returns rows (dicts) with ``estimator, reference, wrt, layer, sigma, num_samples,
+    cosine, ci_low, ci_high`` (the raw cosine and its 95% jackknife CI) and
+    ``cosine_corrected, corrected_ci_low, corrected_ci_high`` (see ``group_similarities``).
+    """
+    if isinstance(batch, Mapping):
+        x, labels = batch["image"], batch["label"]
+    else:
+        x, labels = batch
+    counts = sorted({int(num_samples)} if np.ndim(num_samples) == 0 else {int(n) for n in num_samples})
+    if num_groups < 3:
+        raise ValueError(f"num_groups must be >= 3 (jackknife of the corrected cosine); got {num_groups}.")
+    separable = wrt == "activations"
+    groups: dict[str, tuple[dict, list[str]]] = {}
+    for label, overrides in estimators.items():
+        merged = {**dict(model_overrides), **dict(overrides)}
+        ref = dict(references[label]) if references and label in references else deployed_forward(merged, model_name)
+        groups.setdefault(_canonical(ref), (ref, []))[1].append(label)
+
+    rows = []
+    base_key = jax.random.key(seed)
+    for ref, labels_in_group in groups.values():
+        ref_model = models.create(model_name, **{**dict(model_overrides), **ref})
+        common = dict(wrt=wrt, layer=layer, progress=progress, loss=loss, max_channels=max_channels, seed=seed)
+        loss_fn, point = make_loss(ref_model, variables, x, labels, per_example=separable, **common)
+        grads = {}
+        for label in labels_in_group:
+            est_model = models.create(model_name, **{**dict(model_overrides), **dict(estimators[label])})
+            grads[label] = _named_leaves(estimator_grad(est_model, variables, x, labels, **common), wrt, layer)
+        for si, sigma in enumerate(sigmas):
+            sm = smoothed_grad(loss_fn, point, jax.random.fold_in(base_key, si), sigma, num_samples=counts[-1],
+                               chunk_size=chunk_size, num_groups=num_groups, separable=separable)
+            per_group = sm.num_samples // num_groups
+            group_leaves = _named_leaves(sm.group_grads, wrt, layer)
+            for n in counts:
+                k = min(num_groups, max(3, round(n / per_group)))
+                for label in labels_in_group:
+                    for name, est in grads[label].items():
+                        raw, corr = group_similarities(est, group_leaves[name][:k])
+                        rows.append(dict(
+                            estimator=label, reference=_describe(ref), wrt=wrt, layer=name,
+                            sigma=float(sigma), num_samples=k * per_group,
+                            cosine=raw.value, ci_low=raw.low, ci_high=raw.high,
+                            cosine_corrected=corr.value, corrected_ci_low=corr.low, corrected_ci_high=corr.high,
+                        ))
+    return rows
+
+
+def _named_leaves(tree, wrt: str, layer: str | None) -> dict[str, jax.Array]:
+    if wrt == "activations":
+        return {f"{layer} (input)": tree}
+    return dict(tree)
+
+
+def _describe(overrides: Mapping[str, Any]) -> str:
+    name = overrides.get("input_quantizer", "?")
+    kwargs = dict(overrides.get("input_quantizer_kwargs") or {})
+    return name + (f"({', '.join(f'{k}={v}' for k, v in sorted(kwargs.items()))})" if kwargs else "")
+
+
+# ------------------------------------------------- small networks for the notebooks
+
+
+def load_fashion_mnist(split: str, limit: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Fashion-MNIST ``(images, labels)``: float32 NHWC standardized as ``binax.data`` does."""
+    from binax import data  # data is optional for the estimators above
+
+    images, labels = data.load_arrays("fashion_mnist", split)
+    if limit is not None:
+        images, labels = images[:limit], labels[:limit]
+    spec = data.get_spec("fashion_mnist")
+    return data.normalize(images.astype(np.float32), spec, "mean_std"), np.asarray(labels, np.int32)
+
+
+@dataclasses.dataclass
+class TrainResult:
+    """``variables`` after training; ``snapshots[step]`` the variables after ``step``
+    updates (progress ``step / steps``); ``losses`` the training loss of every step."""
+
+    variables: PyTree
+    snapshots: dict[int, PyTree]
+    losses: np.ndarray
+
+
+def train_small(
+    model: nn.Module,
+    images: np.ndarray,
+    labels: np.ndarray,
+    *,
+    steps: int,
+    batch_size: int = 128,
+    learning_rate: float = 1e-3,
+    seed: int = 0,
+    latent_weight_clip: float | None = 1.0,
+    snapshot_steps: Sequence[int] = (),
+) -> TrainResult:
+    """A few Adam steps on an in-memory dataset: enough to get a network worth measuring.
+
+    Not ``binax.train`` (sharding, checkpoints, configs): a plain loop with
+    ``progress = step / steps`` fed to the model, so EDE and tanh schedules move as they
+    would over a full run, and BNN's latent-weight clip after every update.
+    """
+    if steps < 1 or batch_size < 1:
+        raise ValueError(f"steps and batch_size must be >= 1; got steps={steps}, batch_size={batch_size}.")
+    rng = np.random.default_rng(seed)
+    variables = model.init(jax.random.key(seed), jnp.asarray(images[:2]), train=False)
+    tx = optax.adam(learning_rate)
+    opt_state = tx.init(variables["params"])
+    mutable = [k for k in variables if k != "params"]
+
+    @jax.jit
+    def step(variables, opt_state, x, y, progress):
+        def loss_fn(params):
+            logits, updates = model.apply(
+                {**variables, "params": params}, x, train=True, progress=progress, mutable=mutable
+            )
+            return jnp.mean(cross_entropy(logits, y)), updates
+
+        (value, updates), grads = jax.value_and_grad(loss_fn, has_aux=True)(variables["params"])
+        upd, opt_state = tx.update(grads, opt_state, variables["params"])
+        params = layers.clip_latent_weights(optax.apply_updates(variables["params"], upd), latent_weight_clip)
+        return {**variables, **updates, "params": params}, opt_state, value
+
+    snapshots = {0: variables} if 0 in snapshot_steps else {}
+    losses = []
+    order = np.array([], np.int64)
+    for i in range(steps):
+        if len(order) < batch_size:
+            order = np.concatenate([order, rng.permutation(len(labels))])
+        idx, order = order[:batch_size], order[batch_size:]
+        variables, opt_state, value = step(
+            variables, opt_state, jnp.asarray(images[idx]), jnp.asarray(labels[idx]), jnp.float32(i / steps)
+        )
+        losses.append(value)
+        if i + 1 in snapshot_steps:
+            snapshots[i + 1] = variables
+    return TrainResult(variables, snapshots, np.asarray(jax.device_get(losses)))
+
+
+def accuracy(model: nn.Module, variables: PyTree, images, labels, progress: float = 1.0, batch_size: int = 1000) -> float:
+    """Top-1 accuracy in inference mode."""
+    apply = jax.jit(lambda x: jnp.argmax(model.apply(variables, x, train=False, progress=progress), -1))
+    hits = sum(int(jnp.sum(apply(jnp.asarray(images[i:i + batch_size])) == labels[i:i + batch_size]))
+               for i in range(0, len(labels), batch_size))
+    return hits / len(labels)
