@@ -39,6 +39,14 @@ def np_pack(x, axis=-1):
     return np.moveaxis(words, -1, axis)
 
 
+# One compilation per case (eager mode would compile every primitive separately); inputs
+# are packed with the NumPy reference, which the packing tests tie to pack_bits.
+dense = jax.jit(packed_dense, static_argnames=("k", "method", "group_words"))
+conv = jax.jit(
+    packed_conv, static_argnames=("in_channels", "strides", "padding", "pad_value", "method", "group_words")
+)
+
+
 def float_conv_pm1(x, w, strides, padding, pad_value):
     """Float conv of ±1 values whose padded pixels are ``pad_value`` (not 0)."""
     hw, win = x.shape[1:3], w.shape[:2]
@@ -73,12 +81,13 @@ def test_pack_bits_matches_numpy_packbits(shape, axis):
 @pytest.mark.parametrize("n", [1, 31, 32, 33, 95, 128])
 def test_unpack_inverts_pack_for_any_length(n):
     x = pm1(np.random.default_rng(n), (3, n, 2))
-    words = pack_bits(x, axis=1)
+    words = jax.jit(pack_bits, static_argnames="axis")(x, axis=1)
     assert words.shape == (3, -(-n // 32), 2)
-    np.testing.assert_array_equal(unpack_bits(words, n, axis=1), x >= 0)
-    np.testing.assert_array_equal(unpack_bits(words, n, axis=1, dtype=jnp.float32), x)
+    unpack = jax.jit(unpack_bits, static_argnames=("n", "axis", "dtype"))
+    np.testing.assert_array_equal(unpack(words, n=n, axis=1), x >= 0)
+    np.testing.assert_array_equal(unpack(words, n=n, axis=1, dtype=jnp.float32), x)
     # The padding positions hold PAD_BIT.
-    padded = unpack_bits(words, 32 * words.shape[1], axis=1)
+    padded = unpack(words, n=32 * words.shape[1], axis=1)
     assert np.all(np.asarray(padded)[:, n:, :] == bool(PAD_BIT))
 
 
@@ -112,7 +121,7 @@ def test_packing_rejects_bad_input():
 def test_packed_dense_equals_integer_dot_of_pm1(k, method):
     rng = np.random.default_rng(k)
     a, w = pm1(rng, (2, 3, k)), pm1(rng, (k, 37))
-    got = packed_dense(pack_bits(a), pack_bits(w, axis=0), k, method=method)
+    got = dense(np_pack(a), np_pack(w, axis=0), k=k, method=method)
     assert got.dtype == jnp.int32 and got.shape == (2, 3, 37)
     np.testing.assert_array_equal(got, a.astype(np.int64) @ w.astype(np.int64))
 
@@ -121,7 +130,7 @@ def test_packed_dense_equals_integer_dot_of_pm1(k, method):
 def test_packed_dense_word_groups_change_nothing(group_words):
     rng = np.random.default_rng(7)
     a, w = pm1(rng, (5, 330)), pm1(rng, (330, 20))  # 11 words: groups of 3 and 4 need padding
-    got = packed_dense(pack_bits(a), pack_bits(w, axis=0), 330, group_words=group_words)
+    got = dense(np_pack(a), np_pack(w, axis=0), k=330, group_words=group_words)
     np.testing.assert_array_equal(got, a.astype(np.int64) @ w.astype(np.int64))
 
 
@@ -145,13 +154,14 @@ def test_packed_dense_rejects_bad_arguments():
 # ------------------------------------------------------------------------------- conv
 
 CONV_CASES = list(itertools.product([5, 40], [1, 2], ["SAME", "VALID", ((2, 0), (1, 3))], [1.0, -1.0, 0.0]))
+CONV_CASES = [(c, s, p if isinstance(p, str) else tuple(p), v) for c, s, p, v in CONV_CASES]
 
 
 @pytest.mark.parametrize("channels,stride,padding,pad_value", CONV_CASES)
 def test_packed_conv_equals_float_conv_with_pad_values(channels, stride, padding, pad_value):
     rng = np.random.default_rng(channels + stride)
     x, w = pm1(rng, (2, 7, 6, channels)), pm1(rng, (3, 3, channels, 6))
-    got = packed_conv(pack_bits(x), pack_bits(w, axis=2), channels, stride, padding, pad_value)
+    got = conv(np_pack(x), np_pack(w, axis=2), channels, stride, padding, pad_value)
     want = float_conv_pm1(x, w, (stride, stride), padding, pad_value)
     assert got.dtype == jnp.int32 and got.shape == want.shape
     np.testing.assert_array_equal(got, want)
@@ -193,7 +203,7 @@ def test_threshold_to_bits_is_sign_of_batchnorm():
     y = scale * acc.astype(np.float64)
     bn = gamma * (y - mean) / np.sqrt(var + 1e-3) + beta
     t, flip = bn_sign_thresholds(mean, var, gamma, beta, epsilon=1e-3, scale=scale)
-    got = threshold_to_bits(acc, t, flip)
+    got = jax.jit(threshold_to_bits)(acc, t, flip)
     assert got.shape == (6, 2)
     np.testing.assert_array_equal(unpack_bits(got, c), bn >= 0)
     np.testing.assert_array_equal(got, np_pack(bn >= 0))

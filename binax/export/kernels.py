@@ -8,18 +8,23 @@ exactly the integer dot product ``sign(a) @ sign(w)`` (int32; |result| <= K).
 
 Formulations (``method=``); all give identical integers:
 
-* ``"xor_popcount"`` (default on CPU): the weight is re-laid out in tiles of ``TILE`` = 16
-  output columns (one 512-bit vector of int32 lanes), ``(ceil(N/16), K/32, 16)``, so
-  the words one output vector needs are contiguous and stay in L1 while the kernel
-  sweeps the rows of ``a``. The reduction over words is written as sums of reductions
-  over at most 32 words: XLA:CPU splits a reduced dimension longer than 32 into a
-  ``reduce-window`` + ``reduce`` pair that no longer fuses with the XOR and popcount
-  (the whole ``M×K/32×N`` intermediate would be written to memory). When the weight
-  exceeds ``FUSED_WEIGHT_BYTES`` (it would not stay in L2 while every row streams it),
-  the words are processed in groups in a ``fori_loop`` and the int32 accumulator is
-  read and written once per group. Each word costs ``vpxord``, ``vpopcntd``, ``vpaddd``
-  (AVX-512 VPOPCNTDQ); compile the caller's ``jax.jit`` with
-  ``compiler_options=CPU_COMPILER_OPTIONS`` to get 512-bit rather than 256-bit vectors.
+* ``"xor_popcount"`` (default on CPU): one XLA loop fusion whose output ``(M, N/16, 16)``
+  is one 512-bit vector of int32 lanes per ``(row, 16 columns)``, accumulated in a
+  register over the words: per word ``vpxord`` (with a broadcast word of ``a``),
+  ``vpopcntd``, ``vpaddd`` (AVX-512 VPOPCNTDQ). Two XLA:CPU behaviours shape it:
+  a reduced dimension longer than 32 is split into ``reduce-window`` + ``reduce``,
+  which no longer fuse with the XOR and popcount (the whole ``M×K/32×N`` intermediate
+  would go to memory), so the word reduction is written as a sum of reductions over at
+  most 32 words; and XLA prefers 256-bit vectors, so compile the caller's ``jax.jit``
+  with ``compiler_options=CPU_COMPILER_OPTIONS`` for 512-bit ones (20–30 % faster).
+  While every row of ``a`` streams over the whole weight, the weight must stay in
+  cache: above ``FUSED_WEIGHT_BYTES`` the words go in groups of about
+  ``GROUP_WEIGHT_BYTES`` through a ``fori_loop``, the accumulator making one trip to
+  memory per group. (XLA picks the loop order from the output layout; nothing else
+  blocks the loops, so cache blocking is limited to these two choices. Variants that
+  keep column blocks of the weight in L1 need a transposed output, and XLA fuses the
+  transpose back into the loop nest; writing blocks with ``dynamic_update_slice`` gets
+  scalar code.)
 * ``"xor_popcount_outer"``: an outer-product loop, ``fori_loop`` over words, each step
   ``acc += popcount(a[:, j, None] ^ w[None, j, :])``.
 * ``"xor_popcount_broadcast"``: ``popcount(a[:, None, :] ^ wᵀ[None]).sum(-1)``.
@@ -65,14 +70,17 @@ __all__ = [
 
 METHODS = ("xor_popcount", "xor_popcount_outer", "xor_popcount_broadcast", "int8_dot")
 
-#: Output columns per weight tile: 16 int32 lanes fill one 512-bit vector register.
+#: Output columns per accumulator vector: 16 int32 lanes fill one 512-bit register.
 TILE = 16
 
-#: A packed weight up to this size is reduced in one fused pass (it stays in cache while
-#: every row of ``a`` streams over it) ...
-FUSED_WEIGHT_BYTES = 512 * 1024
-#: ... a larger one in groups of word rows this big, accumulating in memory between groups.
-GROUP_WEIGHT_BYTES = 256 * 1024
+#: A packed weight up to this size is reduced in one fused pass (every row of ``a``
+#: streams over the whole weight, which must stay in cache) ...
+FUSED_WEIGHT_BYTES = 160 * 1024
+#: ... a larger one in groups of word rows about this big (at least ``MIN_GROUP_WORDS``
+#: words: each group costs one read and write of the int32 accumulator, 16 words of work
+#: per 64-byte accumulator vector at the minimum). Tuned with benchmarks/packed.py.
+GROUP_WEIGHT_BYTES = 64 * 1024
+MIN_GROUP_WORDS = 16
 
 #: Per-``jax.jit`` XLA:CPU options for the packed kernels: 512-bit vectors (XLA:CPU
 #: prefers 256 by default), worth 20–30 % on AVX-512 machines. Pass as
@@ -164,7 +172,10 @@ def _auto_group_words(kw: int, n: int) -> int:
     row_bytes = n * 4
     if kw * row_bytes <= FUSED_WEIGHT_BYTES:
         return kw
-    return max(1, GROUP_WEIGHT_BYTES // row_bytes)
+    target = max(MIN_GROUP_WORDS, GROUP_WEIGHT_BYTES // row_bytes)
+    # A divisor of Kw near the target avoids padding (copying) the im2col patches.
+    divisor = max(d for d in range(1, target + 1) if kw % d == 0)
+    return divisor if 2 * divisor >= target else target
 
 
 def _xor_popcount(a: Array, w: Array, group_words: int | None = None) -> Array:
@@ -230,7 +241,7 @@ def packed_dense(a_packed, w_packed, k: int, *, method: str = "auto", group_word
       method: ``"auto"`` (:func:`default_method`) or one of ``METHODS``.
       group_words: ``"xor_popcount"`` only: words reduced per pass over the accumulator
         (default: all of them when the packed weight fits ``FUSED_WEIGHT_BYTES``, else
-        ``GROUP_WEIGHT_BYTES`` worth of weight rows). A tuning knob; the result is the same.
+        about ``GROUP_WEIGHT_BYTES`` of weight rows). A tuning knob; the result is the same.
 
     Returns:
       ``(..., N)`` int32, exactly ``sign(a) @ sign(w)`` with ``sign(0) = +1``.
