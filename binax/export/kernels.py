@@ -311,6 +311,15 @@ def _out_of_bounds(in_hw, window, strides, pads, out_hw) -> np.ndarray:
     return oob.reshape(out_hw[0], out_hw[1], window[0] * window[1])
 
 
+def _ones_words(c: int) -> np.ndarray:
+    """Packed words of ``c`` values +1: all bits set, but ``PAD_BIT`` past position ``c``."""
+    words = np.full(num_words(c), 0xFFFFFFFF, np.uint32)
+    if c % WORD_BITS:
+        tail = (1 << (c % WORD_BITS)) - 1
+        words[-1] = tail if PAD_BIT == 0 else 0xFFFFFFFF
+    return words
+
+
 def _im2col(xp: Array, window, strides, out_hw) -> Array:
     """(B, Hp, Wp, Cw) → (B·Ho·Wo, kh·kw·Cw) patches in (i, j, word) order, as HWIO kernels."""
     (kh, kw), (sh, sw), (ho, wo) = window, strides, out_hw
@@ -379,7 +388,7 @@ def packed_conv(
 
     if pad_value == 1 and any(lo or hi for lo, hi in pads):
         # All C channels +1; the word's padding bits keep PAD_BIT like the kernel's.
-        pad_word = pack_bits(np.ones(c, np.float32))
+        pad_word = jnp.asarray(_ones_words(c))
         xp = jnp.pad(x ^ pad_word, ((0, 0), pads[0], pads[1], (0, 0))) ^ pad_word
     else:
         xp = jnp.pad(x, ((0, 0), pads[0], pads[1], (0, 0)))  # zero words: every channel -1
