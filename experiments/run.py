@@ -104,7 +104,11 @@ def main(argv):
     train.quiet_checkpoint_logs()
     workdir = _WORKDIR.value or default_workdir(config_flags.get_config_filename(flags.FLAGS["config"]))
     logging.info("config:\n%s", _CONFIG.value)
-    train.train_and_evaluate(_CONFIG.value, workdir)
+    try:
+        train.train_and_evaluate(_CONFIG.value, workdir)
+    except KeyboardInterrupt:
+        # The loop saved a checkpoint first (see its log); rerunning resumes from it.
+        sys.exit(130)
 
 
 if __name__ == "__main__":

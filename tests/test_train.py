@@ -232,8 +232,11 @@ def test_eval_step_ignores_padded_rows():
     padded = {k: np.concatenate([v, v[:2] * 0 + 7]) for k, v in batch.items()}
     padded["mask"] = np.array([1, 1, 1, 1, 1, 1, 0, 0], np.float32)
     full = {**batch, "mask": np.ones(6, np.float32)}
-    run = jax.jit(lambda b: steps.eval_step(state, b, 1.0, model=model))
+    run = jax.jit(lambda b, totals=None: steps.eval_step(state, b, 1.0, totals, model=model))
     a, b = run(padded), run(full)
+    twice = run(full, steps.zero_eval_totals())
+    twice = run(full, twice)
+    assert float(twice["count"]) == 12.0 and float(twice["correct"]) == 2 * float(b["correct"])
     assert float(a["count"]) == 6.0
     for k in a:
         assert float(a[k]) == pytest.approx(float(b[k]), rel=1e-6)
@@ -248,7 +251,7 @@ def test_flip_ratio_counts_sign_changes_of_latent_kernels():
     moved["a"]["latent_kernel"] = jnp.array([-1.0, -1.0, -0.1, 2.0])  # two flips (0 counts as +)
     moved["b"]["kernel"] = -jnp.ones(3)  # a float kernel: not counted
     ratio = steps.flip_ratio(steps.latent_kernel_signs(params), steps.latent_kernel_signs(moved))
-    assert float(ratio) == pytest.approx(2 / 8)
+    assert ratio == pytest.approx(2 / 8)
 
 
 # ----------------------------------------------------------------------------- metrics

@@ -8,7 +8,15 @@ config, ``bop`` is Larq's Bop as an optax ``GradientTransformation``.
 """
 
 from binax.train.checkpoints import Checkpoints
-from binax.train.loop import NonFiniteLossError, create_model, make_mesh, maybe_initialize_distributed, train_and_evaluate
+from binax.train.loop import (
+    NonFiniteLossError,
+    Trainer,
+    build_trainer,
+    create_model,
+    make_mesh,
+    maybe_initialize_distributed,
+    train_and_evaluate,
+)
 from binax.train.metrics import MetricsWriter, ProgressReporter, quiet_checkpoint_logs, read_metrics
 from binax.train.optimizers import bop, create_optimizer, default_config as optimizer_config, make_schedule, param_labels
 from binax.train.steps import (
@@ -27,6 +35,8 @@ __all__ = [
     "NonFiniteLossError",
     "ProgressReporter",
     "TrainState",
+    "Trainer",
+    "build_trainer",
     "bop",
     "create_model",
     "create_optimizer",

@@ -14,6 +14,7 @@ every checkpoint as well as every ``log_every_steps``, so their windows line up 
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import math
@@ -41,6 +42,8 @@ __all__ = [
     "make_mesh",
     "maybe_initialize_distributed",
     "create_model",
+    "Trainer",
+    "build_trainer",
 ]
 
 PROGRESS_UNITS = ("epoch", "step")
@@ -183,6 +186,89 @@ def _mean(values) -> float:
     return float(np.mean(np.asarray(values, np.float64)))
 
 
+@dataclasses.dataclass(frozen=True)
+class Trainer:
+    """What a config turns into before any device work: the model, the optimizer and the
+    pure functions the loop jits (also used by ``benchmarks/train_step.py``).
+
+    Attributes:
+      init: ``() -> TrainState`` from ``config.seed``.
+      train_fn: ``(state, batch) -> (state, metrics)``; the update's key
+        ``fold_in(state.rng, state.step)`` and its progress both come from ``state.step``.
+      eval_fn: ``(state, batch, totals) -> totals`` (see ``steps.eval_step``).
+      schedules: name -> optax schedule, for logging.
+    """
+
+    model: Any
+    tx: Any
+    schedules: dict
+    steps_per_epoch: int
+    progress_fn: Callable
+    init: Callable
+    train_fn: Callable
+    eval_fn: Callable
+
+
+def build_trainer(config: ml_collections.ConfigDict, ds) -> Trainer:
+    """The model, optimizer and pure step functions of ``config`` on dataset ``ds``.
+
+    Raises ``ValueError`` when the model's classes do not match the dataset's.
+    """
+    model = create_model(config.model)
+    steps_per_epoch = ds.steps_per_epoch(config.batch_size)
+    num_epochs = config.num_epochs
+    tx, schedules = optimizers.create_optimizer(
+        config.optimizer,
+        config.get("binary_optimizer"),
+        steps_per_epoch=steps_per_epoch,
+        num_epochs=num_epochs,
+        grad_clip_norm=config.get("grad_clip_norm", 0.0),
+    )
+    compute_dtype = steps.COMPUTE_DTYPES[config.compute_dtype]
+    # The model's config says how its latent weights are clipped (BNN: 1.0); the training
+    # config may override it.
+    clip = config.get("latent_weight_clip")
+    clip = getattr(model, "latent_weight_clip", None) if clip is None else clip
+    progress_fn = functools.partial(
+        steps.progress_at, steps_per_epoch=steps_per_epoch, num_epochs=num_epochs, unit=config.progress_unit
+    )
+    image_shape = tuple(ds.image_shape)
+
+    def init():
+        return steps.create_train_state(model, tx, image_shape, jax.random.PRNGKey(config.seed))
+
+    def train_fn(state, batch):
+        # Key and progress come from the step counter: nothing but the state carries over.
+        return steps.train_step(
+            state,
+            batch,
+            progress_fn(state.step),
+            jax.random.fold_in(state.rng, state.step),
+            model=model,
+            tx=tx,
+            latent_weight_clip=clip or None,
+            compute_dtype=compute_dtype,
+            label_smoothing=config.get("label_smoothing", 0.0),
+        )
+
+    def eval_fn(state, batch, totals):
+        return steps.eval_step(state, batch, progress_fn(state.step), totals, model=model, compute_dtype=compute_dtype)
+
+    abstract_state = jax.eval_shape(init)
+    logits = jax.eval_shape(
+        lambda s: model.apply(
+            {"params": s.params, "batch_stats": s.batch_stats}, jnp.zeros((1, *image_shape)), train=False
+        ),
+        abstract_state,
+    )
+    if logits.shape[-1] != ds.num_classes:
+        raise ValueError(
+            f"model {config.model.name!r} outputs {logits.shape[-1]} classes but dataset "
+            f"{config.data.name!r} has {ds.num_classes}; set config.model.num_classes"
+        )
+    return Trainer(model, tx, schedules, steps_per_epoch, progress_fn, init, train_fn, eval_fn)
+
+
 def train_and_evaluate(
     config: ml_collections.ConfigDict,
     workdir: str,
@@ -209,44 +295,15 @@ def train_and_evaluate(
     ds = binax.data.create(
         config.data, seed=config.seed, process_index=jax.process_index(), process_count=jax.process_count()
     )
-    model = create_model(config.model)
-    steps_per_epoch = ds.steps_per_epoch(config.batch_size)
-    num_epochs = config.num_epochs
+    trainer = build_trainer(config, ds)
+    model, schedules, progress_fn = trainer.model, trainer.schedules, trainer.progress_fn
+    steps_per_epoch, num_epochs = trainer.steps_per_epoch, config.num_epochs
     total_steps = steps_per_epoch * num_epochs
-    tx, schedules = optimizers.create_optimizer(
-        config.optimizer,
-        config.get("binary_optimizer"),
-        steps_per_epoch=steps_per_epoch,
-        num_epochs=num_epochs,
-        grad_clip_norm=config.get("grad_clip_norm", 0.0),
-    )
-    compute_dtype = steps.COMPUTE_DTYPES[config.compute_dtype]
-    # The model's config says how its latent weights are clipped (BNN: 1.0); the training
-    # config may override it.
-    clip = config.get("latent_weight_clip")
-    clip = getattr(model, "latent_weight_clip", None) if clip is None else clip
-    progress_fn = functools.partial(
-        steps.progress_at, steps_per_epoch=steps_per_epoch, num_epochs=num_epochs, unit=config.progress_unit
-    )
 
     mesh = make_mesh()
     replicated = NamedSharding(mesh, P())
     data_sharding = NamedSharding(mesh, P("data"))
-
-    init_fn = functools.partial(steps.create_train_state, model, tx, tuple(ds.image_shape))
-    base_key = jax.random.PRNGKey(config.seed)
-    abstract_state = jax.eval_shape(init_fn, base_key)
-    logits = jax.eval_shape(
-        lambda s: model.apply(
-            {"params": s.params, "batch_stats": s.batch_stats}, jnp.zeros((1, *ds.image_shape)), train=False
-        ),
-        abstract_state,
-    )
-    if logits.shape[-1] != ds.num_classes:
-        raise ValueError(
-            f"model {config.model.name!r} outputs {logits.shape[-1]} classes but dataset "
-            f"{config.data.name!r} has {ds.num_classes}; set config.model.num_classes"
-        )
+    abstract_state = jax.eval_shape(trainer.init)
 
     os.makedirs(workdir, exist_ok=True)
     ckpts = ckpt_lib.Checkpoints(
@@ -256,7 +313,7 @@ def train_and_evaluate(
     )
     resume_step = ckpts.latest_step()
     if resume_step is None:
-        state = jax.jit(init_fn, out_shardings=replicated)(base_key)
+        state = jax.jit(trainer.init, out_shardings=replicated)()
     else:
         state = ckpts.restore(resume_step, ckpt_lib.abstract_like(abstract_state, replicated))
     step = int(state.step)
@@ -264,27 +321,14 @@ def train_and_evaluate(
         _record_config(config, workdir, resuming=resume_step is not None)
     writer = metrics_lib.MetricsWriter(workdir, resume_step=resume_step, enabled=is_main)
 
-    def loop_step(state, batch):
-        # Key and progress come from the step counter: nothing but the state carries over.
-        return steps.train_step(
-            state,
-            batch,
-            progress_fn(state.step),
-            jax.random.fold_in(state.rng, state.step),
-            model=model,
-            tx=tx,
-            latent_weight_clip=clip or None,
-            compute_dtype=compute_dtype,
-            label_smoothing=config.get("label_smoothing", 0.0),
-        )
+    def learning_rates(step):
+        return {name: schedule(step) for name, schedule in schedules.items()}
 
-    def loop_eval(state, batch):
-        return steps.eval_step(state, batch, progress_fn(state.step), model=model, compute_dtype=compute_dtype)
-
-    p_train = jax.jit(loop_step, out_shardings=replicated, donate_argnums=0)
-    p_eval = jax.jit(loop_eval, out_shardings=replicated)
-    p_signs = jax.jit(steps.latent_kernel_signs, out_shardings=replicated)
-    p_flips = jax.jit(steps.flip_ratio)
+    # Three compilations in all: the init above, one train step, one eval step (+ the
+    # schedules for logging, which would otherwise compile op by op).
+    p_train = jax.jit(trainer.train_fn, out_shardings=replicated, donate_argnums=0)
+    p_eval = jax.jit(trainer.eval_fn, out_shardings=replicated)
+    p_learning_rates = jax.jit(learning_rates)
 
     def to_global(local_batch):
         return jax.tree.map(
@@ -292,10 +336,11 @@ def train_and_evaluate(
         )
 
     def evaluate(state) -> dict[str, float]:
-        totals = None
+        totals = jax.tree.map(
+            lambda x: jax.make_array_from_process_local_data(replicated, x), steps.zero_eval_totals()
+        )
         for local in ds.eval_batches(config.eval_batch_size):
-            sums = p_eval(state, to_global(local))
-            totals = sums if totals is None else jax.tree.map(jnp.add, totals, sums)
+            totals = p_eval(state, to_global(local), totals)
         totals = jax.device_get(totals)
         count = float(totals["count"])
         return {"test/loss": float(totals["loss_sum"]) / count, "test/accuracy": float(totals["correct"]) / count}
@@ -321,7 +366,7 @@ def train_and_evaluate(
     )
     window: list[dict[str, jax.Array]] = []
     window_start = (step, time.monotonic())
-    last_signs = p_signs(state.params)
+    last_signs = steps.latent_kernel_signs(state.params)
     last_eval: dict[str, float] | None = None
     train_seconds = 0.0
 
@@ -343,13 +388,12 @@ def train_and_evaluate(
         now = time.monotonic()
         record = {f"train/{k}": _mean([m[k] for m in fetched]) for k in ("loss", "accuracy", "grad_norm", "update_norm")}
         record["train/param_norm"] = float(fetched[-1]["param_norm"])
-        for name, schedule in schedules.items():
-            record[name] = float(schedule(step - 1))
-        record["progress"] = float(progress_fn(step - 1))
+        record.update({k: float(v) for k, v in jax.device_get(p_learning_rates(step - 1)).items()})
+        record["progress"] = progress_fn(step - 1)
         record["epoch"] = step / steps_per_epoch
-        signs = p_signs(state.params)
+        signs = steps.latent_kernel_signs(state.params)
         if signs:
-            record["flip_ratio"] = float(p_flips(last_signs, signs))
+            record["flip_ratio"] = steps.flip_ratio(last_signs, signs)
         last_signs = signs
         elapsed = now - window_start[1]
         if elapsed > 0:

@@ -14,6 +14,7 @@ from typing import Any
 import flax
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from binax import layers
@@ -68,34 +69,41 @@ def create_train_state(model, tx: optax.GradientTransformation, image_shape, rng
 
 
 def progress_at(step, *, steps_per_epoch: int, num_epochs: int, unit: str = "epoch"):
-    """Training progress in [0, 1] before update ``step`` (a traced int is fine).
+    """Training progress in [0, 1] before update ``step``.
 
     ``unit='epoch'``: ``floor(step / steps_per_epoch) / num_epochs``, constant within an
     epoch, as IR-Net's official code steps its EDE schedule; ``unit='step'``:
     ``step / (steps_per_epoch * num_epochs)``. Both reach 1 after the last update, which is
-    the progress the final evaluation uses.
+    the progress the final evaluation uses. A traced ``step`` gives a float32 array (used
+    inside the jitted step); a Python int gives a float (for logging, without compiling).
     """
-    step = jnp.asarray(step, jnp.float32)
+    xp = np if isinstance(step, (int, np.integer)) else jnp
+    step = xp.asarray(step, xp.float32)
     if unit == "epoch":
-        p = jnp.floor(step / steps_per_epoch) / num_epochs
+        p = xp.floor(step / steps_per_epoch) / num_epochs
     elif unit == "step":
         p = step / (steps_per_epoch * num_epochs)
     else:
         raise ValueError(f"progress_unit={unit!r} is not one of ('epoch', 'step')")
-    return jnp.clip(p, 0.0, 1.0)
+    p = xp.clip(p, 0.0, 1.0)
+    return float(p) if xp is np else p
 
 
-def latent_kernel_signs(params) -> dict[str, jax.Array]:
-    """``{path: latent_kernel >= 0}`` for every latent binary kernel (sign(0) = +1)."""
+def latent_kernel_signs(params) -> dict[str, np.ndarray]:
+    """``{path: latent_kernel >= 0}`` on the host for every latent binary kernel (sign(0) = +1).
+
+    Host numpy on purpose: the loop compares signs once per record, and a device function
+    would cost a compilation for a few comparisons.
+    """
     leaves = jax.tree_util.tree_leaves_with_path(params)
-    return {jax.tree_util.keystr(p): w >= 0 for p, w in leaves if layers.is_latent_kernel_path(p)}
+    return {jax.tree_util.keystr(p): np.asarray(w) >= 0 for p, w in leaves if layers.is_latent_kernel_path(p)}
 
 
-def flip_ratio(old_signs: dict[str, jax.Array], new_signs: dict[str, jax.Array]) -> jax.Array:
+def flip_ratio(old_signs: dict[str, np.ndarray], new_signs: dict[str, np.ndarray]) -> float:
     """Share of binary weights whose sign differs between two ``latent_kernel_signs``."""
-    flips = sum(jnp.sum(old_signs[k] != new_signs[k]) for k in new_signs)
+    flips = sum(int(np.count_nonzero(old_signs[k] != new_signs[k])) for k in new_signs)
     total = sum(v.size for v in new_signs.values())
-    return jnp.asarray(flips, jnp.float32) / max(total, 1)
+    return flips / max(total, 1)
 
 
 def _cast_floats(tree, dtype):
@@ -159,23 +167,32 @@ def eval_step(
     state: TrainState,
     batch: dict[str, jax.Array],
     progress: jax.Array,
+    totals: dict[str, jax.Array] | None = None,
     *,
     model,
     compute_dtype=jnp.float32,
 ) -> dict[str, jax.Array]:
-    """Masked sums over one eval batch: ``loss_sum``, ``correct``, ``count``.
+    """Masked sums over one eval batch, added to ``totals``: ``loss_sum``, ``correct``, ``count``.
 
     ``batch['mask']`` (1 for real examples, 0 for the padding of the last batch) keeps
-    padded rows out of every sum; batch norm uses its running statistics.
+    padded rows out of every sum; batch norm uses its running statistics. Accumulating
+    inside the step keeps the whole evaluation to one compiled function.
     """
     variables = {"params": _cast_floats(state.params, compute_dtype), "batch_stats": state.batch_stats}
     logits = model.apply(variables, batch["image"].astype(compute_dtype), train=False, progress=progress)
     logits = logits.astype(jnp.float32)
     mask = batch["mask"].astype(jnp.float32)
     loss = optax.softmax_cross_entropy_with_integer_labels(logits, batch["label"])
-    return {
+    sums = {
         "loss_sum": jnp.sum(loss * mask),
         "correct": jnp.sum((jnp.argmax(logits, -1) == batch["label"]) * mask),
         "count": jnp.sum(mask),
     }
+    if totals is None:
+        return sums
+    return {k: totals[k] + v for k, v in sums.items()}
 
+
+def zero_eval_totals() -> dict[str, np.ndarray]:
+    """The ``totals`` an evaluation starts from."""
+    return {k: np.zeros([], np.float32) for k in ("loss_sum", "correct", "count")}

@@ -1,0 +1,256 @@
+"""Gradient-mismatch table: ``python -m experiments.mismatch [--quick] [--output FILE.json]``.
+
+Trains small ``bnn_mlp`` networks on Fashion-MNIST (one with sign activations, one per
+multi-level activation of ``binax.mismatch.MULTILEVEL_ACTIVATIONS``), then measures the
+cosine similarity between each backward estimator's gradient and the gradient of the
+Gaussian-smoothed loss, over the pre-activations of one layer and over its binary
+weights (``binax.mismatch.compare_estimators``). Prints markdown tables and writes every
+row, the settings, the accuracies, the machine and the wall time as JSON.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import time
+
+from absl import app, flags
+
+_QUICK = flags.DEFINE_bool("quick", False, "Tiny settings (seconds): a smoke test of the command.")
+_WIDTHS = flags.DEFINE_list("widths", ["256", "256", "256"], "Hidden widths of the bnn_mlp.")
+_TRAIN_STEPS = flags.DEFINE_integer("train_steps", 400, "Adam steps per network (batch 128, lr 1e-3).")
+_BATCH = flags.DEFINE_integer("batch_size", 256, "Test images the loss is measured on.")
+_ACT_SIGMAS = flags.DEFINE_list("act_sigmas", ["0.01", "0.03", "0.1", "0.3"], "σ for pre-activation smoothing.")
+_WEIGHT_SIGMAS = flags.DEFINE_list("weight_sigmas", ["0.01", "0.03", "0.1"], "σ for weight smoothing (empty: skip).")
+_NUM_SAMPLES = flags.DEFINE_list("num_samples", ["256", "1024"], "Monte-Carlo pair counts (the largest is drawn once).")
+_LAYER = flags.DEFINE_string("layer", "fc1", "Module whose input (activations) and kernel (weights) are smoothed.")
+_MAX_CHANNELS = flags.DEFINE_integer("max_channels", 8, "Output channels of the kernel smoothed (weights).")
+_SEED = flags.DEFINE_integer("seed", 0, "Seed of training and of the Monte-Carlo samples.")
+_OUTPUT = flags.DEFINE_string("output", None, "JSON file to write (default runs/mismatch/mismatch.json).")
+
+_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SIGN_NETWORK = "sign (trained with clipped STE)"
+
+
+def networks() -> dict[str, tuple[dict, dict]]:
+    """Network label -> (its training overrides, the estimators measured on it)."""
+    from binax import mismatch
+
+    sign_ests = mismatch.sign_estimators()
+    out = {SIGN_NETWORK: (sign_ests["clipped STE"], sign_ests)}
+    for label, overrides in mismatch.MULTILEVEL_ACTIVATIONS.items():
+        out[label] = (overrides, {label: overrides})
+    return out
+
+
+def machine() -> dict:
+    """What the numbers were measured on."""
+    import jax
+
+    model = platform.processor()
+    try:
+        with open("/proc/cpuinfo") as f:
+            model = next((l.split(":", 1)[1].strip() for l in f if l.startswith("model name")), model)
+    except OSError:
+        pass
+    return {
+        "cpu": model,
+        "cpu_count": os.cpu_count(),
+        "load_average_at_start": os.getloadavg(),
+        "jax": jax.__version__,
+        "backend": jax.default_backend(),
+        "python": platform.python_version(),
+    }
+
+
+def run_study(
+    *,
+    widths=(256, 256, 256),
+    train_steps=400,
+    batch_size=256,
+    act_sigmas=(0.01, 0.03, 0.1, 0.3),
+    weight_sigmas=(0.01, 0.03, 0.1),
+    num_samples=(256, 1024),
+    layer="fc1",
+    max_channels=8,
+    seed=0,
+    nets=None,
+    chunk_size=32,
+    num_groups=8,
+    log=print,
+) -> dict:
+    """Train every network of ``nets`` (default ``networks()``) and measure its estimators.
+
+    Returns ``{'settings', 'networks': {label: {'overrides', 'test_accuracy',
+    'train_seconds'}}, 'rows', 'wall_seconds', 'machine'}``; each row is a
+    ``compare_estimators`` row with the ``network`` label added.
+    """
+    import jax
+
+    from binax import mismatch, models
+
+    start = time.time()
+    info = machine()
+    settings = dict(widths=list(widths), train_steps=train_steps, batch_size=batch_size,
+                    act_sigmas=list(act_sigmas), weight_sigmas=list(weight_sigmas),
+                    num_samples=list(num_samples), layer=layer, max_channels=max_channels, seed=seed,
+                    chunk_size=chunk_size, num_groups=num_groups, model="bnn_mlp", dataset="fashion_mnist")
+    base = {"widths": tuple(widths)}
+    x_train, y_train = mismatch.load_fashion_mnist("train")
+    x_test, y_test = mismatch.load_fashion_mnist("test")
+    batch = (x_test[:batch_size], y_test[:batch_size])
+    nets = networks() if nets is None else nets
+    rows, net_info = [], {}
+    for label, (overrides, estimators) in nets.items():
+        t0 = time.time()
+        model = models.create("bnn_mlp", **base, **overrides)
+        trained = mismatch.train_small(model, x_train, y_train, steps=train_steps, seed=seed)
+        acc = mismatch.accuracy(model, trained.variables, x_test, y_test)
+        net_info[label] = {"overrides": _jsonable(overrides), "test_accuracy": acc,
+                           "train_seconds": round(time.time() - t0, 1)}
+        log(f"{label}: trained {train_steps} steps in {time.time() - t0:.1f}s, test accuracy {acc:.4f}")
+        for wrt, sigmas, extra in (("activations", act_sigmas, {}),
+                                   ("weights", weight_sigmas, {"max_channels": max_channels})):
+            if not sigmas:
+                continue
+            t0 = time.time()
+            got = mismatch.compare_estimators(
+                "bnn_mlp", base, trained.variables, batch, estimators, sigmas, num_samples, wrt=wrt,
+                layer=layer, seed=seed, chunk_size=chunk_size, num_groups=num_groups, **extra)
+            rows += [{"network": label, **r} for r in got]
+            log(f"  {wrt}: {len(got)} rows in {time.time() - t0:.1f}s")
+        jax.clear_caches()  # compiled kernels of this network are not reused
+    info["load_average_at_end"] = os.getloadavg()
+    return {"settings": settings, "networks": net_info, "rows": rows,
+            "wall_seconds": round(time.time() - start, 1), "machine": info}
+
+
+def _jsonable(value):
+    if isinstance(value, float) and value != value:
+        return None  # NaN is not JSON
+    if isinstance(value, dict) or hasattr(value, "items"):
+        return {k: _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    return value
+
+
+def _cell(row, corrected: bool) -> str:
+    key = "cosine_corrected" if corrected else "cosine"
+    lo, hi = ("corrected_ci_low", "corrected_ci_high") if corrected else ("ci_low", "ci_high")
+    if row[key] is None or row[key] != row[key]:  # NaN: |∇L_σ| not resolved
+        return "n/r"
+    return f"{row[key]:.2f} [{row[lo]:.2f}, {row[hi]:.2f}]"
+
+
+def markdown_table(rows, *, wrt: str, corrected: bool = True, num_samples: int | None = None) -> str:
+    """Networks × estimators down, σ across; cells ``cos [95% CI]`` at ``num_samples``
+    (default: the largest count in ``rows``)."""
+    rows = [r for r in rows if r["wrt"] == wrt]
+    if not rows:
+        return ""
+    n = num_samples or max(r["num_samples"] for r in rows)
+    rows = [r for r in rows if r["num_samples"] == n]
+    sigmas = sorted({r["sigma"] for r in rows})
+    keys = list(dict.fromkeys((r["network"], r["estimator"], r["layer"]) for r in rows))
+    cells = {(r["network"], r["estimator"], r["layer"], r["sigma"]): _cell(r, corrected) for r in rows}
+    out = ["| network | estimator | layer | " + " | ".join(f"σ={s:g}" for s in sigmas) + " |",
+           "|---|---|---|" + "---|" * len(sigmas)]
+    for net, est, layer in keys:
+        out.append(f"| {net} | {est} | {layer} | " + " | ".join(cells.get((net, est, layer, s), "") for s in sigmas) + " |")
+    return "\n".join(out)
+
+
+def samples_table(rows, *, wrt: str, sigma: float) -> str:
+    """Raw and corrected cosine against the number of Monte-Carlo pairs at one σ."""
+    rows = [r for r in rows if r["wrt"] == wrt and r["sigma"] == sigma]
+    counts = sorted({r["num_samples"] for r in rows})
+    keys = list(dict.fromkeys((r["network"], r["estimator"]) for r in rows))
+    by = {(r["network"], r["estimator"], r["num_samples"]): r for r in rows}
+    head = " | ".join(f"raw N={n}" for n in counts) + " | " + " | ".join(f"corrected N={n}" for n in counts)
+    out = [f"| network | estimator | {head} |", "|---|---|" + "---|" * (2 * len(counts))]
+    for net, est in keys:
+        raw = " | ".join(f"{by[(net, est, n)]['cosine']:.3f}" for n in counts)
+        cor = " | ".join(_cell(by[(net, est, n)], True).split(" [")[0] for n in counts)
+        out.append(f"| {net} | {est} | {raw} | {cor} |")
+    return "\n".join(out)
+
+
+def binaryduo_verdict(rows, *, wrt: str = "activations") -> list[dict]:
+    """Per σ: does raising activation precision help more than changing the backward?
+
+    ``ternary_gain``: corrected cosine of the ``duo_ternary`` network minus that of its
+    binary counterpart ``duo_binary`` (both straight-through on [0, 1], BinaryDuo's pair).
+    ``backward_gain``: the best sign estimator minus clipped STE on the sign network.
+    BinaryDuo's finding holds at σ when ``ternary_gain > backward_gain``.
+    """
+    n = max(r["num_samples"] for r in rows if r["wrt"] == wrt)
+    pick = {(r["network"], r["estimator"], r["sigma"]): r["cosine_corrected"]
+            for r in rows if r["wrt"] == wrt and r["num_samples"] == n}
+    out = []
+    for sigma in sorted({k[2] for k in pick}):
+        sign = {e: v for (net, e, s), v in pick.items() if net == SIGN_NETWORK and s == sigma}
+        tern = pick.get(("duo_ternary {0,½,1}", "duo_ternary {0,½,1}", sigma))
+        binary = pick.get(("duo_binary {0,1}", "duo_binary {0,1}", sigma))
+        if not sign or tern is None or binary is None:
+            continue
+        best = max(sign, key=sign.get)
+        out.append(dict(sigma=sigma, ternary_gain=tern - binary, backward_gain=sign[best] - sign["clipped STE"],
+                        best_backward=best, holds=bool(tern - binary > sign[best] - sign["clipped STE"])))
+    return out
+
+
+def report(result) -> str:
+    """The markdown the command prints."""
+    rows = result["rows"]
+    parts = [f"Wall time {result['wall_seconds']:.0f} s on {result['machine']['cpu_count']} CPU cores "
+             f"({result['machine']['cpu']}); load average at start "
+             f"{result['machine']['load_average_at_start'][0]:.1f}.", "",
+             "| network | test accuracy |", "|---|---|"]
+    parts += [f"| {k} | {v['test_accuracy']:.4f} |" for k, v in result["networks"].items()]
+    for wrt in ("activations", "weights"):
+        if any(r["wrt"] == wrt for r in rows):
+            n = max(r["num_samples"] for r in rows if r["wrt"] == wrt)
+            parts += ["", f"### {wrt}: corrected cosine [95% CI], N = {n}", "",
+                      markdown_table(rows, wrt=wrt, corrected=True),
+                      "", f"### {wrt}: raw cosine [95% CI], N = {n}", "",
+                      markdown_table(rows, wrt=wrt, corrected=False)]
+    act = [r for r in rows if r["wrt"] == "activations"]
+    if act:
+        sigmas = sorted({r["sigma"] for r in act})
+        sigma = sigmas[len(sigmas) // 2]
+        parts += ["", f"### activations, σ={sigma:g}: cosine against the number of samples", "",
+                  samples_table(rows, wrt="activations", sigma=sigma)]
+        verdict = binaryduo_verdict(rows)
+        if verdict:
+            parts += ["", "### BinaryDuo's claim: ternary gain vs backward gain (corrected cosine)", "",
+                      "| σ | duo_ternary − duo_binary | best sign estimator − clipped STE | best | holds |",
+                      "|---|---|---|---|---|"]
+            parts += [f"| {v['sigma']:g} | {v['ternary_gain']:+.3f} | {v['backward_gain']:+.3f} | "
+                      f"{v['best_backward']} | {'yes' if v['holds'] else 'no'} |" for v in verdict]
+    return "\n".join(parts)
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    if _QUICK.value:
+        kwargs = dict(widths=(32, 32), train_steps=20, batch_size=64, act_sigmas=(0.1,), weight_sigmas=(0.05,),
+                      num_samples=(48,), max_channels=4, chunk_size=8, num_groups=3)
+    else:
+        kwargs = dict(widths=tuple(int(w) for w in _WIDTHS.value), train_steps=_TRAIN_STEPS.value,
+                      batch_size=_BATCH.value, act_sigmas=tuple(float(s) for s in _ACT_SIGMAS.value),
+                      weight_sigmas=tuple(float(s) for s in _WEIGHT_SIGMAS.value),
+                      num_samples=tuple(int(n) for n in _NUM_SAMPLES.value), max_channels=_MAX_CHANNELS.value)
+    result = run_study(layer=_LAYER.value, seed=_SEED.value, **kwargs)
+    output = _OUTPUT.value or os.path.join(_ROOT, "runs", "mismatch", "mismatch.json")
+    os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
+    with open(output, "w") as f:
+        json.dump(_jsonable(result), f, indent=1, ensure_ascii=False)
+    print(report(result))
+    print(f"\nwrote {output}")
+
+
+if __name__ == "__main__":
+    app.run(main)
