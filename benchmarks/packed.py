@@ -9,7 +9,10 @@ One run times, interleaved and repeated (median after warm-up), on the same mach
 * dense ``M×K×N`` (including 128×4096×4096): float32 ``jnp.dot`` vs ``packed_dense``
   for each formulation in ``binax.export.METHODS``;
 * the VGG-small 3×3 SAME convolutions at batch ``--batch``: float32
-  ``lax.conv_general_dilated`` vs ``packed_conv``;
+  ``lax.conv_general_dilated`` vs ``packed_conv``, alone and followed by
+  ``threshold_to_bits`` (BatchNorm + sign into the next layer's bits, what a packed
+  network runs per layer; the float side is timed without its BatchNorm, which
+  flatters float slightly);
 * the weight file-size ratio float32 / packed per shape.
 
 Every line of output is one JSON object. Packed timings start from packed activations
@@ -46,6 +49,7 @@ from binax.export import (  # noqa: E402
     packed_conv,
     packed_dense,
     packed_size_bytes,
+    threshold_to_bits,
 )
 from binax.export import kernels as _kernels  # noqa: E402
 
@@ -230,6 +234,14 @@ def bench_conv(batch: int, hw: int, cin: int, cout: int, reps: int, limit: dict,
             jit_cpu(lambda x, w, meth=meth: packed_conv(x, w, cin, 1, "SAME", 1.0, method=meth)),
             (xp, wp),
         )
+    # What a packed network runs per layer: conv, then BatchNorm + sign as a threshold
+    # compare that packs the next layer's bits (the int32 accumulators stay in registers).
+    thr = jnp.asarray(rng.integers(-8, 9, size=cout), jnp.int32)
+    flip = jnp.asarray(rng.random(cout) < 0.25)
+    cands["xor_popcount_to_bits"] = (
+        jit_cpu(lambda x, w, t, f: threshold_to_bits(packed_conv(x, w, cin, 1, "SAME", 1.0), t, f)),
+        (xp, wp, thr, flip),
+    )
     if sweep:
         for g in SWEEP_GROUP_WORDS + (kw,):
             if g <= kw:
@@ -244,7 +256,7 @@ def bench_conv(batch: int, hw: int, cin: int, cout: int, reps: int, limit: dict,
             (patches, wp.reshape(-1, cout)),
         )
     for name, (fn, args) in cands.items():
-        if name.endswith("patches_given"):
+        if name.endswith(("patches_given", "to_bits")):
             continue
         if name != "float32_conv" and not np.array_equal(np.asarray(fn(*args)), ref):
             raise AssertionError(f"{name} differs from the float conv of ±1 values padded with +1")
