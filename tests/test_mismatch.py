@@ -254,3 +254,32 @@ def test_train_small_learns_and_snapshots():
     assert mismatch.accuracy(model, result.variables, x, y) > 0.8
     kernel = result.variables["params"]["fc1"]["latent_kernel"]
     assert float(jnp.max(jnp.abs(kernel))) <= 1.0
+
+
+def test_experiment_tables_and_verdict_read_the_rows():
+    from experiments import mismatch as study
+
+    def row(network, estimator, sigma, corrected, n=64):
+        return dict(network=network, estimator=estimator, reference="x", wrt="activations", layer="fc1 (input)",
+                    sigma=sigma, num_samples=n, cosine=corrected / 2, ci_low=0.0, ci_high=1.0,
+                    cosine_corrected=corrected, corrected_ci_low=corrected - 0.1, corrected_ci_high=corrected + 0.1)
+
+    sign = study.SIGN_NETWORK
+    rows = [row(sign, "clipped STE", 0.1, 0.3), row(sign, "EDE t=10", 0.1, 0.7),
+            row("duo_binary {0,1}", "duo_binary {0,1}", 0.1, 0.5),
+            row("duo_ternary {0,½,1}", "duo_ternary {0,½,1}", 0.1, 0.8),
+            row(sign, "clipped STE", 0.3, 0.6), row(sign, "EDE t=10", 0.3, 0.4),
+            row("duo_binary {0,1}", "duo_binary {0,1}", 0.3, 0.5),
+            row("duo_ternary {0,½,1}", "duo_ternary {0,½,1}", 0.3, 0.8),
+            row(sign, "clipped STE", 0.3, 0.0, n=8)]  # fewer samples: not in the tables
+    verdict = study.binaryduo_verdict(rows)
+    assert [(v["sigma"], v["holds"], v["beaten_by_ternary"]) for v in verdict] == [
+        (0.1, False, []), (0.3, True, ["EDE t=10"])]
+    np.testing.assert_allclose([v["ternary_gain"] for v in verdict], [0.3, 0.3])
+    np.testing.assert_allclose([v["backward_gains"]["EDE t=10"] for v in verdict], [0.4, -0.2])
+    summary = study.verdict_summary(verdict)
+    assert summary[0].startswith("Partly reproduced") and "[0.3]" in summary[0]
+    table = study.markdown_table(rows, wrt="activations").splitlines()
+    assert table[0] == "| network | estimator | layer | σ=0.1 | σ=0.3 |"
+    assert f"| {sign} | clipped STE | fc1 (input) | 0.30 [0.20, 0.40] | 0.60 [0.50, 0.70] |" in table
+    assert len(table) == 2 + 4
