@@ -57,7 +57,8 @@ def create(name: str, **overrides: Any) -> nn.Module:
 
     ``overrides`` may also be a whole config: ``create(name, **config)`` with a dict or
     ``ConfigDict`` whose keys are a subset of ``get_config(name)``. Binarizers may be given
-    as registry names or callables.
+    as registry names or callables. Overriding a binarizer without its ``*_kwargs`` drops
+    the default binarizer's keywords (they would not fit the new one).
     """
     config_fn, model_cls = _entry(name)
     values = config_fn().to_dict()
@@ -66,6 +67,11 @@ def create(name: str, **overrides: Any) -> nn.Module:
         raise ValueError(
             f"Unknown config key(s) {unknown} for model {name!r}; valid keys: {', '.join(sorted(values))}."
         )
+    # Keyword arguments belong to their binarizer: a new binarizer without new keywords
+    # starts from none, not from the default binarizer's (e.g. EDE's t_min).
+    for key in ("input_quantizer", "kernel_quantizer"):
+        if key in overrides and key + "_kwargs" not in overrides and overrides[key] != values[key]:
+            values[key + "_kwargs"] = {}
     values.update(overrides)
     values = {k: common.freeze(v) for k, v in values.items()}
     common.validate_common(values, name)
