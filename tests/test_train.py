@@ -323,3 +323,27 @@ def test_short_run_writes_records_summary_and_best_checkpoint(tmp_path):
     best_eval = max(evals, key=lambda r: r["test/accuracy"])
     assert best.best_step() == best_eval["step"]
     best.close()
+
+
+def test_ctrl_c_saves_a_checkpoint_and_a_rerun_resumes_there(tmp_path):
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        pytest.skip("signals reach only the main thread")
+
+    def interrupt(step):
+        if step == 3:
+            signal.raise_signal(signal.SIGINT)
+
+    config = small_config(**{"checkpoint.async_save": False})
+    with pytest.raises(KeyboardInterrupt):
+        train.train_and_evaluate(config, str(tmp_path), on_step=interrupt)
+    # The loop stops after the update that follows the signal, and saves it.
+    ckpts = train.Checkpoints(str(tmp_path / "checkpoints"))
+    assert ckpts.all_steps() == [4]
+    ckpts.close()
+    summary = train.train_and_evaluate(config, str(tmp_path))
+    assert (summary["resumed_from_step"], summary["step"]) == (4, 5)
+    steps_logged = [r["step"] for r in train.read_metrics(str(tmp_path / "metrics.jsonl"))]
+    assert steps_logged == [1, 2, 3, 4, 5, 5]

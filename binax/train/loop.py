@@ -296,7 +296,7 @@ def train_and_evaluate(
         config.data, seed=config.seed, process_index=jax.process_index(), process_count=jax.process_count()
     )
     trainer = build_trainer(config, ds)
-    model, schedules, progress_fn = trainer.model, trainer.schedules, trainer.progress_fn
+    schedules, progress_fn = trainer.schedules, trainer.progress_fn
     steps_per_epoch, num_epochs = trainer.steps_per_epoch, config.num_epochs
     total_steps = steps_per_epoch * num_epochs
 
@@ -421,7 +421,6 @@ def train_and_evaluate(
                     if stop.signum is not None:
                         ckpts.save(step, state)
                         ckpts.wait()
-                        writer.flush()
                         logging.warning(
                             "signal %d: saved step %d in %s; rerun the same command to resume",
                             stop.signum,
@@ -448,25 +447,22 @@ def train_and_evaluate(
                     last_eval = evaluate(state)
                     accuracy = last_eval["test/accuracy"]
                     writer.write(step, last_eval)
-                    logging.info(
-                        "epoch %d/%d: test accuracy %.2f%%, loss %.4f",
-                        epoch + 1,
-                        num_epochs,
-                        100 * accuracy,
-                        last_eval["test/loss"],
+                    reporter.message(
+                        f"epoch {epoch + 1}/{num_epochs}: test accuracy {100 * accuracy:.2f}%, "
+                        f"loss {last_eval['test/loss']:.4f}"
                     )
                 ckpts.save(step, state, accuracy=accuracy)
                 reporter.update(step, force=True)
         finally:
             reporter.close()
-            writer.flush()
+            writer.close()
             ckpts.wait()
 
     if last_eval is None:  # the workdir already held a finished run
         last_eval = evaluate(state)
+    best_step = ckpts.best_step()
     ckpts.close()
     wall = time.time() - wall_start
-    best_step = ckpts.best_step()
     summary = {
         "test_accuracy": last_eval["test/accuracy"],
         "test_loss": last_eval["test/loss"],
@@ -491,5 +487,4 @@ def train_and_evaluate(
             f"workdir {workdir}",
             flush=True,
         )
-    writer.close()
     return summary

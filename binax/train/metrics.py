@@ -173,6 +173,15 @@ class ProgressReporter:
             f", {text}" if text else "",
         )
 
+    def message(self, text: str) -> None:
+        """A line for the user: above the bar on a terminal, a log line otherwise."""
+        if not self.enabled:
+            return
+        if self._bar is not None:
+            self._bar.write(text, file=sys.stderr)
+        else:
+            logging.info("%s", text)
+
     def close(self) -> None:
         if self._bar is not None:
             self._bar.close()
