@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import itertools
 import json
 import math
 import os
@@ -216,6 +217,9 @@ def build_trainer(config: ml_collections.ConfigDict, ds) -> Trainer:
     """
     model = create_model(config.model)
     steps_per_epoch = ds.steps_per_epoch(config.batch_size)
+    if config.get("max_steps_per_epoch"):
+        # Epochs cut short (quick runs): each still starts a fresh (seed, epoch) order.
+        steps_per_epoch = min(steps_per_epoch, config.max_steps_per_epoch)
     num_epochs = config.num_epochs
     tx, schedules = optimizers.create_optimizer(
         config.optimizer,
@@ -410,7 +414,8 @@ def train_and_evaluate(
             for epoch in range(start_epoch, num_epochs):
                 epoch_t0 = time.monotonic()
                 skip = step - epoch * steps_per_epoch
-                for local in ds.train_batches(epoch, config.batch_size, start_step=skip):
+                batches = ds.train_batches(epoch, config.batch_size, start_step=skip)
+                for local in itertools.islice(batches, steps_per_epoch - skip):
                     state, m = p_train(state, to_global(local))
                     step += 1
                     window.append(m)
