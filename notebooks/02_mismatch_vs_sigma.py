@@ -63,7 +63,7 @@ from binax import mismatch  # noqa: E402
 def save(fig, name):
     if FIGURE_DIR:
         os.makedirs(FIGURE_DIR, exist_ok=True)
-        fig.savefig(os.path.join(FIGURE_DIR, name), dpi=110, bbox_inches="tight")
+        fig.savefig(os.path.join(FIGURE_DIR, name), dpi=80, bbox_inches="tight")
 
 
 # %%
