@@ -15,6 +15,18 @@ The metric is the cosine similarity, per layer, between an estimator's gradient 
 smoothed gradient, as a function of σ. This module works for ANY binarizer and any loss: it
 only needs ``loss_fn(params) -> scalar`` (weight smoothing) or a loss of an additive
 perturbation of one layer's input (activation smoothing, see ``input_perturbation``).
+
+Layers of the module:
+
+* ``smoothed_grad`` (with ``separable=True`` for per-example losses),
+  ``coordinate_discrete_grad``: the references.
+* ``cosine``, ``cosine_with_ci``, ``per_layer_cosine``, ``group_similarities`` (raw and
+  Monte-Carlo-noise-corrected cosine with jackknife intervals): the metric.
+* ``make_loss``, ``estimator_grad``, ``compare_estimators``: the same on a
+  ``binax.models`` network whose ``input_quantizer`` is swapped among estimators
+  (``sign_estimators``, ``MULTILEVEL_ACTIVATIONS``, ``fixed_ede``, ``fixed_tanh``).
+* ``train_small``, ``load_fashion_mnist``, ``accuracy``: enough training to get a
+  network worth measuring (notebooks, ``experiments/mismatch.py``); see docs/mismatch.md.
 """
 
 from __future__ import annotations
