@@ -19,7 +19,6 @@ the trainer calls :func:`clip_latent_weights` on the parameter tree after each u
 from __future__ import annotations
 
 import dataclasses
-import math
 from typing import Any, Callable, Mapping, Sequence
 
 import flax.linen as nn
@@ -587,8 +586,3 @@ def clip_latent_weights(params, clip_value: float | None):
     return jax.tree_util.tree_map_with_path(
         lambda p, v: jnp.clip(v, -clip_value, clip_value) if is_latent_kernel_path(p) else v, params
     )
-
-
-def fan_in(kernel_shape: Sequence[int]) -> int:
-    """Inputs per output of a channels-last kernel (every axis but the last)."""
-    return math.prod(kernel_shape[:-1])

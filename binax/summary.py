@@ -228,7 +228,9 @@ def summary(model: nn.Module, input_shape: Sequence[int], *, progress: float = 1
     ``jax.eval_shape``.
     """
     if isinstance(input_shape, int) or not all(isinstance(d, int) and d > 0 for d in input_shape):
-        raise ValueError(f"input_shape must be a sequence of positive ints (one example, no batch axis); got {input_shape!r}.")
+        raise ValueError(
+            f"input_shape must be a sequence of positive ints (one example, no batch axis); got {input_shape!r}."
+        )
     input_shape = tuple(input_shape)
     calls, variables = _trace(model, input_shape, progress)
 

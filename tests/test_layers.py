@@ -181,7 +181,11 @@ def test_rsign_and_rprelu_formulas():
     g = jax.grad(lambda x: rs.apply({"params": {"shift": shift}}, x).sum())(x)
     np.testing.assert_allclose(g, np.maximum(0, 2 - 2 * np.abs(x + shift)), rtol=1e-6)
 
-    p = {"shift_in": jnp.array([0.1, -0.2, 0.0]), "slope": jnp.array([0.25, 0.5, 1.0]), "shift_out": jnp.array([1.0, 0.0, -1.0])}
+    p = {
+        "shift_in": jnp.array([0.1, -0.2, 0.0]),
+        "slope": jnp.array([0.25, 0.5, 1.0]),
+        "shift_out": jnp.array([1.0, 0.0, -1.0]),
+    }
     z = np.asarray(x) + np.asarray(p["shift_in"])
     ref = np.where(z > 0, z, np.asarray(p["slope"]) * z) + np.asarray(p["shift_out"])
     np.testing.assert_allclose(layers.RPReLU().apply({"params": p}, x), ref, rtol=1e-6)

@@ -1,7 +1,5 @@
 """binax.summary: parameters by bit-width, memory and binary/float MACs, by hand."""
 
-import jax
-import jax.numpy as jnp
 import pytest
 
 import binax

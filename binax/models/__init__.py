@@ -75,6 +75,8 @@ def create(name: str, **overrides: Any) -> nn.Module:
     values.update(overrides)
     values = {k: common.freeze(v) for k, v in values.items()}
     common.validate_common(values, name)
+    if hasattr(model_cls, "validate_config"):
+        model_cls.validate_config(values)
     return model_cls(**values)
 
 

@@ -36,15 +36,22 @@ _CONVS = ((11, 4, 2, True), (5, 1, 2, True), (3, 1, 1, False), (3, 1, 1, False),
 class AlexNet(common.BinaryModel):
     conv_widths: tuple[int, ...] = (96, 256, 384, 384, 256)
     fc_widths: tuple[int, ...] = (4096, 4096)
-    min_input_size: int = 63  # smallest input whose last pool still sees a 3x3 window
+
+    @property
+    def min_input_size(self) -> int:
+        return 63  # the smallest input whose last max-pool still sees a 3x3 window
+
+    @staticmethod
+    def validate_config(cfg) -> None:
+        if len(cfg["conv_widths"]) != len(_CONVS):
+            raise ValueError(f"AlexNet has {len(_CONVS)} convolutions; got conv_widths={cfg['conv_widths']}.")
 
     @nn.compact
     def __call__(self, x: Array, train: bool = False, progress: float | Array = 1.0) -> Array:
-        if len(self.conv_widths) != len(_CONVS):
-            raise ValueError(f"AlexNet has {len(_CONVS)} convolutions; got conv_widths={self.conv_widths}.")
         common.check_image_input(x, "AlexNet", self.min_input_size)
         spec = common.layer_spec(self)
-        for i, (width, (k, s, p, pool)) in enumerate(zip(common.scaled(self.conv_widths, self.width_multiplier), _CONVS)):
+        widths = common.scaled(self.conv_widths, self.width_multiplier)
+        for i, (width, (k, s, p, pool)) in enumerate(zip(widths, _CONVS)):
             first = i == 0
             x = spec.conv(
                 width,

@@ -161,26 +161,27 @@ class ResNet(common.BinaryModel):
     def min_input_size(self) -> int:
         return 32 if self.stem == "imagenet" else 8
 
-    def _check(self) -> None:
-        if self.shortcut not in SHORTCUTS:
-            raise ValueError(f"Unknown shortcut {self.shortcut!r}; valid: {', '.join(SHORTCUTS)}.")
-        if self.stem not in STEMS:
-            raise ValueError(f"Unknown stem {self.stem!r}; valid: {', '.join(STEMS)}.")
-        if len(self.stage_sizes) != len(self.stage_widths):
+    @staticmethod
+    def validate_config(cfg) -> None:
+        if cfg["shortcut"] not in SHORTCUTS:
+            raise ValueError(f"Unknown shortcut {cfg['shortcut']!r}; valid: {', '.join(SHORTCUTS)}.")
+        if cfg["stem"] not in STEMS:
+            raise ValueError(f"Unknown stem {cfg['stem']!r}; valid: {', '.join(STEMS)}.")
+        if len(cfg["stage_sizes"]) != len(cfg["stage_widths"]):
             raise ValueError(
-                f"stage_sizes {self.stage_sizes} and stage_widths {self.stage_widths} must have the same length."
+                f"stage_sizes {cfg['stage_sizes']} and stage_widths {cfg['stage_widths']} must have the same length."
             )
 
     @nn.compact
     def __call__(self, x: Array, train: bool = False, progress: float | Array = 1.0) -> Array:
-        self._check()
         common.check_image_input(x, type(self).__name__, self.min_input_size)
         spec = common.layer_spec(self)
         widths = common.scaled(self.stage_widths, self.width_multiplier)
         k, s0 = ((7, 7), 2) if self.stem == "imagenet" else ((3, 3), 1)
-        x = spec.conv(widths[0], k, s0, name="stem_conv", quantize_input=False, quantize_kernel=not self.first_layer_float)(
-            x, progress
+        stem = spec.conv(
+            widths[0], k, s0, name="stem_conv", quantize_input=False, quantize_kernel=not self.first_layer_float
         )
+        x = stem(x, progress)
         x = spec.batch_norm(train, "stem_bn")(x)
         x = common.apply_activation(self.stem_activation, x, "stem_act")
         if self.stem == "imagenet":

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import flax.linen as nn
 import jax
-import jax.numpy as jnp
 import ml_collections
 
 from binax.models import common
@@ -76,6 +75,15 @@ class VGG(common.BinaryModel):
     @property
     def min_input_size(self) -> int:
         return 2 ** len(self.pool_after)
+
+    @staticmethod
+    def validate_config(cfg) -> None:
+        bad = [i for i in cfg["pool_after"] if not 1 <= i <= len(cfg["widths"])]
+        if bad:
+            raise ValueError(
+                f"pool_after {cfg['pool_after']} names convolutions {bad} that do not exist "
+                f"(1..{len(cfg['widths'])} for widths {cfg['widths']})."
+            )
 
     @nn.compact
     def __call__(self, x: Array, train: bool = False, progress: float | Array = 1.0) -> Array:
