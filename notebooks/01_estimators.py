@@ -33,7 +33,7 @@ import jax
 import jax.numpy as jnp
 import matplotlib.pyplot as plt
 import numpy as np
-from scipy.stats import norm
+from jax.scipy.stats import norm
 
 from binax import binarizers, mismatch
 
@@ -75,8 +75,8 @@ for label, overrides in estimators.items():
         ax[1].plot(X, y, label=f"{label} (forward)")
 ax[1].plot(X, forward_and_derivative({"input_quantizer": "sign"})[0], "k", label="sign (every other forward)")
 for sigma in (0.1, 0.3, 1.0):
-    ax[0].plot(X, 2 * norm.pdf(np.asarray(X) / sigma) / sigma, "--", color="grey", lw=1)
-    ax[0].annotate(f"σ={sigma:g}", (0.0, 2 * norm.pdf(0) / sigma), color="grey", fontsize=8)
+    ax[0].plot(X, 2 * norm.pdf(X / sigma) / sigma, "--", color="grey", lw=1)
+    ax[0].annotate(f"σ={sigma:g}", (0.0, 2 * float(norm.pdf(0.0)) / sigma), color="grey", fontsize=8)
 ax[0].set(title="backward: dq/dx (dashed: smoothed sign, 2φ(x/σ)/σ)", xlabel="x", ylim=(-0.6, 10.5))
 ax[1].set(title="forward", xlabel="x")
 ax[0].legend(fontsize=8)
