@@ -4,6 +4,12 @@
   norm followed by ``sign`` becomes one threshold and one sign bit per channel
   (:func:`fold_bn_sign`, :func:`fold_binary_bn`), applied by
   :class:`binax.layers.BinaryBatchNorm`.
+* Self-Binarizing end state: ``tanh(nu x)`` replaced by ``sign`` on weights and
+  activations (:func:`tanh_to_sign`), then BinaryBN folding (:func:`self_binarizing_inference`).
+* BinaryDuo decoupling (Kim et al. ICLR 2020): a network trained with the coupled
+  ternary activation becomes the binary network with twice the channels at the coupled
+  layers, computing the same function (:func:`decouple_binaryduo`,
+  :func:`decouple_binaryduo_model`).
 """
 
 from __future__ import annotations
@@ -14,9 +20,20 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax.core import unfreeze
+from flax.core import FrozenDict, unfreeze
 
-__all__ = ["fold_bn_sign", "binary_bn_paths", "fold_binary_bn_variables", "fold_binary_bn"]
+__all__ = [
+    "fold_bn_sign",
+    "binary_bn_paths",
+    "fold_binary_bn_variables",
+    "fold_binary_bn",
+    "tanh_to_sign",
+    "self_binarizing_inference",
+    "DUO_SHIFT",
+    "binaryduo_couplings",
+    "decouple_binaryduo",
+    "decouple_binaryduo_model",
+]
 
 
 # ---------------------------------------------------------------- float32 order keys
@@ -192,3 +209,192 @@ def fold_binary_bn(model: nn.Module, variables: Mapping, input_shape: Sequence[i
     folded = model.clone(binary_bn=True)
     paths = binary_bn_paths(folded, input_shape)
     return folded, fold_binary_bn_variables(variables, paths, model.bn_epsilon)
+
+
+# ----------------------------------------------------------- BinaryDuo decoupling
+
+#: BinaryDuo's activation thresholds: ternary levels at 0.25 / 0.75, binary at 0.5.
+DUO_SHIFT = 0.25
+
+
+def _kernel_key(layer_params: Mapping[str, Any], layer: str) -> str:
+    for key in ("latent_kernel", "kernel"):
+        if key in layer_params:
+            return key
+    raise ValueError(f"layer {layer!r} has no 'latent_kernel' or 'kernel' parameter; it has {sorted(layer_params)}.")
+
+
+def _duplicate_last(a: jax.Array) -> jax.Array:
+    return jnp.concatenate([a, a], axis=-1)
+
+
+def _split_halves_input(kernel: jax.Array, channels: int) -> jax.Array:
+    """``(..., S*C, out)`` or ``(kh, kw, C, out)`` → the same with the C axis doubled, w/2 in both."""
+    out = kernel.shape[-1]
+    k = kernel.reshape(-1, channels, out)
+    k = jnp.concatenate([k, k], axis=1) / 2
+    new_in = kernel.shape[:-2] + (kernel.shape[-2] * 2,)
+    return k.reshape(new_in + (out,))
+
+
+def decouple_binaryduo(
+    variables: Mapping[str, Any], couplings: Sequence[tuple[str, str, str]]
+) -> dict[str, Any]:
+    """BinaryDuo decoupling (Kim et al. ICLR 2020) of a trained coupled-ternary network.
+
+    For each ``(producer, bn, consumer)`` — a layer whose batch-normed output ``y`` the
+    consumer reads through ``duo_ternary`` — returns variables of the decoupled network,
+    whose consumer reads ``duo_binary`` of twice as many channels:
+
+    * the producer's output channels are duplicated (C → 2C: kernel and bias copied);
+    * the batch norm's γ, μ, σ² are copied to both halves; β becomes β + 0.25 in the
+      first half and β − 0.25 in the second, so ``1[y + 0.25 >= 0.5] = 1[y >= 0.25]`` and
+      ``1[y − 0.25 >= 0.5] = 1[y >= 0.75]``;
+    * the consumer's kernel is copied into both input halves as ``w/2``, so
+      ``w/2 · 1[y >= 0.25] + w/2 · 1[y >= 0.75] = w · ternary(y)``.
+
+    The decoupled network computes what the coupled one did, provided the consumer's
+    weight binarizer is scale-equivariant (``duo_weight``, ``xnor_weight`` or none):
+    halving the latent kernel must halve its binarized value. Spatial layouts are
+    handled: a dense consumer after a flatten of ``(H, W, C)`` gets its rows split per
+    pixel. ``variables`` holds ``params`` and ``batch_stats``; a new dict is returned.
+    """
+    params = unfreeze(variables["params"])
+    stats = unfreeze(variables.get("batch_stats", {}))
+    for producer, bn, consumer in couplings:
+        for name in (producer, bn, consumer):
+            if name not in params:
+                raise ValueError(f"no layer {name!r} in params; layers are {sorted(params)}.")
+        pk = _kernel_key(params[producer], producer)
+        channels = params[producer][pk].shape[-1]
+        params[producer][pk] = _duplicate_last(params[producer][pk])
+        if "bias" in params[producer]:
+            params[producer]["bias"] = _duplicate_last(params[producer]["bias"])
+        beta = params[bn]["bias"]
+        params[bn]["bias"] = jnp.concatenate([beta + DUO_SHIFT, beta - DUO_SHIFT], axis=-1)
+        params[bn]["scale"] = _duplicate_last(params[bn]["scale"])
+        stats[bn] = {k: _duplicate_last(v) for k, v in stats[bn].items()}
+        ck = _kernel_key(params[consumer], consumer)
+        params[consumer][ck] = _split_halves_input(params[consumer][ck], channels)
+    return {"params": params, "batch_stats": stats}
+
+
+def _chain(model: nn.Module) -> tuple[list[str], list[str]] | None:
+    """The (layer, batch norm) names of a model's BN-separated binary chain, in order."""
+    name = type(model).__name__
+    if name == "MLP":
+        n = len(model.widths)
+        return [f"fc{i}" for i in range(n)], [f"bn{i}" for i in range(n)]
+    if name == "VGG":
+        n, m = len(model.widths), len(model.hidden_dense)
+        return (
+            [f"conv{i}" for i in range(n)] + [f"fc{j}" for j in range(m)],
+            [f"bn{i}" for i in range(n)] + [f"fc_bn{j}" for j in range(m)],
+        )
+    return None
+
+
+def binaryduo_couplings(model: nn.Module) -> list[tuple[str, str, str]]:
+    """``(producer, bn, consumer)`` for every batch norm whose output a binarized layer reads.
+
+    Supported: ``bnn_mlp`` (``MLP``) and the VGG family (``cnn_small``, ``vgg_small``,
+    ``vgg7_tiny``), whose layers form a chain layer → (pool) → BN → activation → next
+    layer. The first layer reads pixels; the classifier is a consumer only when
+    ``last_layer_float=False``.
+    """
+    chain = _chain(model)
+    if chain is None:
+        raise ValueError(
+            f"BinaryDuo decoupling supports the MLP and VGG families (bnn_mlp, cnn_small, "
+            f"vgg_small, vgg7_tiny); got {type(model).__name__}."
+        )
+    layers, bns = chain
+    consumers = layers[1:] + (["classifier"] if not model.last_layer_float else [None])
+    return [(p, b, c) for p, b, c in zip(layers, bns, consumers) if c is not None]
+
+
+# Weight binarizers for which halving the latent kernel halves the binarized kernel.
+_SCALE_EQUIVARIANT = ("duo_weight", "xnor_weight", None)
+# Activations that leave 1[y >= 0.25] and 1[y >= 0.75] unchanged.
+_DUO_SAFE_ACTIVATIONS = ("none", "hardtanh", "relu")
+
+
+def decouple_binaryduo_model(model: nn.Module, variables: Mapping) -> tuple[nn.Module, dict, dict]:
+    """Decouple a trained ``duo_ternary`` model into its ``duo_binary`` twin.
+
+    Returns ``(model, variables, overrides)``: the decoupled module, its variables and the
+    config overrides that build it with ``binax.models.create`` (explicit widths,
+    ``width_multiplier=1``, ``input_quantizer='duo_binary'``). In eval mode the decoupled
+    model's binary activations reproduce the coupled ternary ones exactly
+    (``ternary(y) = (binary(y + 0.25) + binary(y − 0.25)) / 2``), so its logits equal the
+    coupled model's up to float summation order. See :func:`decouple_binaryduo`.
+    """
+    if model.input_quantizer != "duo_ternary":
+        raise ValueError(
+            f"decoupling needs a coupled model with input_quantizer='duo_ternary'; got {model.input_quantizer!r}."
+        )
+    if model.kernel_quantizer not in _SCALE_EQUIVARIANT:
+        raise ValueError(
+            f"decoupling halves the consumer's latent weights, which needs a scale-equivariant "
+            f"weight binarizer ({', '.join(map(str, _SCALE_EQUIVARIANT))}); got {model.kernel_quantizer!r}."
+        )
+    if model.activation not in _DUO_SAFE_ACTIVATIONS or getattr(model, "binary_bn", False):
+        raise ValueError(
+            f"decoupling needs activation in {_DUO_SAFE_ACTIVATIONS} and binary_bn=False; got "
+            f"activation={model.activation!r}, binary_bn={getattr(model, 'binary_bn', False)!r}."
+        )
+    couplings = binaryduo_couplings(model)
+    new_vars = decouple_binaryduo(variables, couplings)
+    coupled = {p for p, _, _ in couplings}
+    params = new_vars["params"]
+
+    def width(name: str) -> int:
+        return int(params[name][_kernel_key(params[name], name)].shape[-1])
+
+    layers, _ = _chain(model)
+    overrides: dict[str, Any] = {
+        "width_multiplier": 1.0,
+        "input_quantizer": "duo_binary",
+        "input_quantizer_kwargs": {},
+    }
+    if type(model).__name__ == "MLP":
+        overrides["widths"] = tuple(width(n) for n in layers)
+    else:
+        n = len(model.widths)
+        overrides["widths"] = tuple(width(n_) for n_ in layers[:n])
+        overrides["hidden_dense"] = tuple(width(n_) for n_ in layers[n:])
+    assert all(width(p) % 2 == 0 for p in coupled)
+    frozen = {k: (FrozenDict(v) if isinstance(v, dict) else v) for k, v in overrides.items()}
+    return model.clone(**frozen), new_vars, overrides
+
+
+def tanh_to_sign(model: nn.Module) -> nn.Module:
+    """The Self-Binarizing inference model: every ``tanh_sign`` quantizer becomes ``sign``.
+
+    Lahoud & Achanta (2019) train with ``tanh(nu x)`` on weights and activations, nu
+    growing so tanh approaches sign, and deploy with ``sign``. Weights and activations
+    whose quantizer is not ``tanh_sign`` are left as they are.
+    """
+    changes = {}
+    for field in ("input_quantizer", "kernel_quantizer"):
+        if getattr(model, field) == "tanh_sign":
+            changes[field] = "sign"
+            changes[field + "_kwargs"] = FrozenDict()
+    if not changes:
+        raise ValueError(
+            f"{type(model).__name__} has no tanh_sign quantizer (input_quantizer="
+            f"{model.input_quantizer!r}, kernel_quantizer={model.kernel_quantizer!r})."
+        )
+    return model.clone(**changes)
+
+
+def self_binarizing_inference(
+    model: nn.Module, variables: Mapping, input_shape: Sequence[int]
+) -> tuple[nn.Module, dict]:
+    """Self-Binarizing end state: ``sign`` in place of tanh, BinaryBN in place of BN → sign.
+
+    Returns the folded model and variables (see :func:`tanh_to_sign`, :func:`fold_binary_bn`).
+    Its predictions equal the trained model's at nu_max when nu_max is large enough that
+    ``tanh(nu x)`` and ``sign(x)`` agree on the data (measure the agreement rate).
+    """
+    return fold_binary_bn(tanh_to_sign(model), variables, input_shape)
