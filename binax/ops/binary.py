@@ -1,0 +1,344 @@
+"""Binary convolution and dense products with an exact XNOR-popcount forward.
+
+See the package docstring (:mod:`binax.ops`) for the formulas and the choice of
+implementation. Everything here is a pure function of arrays and static settings.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import numbers
+from typing import Any, Sequence
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+Array = jax.Array
+
+__all__ = [
+    "IMPLS",
+    "SIGN_INPUT_QUANTIZERS",
+    "SCALED_SIGN_KERNEL_QUANTIZERS",
+    "default_impl",
+    "fast_path_supported",
+    "binary_conv2d",
+    "binary_dense",
+]
+
+IMPLS = ("auto", "xnor", "xla")
+
+#: Input (activation) binarizers whose forward value is exactly ±1 during training
+#: (``sign(0) = +1``). ``tanh_sign`` (a soft tanh while training), the {0, 1} and ternary
+#: activations and DoReFa are not.
+SIGN_INPUT_QUANTIZERS = frozenset({"sign", "ste_sign", "approx_sign", "swish_sign", "ede_sign"})
+
+#: Kernel binarizers whose forward value is ``±α`` with one ``α ≥ 0`` per output channel
+#: (the ±1 estimators, XNOR-Net's ``mean|W|``, Libra-PB's power of two, BinaryDuo's single
+#: scale).
+SCALED_SIGN_KERNEL_QUANTIZERS = SIGN_INPUT_QUANTIZERS | frozenset({"xnor_weight", "libra_pb", "duo_weight"})
+
+# Pad values the packed forward represents: +1 and −1 as bits, 0 by a per-position correction.
+_PACKED_PAD_VALUES = (-1.0, 0.0, 1.0)
+
+_DN = ("NHWC", "HWIO", "NHWC")
+
+
+def default_impl(backend: str | None = None) -> str:
+    """``"xnor"`` on CPU, ``"xla"`` elsewhere (native convolutions on GPU/TPU)."""
+    backend = backend or jax.default_backend()
+    return "xnor" if backend == "cpu" else "xla"
+
+
+def fast_path_supported(input_quantizer: Any, kernel_quantizer: Any) -> bool:
+    """Whether a layer with these quantizer specs computes a product of ±1 and ±α values.
+
+    Only registry names are recognised: a callable's forward values are unknown.
+    """
+    return (
+        isinstance(input_quantizer, str)
+        and isinstance(kernel_quantizer, str)
+        and input_quantizer in SIGN_INPUT_QUANTIZERS
+        and kernel_quantizer in SCALED_SIGN_KERNEL_QUANTIZERS
+    )
+
+
+def _resolve_impl(impl: str) -> str:
+    if impl not in IMPLS:
+        raise ValueError(f"Unknown impl {impl!r}; valid: {', '.join(map(repr, IMPLS))}.")
+    return default_impl() if impl == "auto" else impl
+
+
+def _export():
+    """``binax.export.kernels`` and ``binax.export.packing``, imported on first use.
+
+    ``binax.export`` imports ``binax.layers`` (packed inference), which imports this
+    module, so an import at module level would be circular.
+    """
+    from binax.export import kernels, packing
+
+    return kernels, packing
+
+
+def _pack_kernel(kernel: Array, axis: int) -> Array:
+    """``pack_bits(kernel, axis)`` for a non-minor ``axis``, without moving the axis.
+
+    Same words as :func:`binax.export.pack_bits` (bit ``b`` of word ``j`` is element
+    ``32·j + b``; missing positions hold ``PAD_BIT``). ``pack_bits`` moves the axis last
+    and back, and inside a larger program XLA:CPU may then give the words a transposed
+    layout (a strided pass over the whole kernel, 10× the cost of this reduction).
+    """
+    packing = _export()[1]
+    n, word = kernel.shape[axis], packing.WORD_BITS
+    nw = packing.num_words(n)
+    bits = (kernel >= 0).astype(jnp.uint32)
+    if nw * word != n:
+        pad = [(0, 0)] * kernel.ndim
+        pad[axis] = (0, nw * word - n)
+        bits = jnp.pad(bits, pad, constant_values=jnp.uint32(packing.PAD_BIT))
+    bits = bits.reshape(*kernel.shape[:axis], nw, word, *kernel.shape[axis + 1 :])
+    shift_shape = [1] * bits.ndim
+    shift_shape[axis + 1] = word
+    shifts = jnp.arange(word, dtype=jnp.uint32).reshape(shift_shape)
+    # Disjoint bits: the sum is their bitwise OR.
+    return jnp.sum(bits << shifts, axis=axis + 1, dtype=jnp.uint32)
+
+
+def _channel_scale(kernel: Array) -> Array:
+    """``α`` per output channel: ``max |k|`` over every other axis (``k = ±α`` by contract)."""
+    return jnp.max(jnp.abs(kernel.astype(jnp.float32)), axis=tuple(range(kernel.ndim - 1)))
+
+
+# ---------------------------------------------------------------------- convolution
+
+
+def _pair(v, what: str) -> tuple[int, int]:
+    if isinstance(v, numbers.Integral) and not isinstance(v, bool):
+        v = (v, v)
+    try:
+        pair = tuple(int(s) for s in v)
+    except TypeError:
+        raise ValueError(f"{what} must be an int or a pair of ints; got {v!r}.") from None
+    if len(pair) != 2 or any(s < 1 for s in pair):
+        raise ValueError(f"{what} must be an int or a pair of ints >= 1; got {v!r}.")
+    return pair
+
+
+def _explicit_pads(padding, in_hw, window, strides) -> tuple[tuple[int, int], ...]:
+    if isinstance(padding, str):
+        mode = padding.upper()
+        if mode not in ("SAME", "VALID"):
+            raise ValueError(f"padding must be 'SAME', 'VALID' or ((top, bottom), (left, right)); got {padding!r}.")
+        return tuple(tuple(p) for p in lax.padtype_to_pads(in_hw, window, strides, mode))
+    try:
+        pads = tuple((int(lo), int(hi)) for lo, hi in padding)
+    except (TypeError, ValueError):
+        raise ValueError(f"padding must be 'SAME', 'VALID' or ((top, bottom), (left, right)); got {padding!r}.") from None
+    if len(pads) != 2 or any(p < 0 for pair in pads for p in pair):
+        raise ValueError(f"explicit padding needs two non-negative (low, high) pairs; got {padding!r}.")
+    return pads
+
+
+def _xla_conv(x, kernel, strides, pads, pad_value):
+    """The plain formulation: pad with ``pad_value``, then a VALID convolution."""
+    if pad_value != 0 and any(lo or hi for lo, hi in pads):
+        x = jnp.pad(x, ((0, 0), *pads, (0, 0)), constant_values=jnp.asarray(pad_value, x.dtype))
+        pads = ((0, 0), (0, 0))
+    return lax.conv_general_dilated(x, kernel.astype(x.dtype), strides, pads, dimension_numbers=_DN)
+
+
+def _patches(xp: Array, window, strides, out_hw) -> Array:
+    """im2col of an already padded NHWC ``xp``: ``(N·Ho·Wo, kh·kw·C)`` in HWIO kernel order."""
+    (kh, kw), (sh, sw), (ho, wo) = window, strides, out_hw
+    n, c = xp.shape[0], xp.shape[3]
+    taps = [
+        lax.slice(xp, (0, i, j, 0), (n, i + (ho - 1) * sh + 1, j + (wo - 1) * sw + 1, c), (1, sh, sw, 1))
+        for i in range(kh)
+        for j in range(kw)
+    ]
+    return jnp.stack(taps, axis=3).reshape(n * ho * wo, kh * kw * c)
+
+
+def _col2im_grad(g, kernel, strides, pads, in_hw):
+    """∂x of the convolution: ``g·Kᵀ`` (one GEMM) scattered back to the input positions.
+
+    Column block ``(i, j)`` of ``g·Kᵀ`` is what tap ``(i, j)`` read; it goes back to padded
+    position ``(i + s_h·h_o, j + s_w·w_o)`` (an interior-padded ``lax.pad``), the blocks are
+    summed, and the padding is cropped off.
+    """
+    kh, kw, c, o = kernel.shape
+    n, ho, wo, _ = g.shape
+    (sh, sw), ((ph, _), (pw, _)) = strides, pads
+    hp, wp = in_hw[0] + sum(pads[0]), in_hw[1] + sum(pads[1])
+    dcols = lax.dot_general(
+        g.reshape(-1, o).astype(jnp.float32),
+        kernel.reshape(kh * kw * c, o).astype(jnp.float32),
+        (((1,), (1,)), ((), ())),
+        precision=lax.Precision.HIGHEST,
+    ).reshape(n, ho, wo, kh, kw, c)
+    zero = jnp.zeros((), jnp.float32)
+    dxp = None
+    for i in range(kh):
+        for j in range(kw):
+            hi_h = hp - (i + (ho - 1) * sh + 1)
+            hi_w = wp - (j + (wo - 1) * sw + 1)
+            part = lax.pad(dcols[:, :, :, i, j, :], zero, ((0, 0, 0), (i, hi_h, sh - 1), (j, hi_w, sw - 1), (0, 0, 0)))
+            dxp = part if dxp is None else dxp + part
+    return dxp[:, ph : ph + in_hw[0], pw : pw + in_hw[1], :]
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
+def _xnor_conv(x, kernel, strides, pads, pad_value):
+    return _xnor_conv_fwd(x, kernel, strides, pads, pad_value)[0]
+
+
+def _xnor_conv_fwd(x, kernel, strides, pads, pad_value):
+    kernels, packing = _export()
+    c = x.shape[-1]
+    x_bits = packing.pack_bits(x, axis=-1)
+    acc = kernels.packed_conv(x_bits, _pack_kernel(kernel, 2), c, strides, pads, pad_value, method="xor_popcount")
+    y = (acc.astype(jnp.float32) * _channel_scale(kernel)).astype(jnp.result_type(x.dtype, kernel.dtype))
+    # The input is kept as its bits; an empty array carries its dtype to the backward.
+    return y, (x_bits, jnp.zeros((0,), x.dtype), kernel)
+
+
+def _xnor_conv_bwd(strides, pads, pad_value, res, g):
+    x_bits, x_dtype_carrier, kernel = res
+    n, h, w, _ = x_bits.shape
+    c, o = kernel.shape[2], kernel.shape[3]
+    window = kernel.shape[:2]
+    x_aval = jax.ShapeDtypeStruct((n, h, w, c), x_dtype_carrier.dtype)
+    if strides == (1, 1):
+        # ∂x of a stride-1 convolution is a stride-1 convolution with the flipped kernel
+        # (a constant pad value has no cotangent); XLA:CPU runs it as fast as the GEMM.
+        (dx,) = jax.linear_transpose(
+            lambda v: lax.conv_general_dilated(v, kernel.astype(v.dtype), strides, pads, dimension_numbers=_DN), x_aval
+        )(g.astype(x_aval.dtype))
+    else:
+        # A strided one would be an input-dilated convolution (3/4 zeros at stride 2).
+        dx = _col2im_grad(g, kernel, strides, pads, (h, w)).astype(x_aval.dtype)
+    # ∂k = im2col(x)ᵀ·g, written as (gᵀ·im2col(x))ᵀ: XLA:CPU's GEMM is faster with the
+    # small (N·Ho·Wo, O) operand first. The ±1 patches are rebuilt from the bits.
+    x_pm = _export()[1].unpack_bits(x_bits, c, axis=-1, dtype=jnp.float32)
+    if any(lo or hi for lo, hi in pads):
+        x_pm = jnp.pad(x_pm, ((0, 0), *pads, (0, 0)), constant_values=jnp.float32(pad_value))
+    out_hw = g.shape[1:3]
+    cols = _patches(x_pm, window, strides, out_hw)
+    dk_t = lax.dot_general(
+        g.reshape(-1, o).astype(jnp.float32),
+        cols,
+        (((0,), (0,)), ((), ())),
+        precision=lax.Precision.HIGHEST,
+        preferred_element_type=jnp.float32,
+    )
+    dk = dk_t.T.reshape(*window, c, o).astype(kernel.dtype)
+    return dx, dk
+
+
+_xnor_conv.defvjp(_xnor_conv_fwd, _xnor_conv_bwd)
+
+
+def binary_conv2d(
+    x: Array,
+    kernel: Array,
+    strides: int | Sequence[int] = 1,
+    padding: str | Sequence[tuple[int, int]] = "SAME",
+    pad_value: float = 1.0,
+    *,
+    impl: str = "auto",
+) -> Array:
+    """2-D convolution of a ±1 input with a ±α kernel, NHWC / HWIO.
+
+    Computes ``lax.conv_general_dilated(pad(x, pad_value), kernel, strides, VALID)``
+    (padded pixels take ``pad_value``, as Larq's ``pad_values``), differentiable in ``x``
+    and ``kernel`` with the plain convolution's gradients.
+
+    Contract (not checked, it would cost a pass over the data): every ``x`` is ``−1`` or
+    ``+1`` and every ``kernel[..., o]`` is ``−α_o`` or ``+α_o``. The ``"xnor"`` forward
+    reads only the signs (``v >= 0``) and ``α_o = max|kernel[..., o]|``; values outside
+    the contract give a different result than ``"xla"``.
+
+    Args:
+      x: ``(N, H, W, C)`` ±1 values (any float dtype).
+      kernel: ``(kh, kw, C, O)``.
+      strides: an int or ``(sh, sw)``.
+      padding: ``"SAME"``, ``"VALID"`` or ``((top, bottom), (left, right))``.
+      pad_value: the value of padded pixels (static). ``"xnor"`` takes −1, 0 or +1;
+        under ``"auto"`` any other value falls back to ``"xla"``.
+      impl: ``"auto"`` (:func:`default_impl`), ``"xnor"`` or ``"xla"``.
+
+    Returns:
+      ``(N, Ho, Wo, O)`` in the promoted dtype of ``x`` and ``kernel``.
+    """
+    if x.ndim != 4 or kernel.ndim != 4:
+        raise ValueError(
+            f"binary_conv2d takes x (N, H, W, C) and kernel (kh, kw, C, O); got shapes "
+            f"{tuple(x.shape)} and {tuple(kernel.shape)}."
+        )
+    if x.shape[3] != kernel.shape[2]:
+        raise ValueError(f"x has {x.shape[3]} channels but the kernel expects {kernel.shape[2]}.")
+    strides = _pair(strides, "strides")
+    window = tuple(kernel.shape[:2])
+    pads = _explicit_pads(padding, x.shape[1:3], window, strides)
+    if not isinstance(pad_value, numbers.Real) or not math.isfinite(pad_value):
+        raise ValueError(f"pad_value must be a finite Python number; got {pad_value!r}.")
+    pad_value = float(pad_value)
+    out_hw = [(s + lo + hi - k) // st + 1 for s, (lo, hi), k, st in zip(x.shape[1:3], pads, window, strides)]
+    if min(out_hw) < 1:
+        raise ValueError(f"the {window} window does not fit the {tuple(x.shape[1:3])} input with padding {pads}.")
+    chosen = _resolve_impl(impl)
+    if chosen == "xnor" and pad_value not in _PACKED_PAD_VALUES:
+        if impl == "xnor":
+            raise ValueError(f"impl='xnor' pads with -1, 0 or +1; got pad_value={pad_value!r}.")
+        chosen = "xla"
+    if chosen == "xla":
+        return _xla_conv(x, kernel, strides, pads, pad_value)
+    return _xnor_conv(x, kernel, strides, pads, pad_value)
+
+
+# --------------------------------------------------------------------------- dense
+
+
+@jax.custom_vjp
+def _xnor_dense(x, kernel):
+    return _xnor_dense_fwd(x, kernel)[0]
+
+
+def _xnor_dense_fwd(x, kernel):
+    kernels, packing = _export()
+    k = x.shape[-1]
+    x_bits = packing.pack_bits(x, axis=-1)
+    acc = kernels.packed_dense(x_bits, _pack_kernel(kernel, 0), k, method="xor_popcount")
+    y = (acc.astype(jnp.float32) * _channel_scale(kernel)).astype(jnp.result_type(x.dtype, kernel.dtype))
+    return y, (x_bits, jnp.zeros((0,), x.dtype), kernel)
+
+
+def _xnor_dense_bwd(res, g):
+    x_bits, x_dtype_carrier, kernel = res
+    k, n = kernel.shape
+    g2 = g.reshape(-1, n).astype(jnp.float32)
+    hi = lax.Precision.HIGHEST
+    dx = lax.dot_general(g2, kernel.astype(jnp.float32), (((1,), (1,)), ((), ())), precision=hi)
+    x_pm = _export()[1].unpack_bits(x_bits.reshape(-1, x_bits.shape[-1]), k, axis=-1, dtype=jnp.float32)
+    # As in the convolution: (gᵀ·x)ᵀ puts the small operand first for XLA:CPU's GEMM.
+    dk = lax.dot_general(g2, x_pm, (((0,), (0,)), ((), ())), precision=hi).T
+    return dx.reshape(*x_bits.shape[:-1], k).astype(x_dtype_carrier.dtype), dk.astype(kernel.dtype)
+
+
+_xnor_dense.defvjp(_xnor_dense_fwd, _xnor_dense_bwd)
+
+
+def binary_dense(x: Array, kernel: Array, *, impl: str = "auto") -> Array:
+    """``x @ kernel`` for ±1 ``x (..., K)`` and a ±α ``kernel (K, N)`` (α per column).
+
+    Same contract and ``impl`` choices as :func:`binary_conv2d`; the ``"xnor"`` forward is
+    ``α ⊙ (K − 2·popcount(x XOR sign k))``, the backward ``∂x = g·kᵀ``, ``∂k = xᵀ·g``.
+    """
+    if kernel.ndim != 2 or x.ndim < 1 or x.shape[-1] != kernel.shape[0]:
+        raise ValueError(
+            f"binary_dense takes x (..., K) and kernel (K, N); got shapes {tuple(x.shape)} and {tuple(kernel.shape)}."
+        )
+    if _resolve_impl(impl) == "xla":
+        return lax.dot_general(x, kernel.astype(x.dtype), (((x.ndim - 1,), (0,)), ((), ())))
+    return _xnor_dense(x, kernel)
