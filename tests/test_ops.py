@@ -202,3 +202,27 @@ def test_model_training_gradients_same_through_layers(monkeypatch):
     for (path, g), w in zip(flat_fast, flat_ref):
         scale = float(jnp.max(jnp.abs(w))) or 1.0
         np.testing.assert_allclose(np.asarray(g), np.asarray(w), rtol=0, atol=1e-5 * scale, err_msg=str(path))
+
+
+@pytest.mark.parametrize("shape,window,strides", [((2, 8, 6, 3), (2, 2), None), ((1, 7, 9, 2), (2, 3), (2, 3)), ((1, 6, 6, 2), (3, 3), (2, 2))])
+def test_max_pool_matches_flax_values_and_gradients_with_ties(shape, window, strides):
+    import flax.linen as nn
+
+    # Integer values (as binary layers produce) tie often inside a window.
+    x = jnp.round(jax.random.normal(jax.random.key(9), shape) * 1.5)
+    fns = (
+        lambda v: ops.max_pool(v, window, strides),
+        lambda v: nn.max_pool(v, window, strides=strides or window),
+    )
+
+    @jax.jit
+    def both(x):
+        outs = []
+        for fn in fns:
+            y, vjp = jax.vjp(fn, x)
+            outs.append((y, vjp(jnp.arange(y.size, dtype=y.dtype).reshape(y.shape) + 1.0)[0]))
+        return outs
+
+    (y, dx), (y_ref, dx_ref) = both(x)
+    np.testing.assert_array_equal(np.asarray(y), np.asarray(y_ref))
+    np.testing.assert_array_equal(np.asarray(dx), np.asarray(dx_ref))

@@ -24,6 +24,9 @@ has the measurements.
 
 Which quantizers qualify: :func:`fast_path_supported` (input quantizers whose forward is
 exactly ``±1``, kernel quantizers whose forward is ``±α`` per output channel).
+
+:func:`max_pool` is ``nn.max_pool`` with an elementwise backward for non-overlapping
+windows (the 2×2 pools of VGG-style binary networks), the same values and gradients.
 """
 
 from binax.ops.binary import (
@@ -35,6 +38,7 @@ from binax.ops.binary import (
     default_impl,
     fast_path_supported,
 )
+from binax.ops.pool import max_pool
 
 __all__ = [
     "IMPLS",
@@ -44,4 +48,5 @@ __all__ = [
     "binary_dense",
     "default_impl",
     "fast_path_supported",
+    "max_pool",
 ]
