@@ -1,0 +1,608 @@
+"""Quantized layers in inference form: activation codes, packed kernels, packed layer compute.
+
+A binarized activation is one or more planes of signs. A quantizer whose inference values
+are the ``P + 1`` equally spaced levels ``L_j = low + j·Δ`` (``j = 0..P``) is written as P
+binary planes (a thermometer code): ``a_p = 1[q >= low + (p − ½)Δ]``, ``p = 1..P``, and
+``q = low + Δ·Σ_p a_p``. With the plane signs ``s_p = 2·a_p − 1 ∈ {−1, +1}``::
+
+    q = low + Δ·P/2 + (Δ/2)·Σ_p s_p
+
+so for a binary kernel ``w = α·b`` (``b ∈ {−1, +1}``, ``α`` per output channel)::
+
+    Σ_k q_k·w_k = α·(Δ/2)·[c0·S_b + Σ_p Σ_k s_pk·b_k],   c0 = 2·low/Δ + P,  S_b = Σ_k b_k
+
+an integer accumulator (XNOR-popcount per plane, plus a per-channel constant) times one
+float per channel. The codes of binax's quantizers:
+
+============================================  =====  ===  ===  ====
+quantizer (forward)                            low    Δ    P    c0
+============================================  =====  ===  ===  ====
+sign, ste/approx/swish/ede_sign, tanh_sign→sign  −1     2    1    0
+ste_heaviside, duo_binary ({0, 1})               0      1    1    1
+duo_ternary ({0, ½, 1})                          0      ½    2    2
+ste_tern ({−1, 0, 1})                            −1     1    2    0
+dorefa, k bits ({0, 1/n, …, 1}, n = 2^k − 1)     0     1/n   n    n
+============================================  =====  ===  ===  ====
+
+For ``{0, 1}`` activations this is ``a·w = (s·w + Σw)/2`` (the issue's formula). A padded
+pixel of value ``v = L_j`` is the planes ``s_p = +1`` for ``p <= j``, ``−1`` above, so
+convolution borders stay exact (``S_b`` then runs over every tap, padded or not).
+
+``tanh_sign`` is exported as ``sign``: Self-Binarizing networks (Lahoud & Achanta 2019)
+replace ``tanh(ν·x)`` by its limit for inference.
+
+A kernel quantizer is exported by evaluating it on the latent weights and splitting the
+result into ``sign`` bits and ``α = |q|`` per output channel (``xnor_weight``: mean|W|;
+``libra_pb``: a power of two; ``duo_weight``: one α for the layer; sign-like: 1). A
+quantizer whose values are not ``±α`` per channel (ternary, DoReFa, user callables) is
+kept as its float quantized kernel, and the layer computes in float.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, Mapping, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from binax import binarizers
+from binax import layers as L
+from binax.export.kernels import packed_conv, packed_dense
+from binax.export.packing import PAD_BIT, WORD_BITS, num_words, pack_bits, unpack_bits
+
+Array = jax.Array
+
+__all__ = [
+    "SIGN_LIKE",
+    "ActivationCode",
+    "activation_code",
+    "inference_quantizer",
+    "quantized_kernel",
+    "quantize_kernels",
+    "kernel_request",
+    "decompose_kernel",
+    "LayerExport",
+    "export_layer",
+    "EXPORTED_TYPES",
+]
+
+#: Quantizers whose inference forward is ``sign(x)`` (0 -> +1); ``tanh_sign`` is exported as sign.
+SIGN_LIKE = frozenset({"sign", "ste_sign", "approx_sign", "swish_sign", "ede_sign", "tanh_sign"})
+
+#: Layer types the exporter replaces (when they quantize something).
+EXPORTED_TYPES = (L.BinaryDense, L.BinaryConv, L.BinaryDepthwiseConv, L.ABCDense, L.ABCConv)
+
+
+def inference_quantizer(spec, kwargs: Mapping[str, Any] | None) -> tuple[Any, dict]:
+    """The quantizer (and keywords) a layer uses at inference: ``tanh_sign`` becomes ``sign``."""
+    kwargs = dict(kwargs or {})
+    if spec == "tanh_sign":
+        return "sign", {}
+    return spec, kwargs
+
+
+# ----------------------------------------------------------------- activation codes
+
+
+@dataclasses.dataclass(frozen=True)
+class ActivationCode:
+    """Activations on the levels ``low + j·step`` (``j = 0..planes``) as binary planes.
+
+    ``quantizer``/``kwargs`` is the inference forward (a registry name); sign-like
+    quantizers are stored as ``"sign"``.
+    """
+
+    quantizer: str
+    kwargs: tuple = ()
+    low: float = -1.0
+    step: float = 2.0
+    planes: int = 1
+
+    @property
+    def offset(self) -> int:
+        """``c0 = 2·low/Δ + P``: the multiple of ``S_b`` in the integer accumulator."""
+        return int(round(2 * self.low / self.step + self.planes))
+
+    @property
+    def is_sign(self) -> bool:
+        return self.quantizer == "sign"
+
+    def levels(self) -> np.ndarray:
+        """The plane thresholds on the quantized value: ``low + (p − ½)·step``, ``p = 1..P``."""
+        return np.asarray([self.low + (p - 0.5) * self.step for p in range(1, self.planes + 1)])
+
+    def quantize(self, x: Array) -> Array:
+        """The quantizer's inference forward (``progress`` does not change any forward here)."""
+        if self.is_sign:
+            return binarizers.sign(x)
+        return binarizers.resolve(self.quantizer, **dict(self.kwargs))(x, 1.0)
+
+    def plane_bits(self, x: Array) -> Array:
+        """``(P, *x.shape)`` booleans: plane ``p`` is ``q(x) >= low + (p − ½)·step``."""
+        if self.is_sign:
+            return (x >= 0)[None]  # sign(x) >= 0 ⟺ x >= 0 (NaN -> False, as sign gives -1)
+        q = self.quantize(x)
+        levels = jnp.asarray(self.levels(), q.dtype).reshape((-1,) + (1,) * q.ndim)
+        return q[None] >= levels
+
+    def pad_planes(self, pad_value: float) -> tuple[int, ...] | None:
+        """Per-plane ``±1`` (or 0) of a padded pixel of value ``pad_value``; None if not a level.
+
+        A level ``L_j`` is ``+1`` in planes ``p <= j`` and ``−1`` above. With one plane, the
+        midpoint ``low + Δ/2`` (0 for sign) is the plane value 0, which ``packed_conv``
+        supports directly.
+        """
+        j = (pad_value - self.low) / self.step
+        if abs(j - round(j)) < 1e-9 and 0 <= round(j) <= self.planes:
+            j = int(round(j))
+            return tuple(1 if p <= j else -1 for p in range(1, self.planes + 1))
+        if self.planes == 1 and abs(j - 0.5) < 1e-9:
+            return (0,)
+        return None
+
+    def to_json(self) -> dict:
+        return {
+            "quantizer": self.quantizer,
+            "kwargs": dict(self.kwargs),
+            "low": self.low,
+            "step": self.step,
+            "planes": self.planes,
+        }
+
+
+def activation_code(spec, kwargs: Mapping[str, Any] | None = None) -> ActivationCode | None:
+    """The :class:`ActivationCode` of an input quantizer, or None (float, or no exact code)."""
+    if spec is None or not isinstance(spec, str):
+        return None
+    spec, kwargs = inference_quantizer(spec, kwargs)
+    items = tuple(sorted(kwargs.items()))
+    if spec in SIGN_LIKE:
+        return ActivationCode("sign")
+    if spec in ("ste_heaviside", "duo_binary"):
+        return ActivationCode(spec, items, 0.0, 1.0, 1)
+    if spec == "duo_ternary":
+        return ActivationCode(spec, items, 0.0, 0.5, 2)
+    if spec == "ste_tern":
+        return ActivationCode(spec, items, -1.0, 1.0, 2)
+    if spec == "dorefa":
+        n = 2 ** int(kwargs.get("k_bit", 2)) - 1
+        return ActivationCode(spec, items, 0.0, 1.0 / n, n)
+    return None
+
+
+# ----------------------------------------------------------------- kernels
+
+
+def quantized_kernel(spec, kwargs, latent, progress: float = 1.0) -> np.ndarray:
+    """The kernel one layer multiplies by at inference, ``q(W)``, as float32 NumPy.
+
+    Sign-like quantizers (and ``tanh_sign``) give ``sign(W)``; others are evaluated under
+    ``jit`` as in the model (:func:`quantize_kernels` does a whole model in one call).
+    """
+    return quantize_kernels({(): (spec, kwargs, latent)}, progress)[()]
+
+
+def quantize_kernels(kernels: Mapping[Any, tuple], progress: float = 1.0) -> dict[Any, Any]:
+    """``{key: q(W)}`` for ``{key: (spec, kwargs, latent)}``, every quantizer in ONE jit.
+
+    ``spec == "abc_weight"`` with ``kwargs = {"m": M}`` gives ``(bases, alphas)`` of
+    :func:`binax.binarizers.abc_weight_bases` (ABC-Net layers).
+    """
+    out, todo = {}, {}
+    for key, (spec, kwargs, latent) in kernels.items():
+        spec, kwargs = inference_quantizer(spec, kwargs)
+        latent = np.asarray(latent, np.float32)
+        if spec in SIGN_LIKE:
+            out[key] = np.where(latent >= 0, 1.0, -1.0).astype(np.float32)
+        else:
+            todo[key] = (spec, kwargs, latent)
+    if not todo:
+        return out
+    keys = list(todo)
+
+    def run(latents):
+        res = []
+        for key, w in zip(keys, latents):
+            spec, kwargs, _ = todo[key]
+            if spec == "abc_weight":
+                res.append(binarizers.abc_weight_bases(w, kwargs["m"]))
+            else:
+                res.append(binarizers.resolve(spec, **kwargs)(w, progress))
+        return res
+
+    results = jax.jit(run)([todo[k][2] for k in keys])
+    for key, r in zip(keys, results):
+        out[key] = jax.tree.map(lambda a: np.asarray(a, np.float32), r)
+    return out
+
+
+def kernel_request(module: nn.Module, params: Mapping[str, Any]) -> tuple | None:
+    """``(spec, kwargs, latent)`` for :func:`quantize_kernels`, or None (no quantized kernel)."""
+    if isinstance(module, (L.ABCDense, L.ABCConv)):
+        return ("abc_weight", {"m": module.m}, params["latent_kernel"])
+    if isinstance(module, (L.BinaryDense, L.BinaryConv, L.BinaryDepthwiseConv)) and module.kernel_quantizer is not None:
+        return (module.kernel_quantizer, dict(module.kernel_quantizer_kwargs or {}), params["latent_kernel"])
+    return None
+
+
+def decompose_kernel(q: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
+    """``q = α·b`` with ``b = sign(q)`` (0 -> +1) and ``α = max|q|`` per output channel (last axis).
+
+    Returns ``(b >= 0 as bools, α)``, or None when some ``|q|`` differs from its channel's
+    ``α`` (not a scaled binary kernel) or is not finite.
+    """
+    q = np.asarray(q, np.float32)
+    if q.ndim < 2 or not np.all(np.isfinite(q)):
+        return None
+    alpha = np.max(np.abs(q), axis=tuple(range(q.ndim - 1)))
+    if not np.array_equal(np.abs(q), np.broadcast_to(alpha, q.shape)):
+        return None
+    return q >= 0, alpha.astype(np.float32)
+
+
+def pack_np(bits: np.ndarray, axis: int) -> np.ndarray:
+    """:func:`binax.export.pack_bits` of host booleans in NumPy (export time, no compilation).
+
+    Same layout: 32 bits per word along ``axis``, LSB first, padded with ``PAD_BIT``.
+    """
+    bits = np.moveaxis(np.asarray(bits, bool), axis, -1)
+    pad = -bits.shape[-1] % WORD_BITS
+    if pad:
+        fill = np.full(bits.shape[:-1] + (pad,), bool(PAD_BIT))
+        bits = np.concatenate([bits, fill], axis=-1)
+    words = np.packbits(bits, axis=-1, bitorder="little").view("<u4").astype(np.uint32)
+    return np.moveaxis(words, -1, axis)
+
+
+def column_sums(bits_packed: np.ndarray, n: int, axis: int) -> np.ndarray:
+    """``S_b = Σ b`` per output channel (last axis) of a kernel packed along ``axis``.
+
+    Padding bits are ``PAD_BIT = 0`` and add nothing to the popcount; ``n`` is the number
+    of true values summed per output channel.
+    """
+    ones = np.unpackbits(np.ascontiguousarray(bits_packed).view(np.uint8)).reshape(*bits_packed.shape, 32)
+    per_out = ones.sum(axis=-1).reshape(-1, bits_packed.shape[-1]).sum(axis=0)
+    return (2 * per_out.astype(np.int64) - n).astype(np.int32)
+
+
+# ----------------------------------------------------------------- one layer
+
+
+@dataclasses.dataclass
+class LayerExport:
+    """A quantized layer in inference form.
+
+    ``kind``:
+
+    * ``"xnor"``: ±1 planes of the input × packed ±1 kernel by XOR-popcount, int32
+      accumulator × per-channel float (``arrays``: ``bits``, ``alpha``, [``bias``]);
+    * ``"abc"``: ABC-Net, N shifted sign planes × M packed bases by XOR-popcount,
+      ``Σ α_m β_n acc_mn`` (``bits``, ``alphas``, ``shifts``, ``betas``, [``bias``]);
+    * ``"float_input"``: packed ±1 kernel (stored packed), float input: the kernel is
+      unpacked to ``α·b`` and the layer runs as a float layer;
+    * ``"float"``: the quantized kernel stored as float32 (``kernel``), float compute.
+
+    ``info`` holds the static facts (JSON): shapes, packing axis, code, layout; ``note``
+    says why a layer is not on the popcount path.
+    """
+
+    kind: str
+    arrays: dict[str, np.ndarray]
+    info: dict[str, Any]
+    note: str = ""
+
+
+def _is_2d_conv(module) -> bool:
+    return isinstance(module, (L.BinaryConv, L.ABCConv)) and len(module.window) == 2
+
+
+def _plain_conv(module) -> str | None:
+    """Why a conv cannot go on ``packed_conv`` (None if it can)."""
+    if len(module.window) != 2:
+        return f"{len(module.window)}-d convolution (packed_conv is 2-d)"
+    if isinstance(module, L.BinaryConv) and module.feature_group_count != 1:
+        return f"grouped convolution (feature_group_count={module.feature_group_count})"
+    dil = module.kernel_dilation
+    if (dil if isinstance(dil, int) else max(dil)) != 1:
+        return f"dilated convolution (kernel_dilation={dil})"
+    return None
+
+
+def export_layer(
+    module: nn.Module,
+    params: Mapping[str, Any],
+    *,
+    progress: float = 1.0,
+    map_shape: Sequence[int] | None = None,
+    quantized: Any = None,
+) -> LayerExport | None:
+    """Inference form of one quantized layer (None for a layer that quantizes nothing).
+
+    ``module`` is the layer as the model builds it (from the inference config, so
+    ``tanh_sign`` is already ``sign``); ``params`` its parameters. ``map_shape = (H, W, C)``
+    asks for a dense layer fed by a flattened ``H×W×C`` map to store its kernel as an
+    ``H×W`` convolution packed along ``C`` (the packed chain keeps such maps packed per
+    pixel). ``quantized``: the layer's entry of :func:`quantize_kernels`, when the
+    caller evaluated every layer's quantizer at once.
+    """
+    if quantized is None and kernel_request(module, params) is not None:
+        quantized = quantize_kernels({(): kernel_request(module, params)}, progress)[()]
+    if isinstance(module, (L.ABCDense, L.ABCConv)):
+        return _export_abc(module, params, map_shape, quantized)
+    if not isinstance(module, (L.BinaryDense, L.BinaryConv, L.BinaryDepthwiseConv)):
+        return None
+    if module.input_quantizer is None and module.kernel_quantizer is None:
+        return None
+    in_q, in_kw = inference_quantizer(module.input_quantizer, module.input_quantizer_kwargs)
+    code = activation_code(in_q, in_kw)
+    bias = params.get("bias")
+    extra = {} if bias is None else {"bias": np.asarray(bias, np.float32)}
+    info: dict[str, Any] = {
+        "input_quantizer": in_q if isinstance(in_q, (str, type(None))) else repr(in_q),
+        "kernel_quantizer": inference_quantizer(module.kernel_quantizer, None)[0],
+    }
+    if module.kernel_quantizer is None:
+        kernel = np.asarray(params["kernel"], np.float32)
+        info.update(shape=list(kernel.shape))
+        return LayerExport("float", {"kernel": kernel, **extra}, info, "float kernel (only the input is quantized)")
+
+    latent = np.asarray(params["latent_kernel"], np.float32)
+    q = quantized
+    info.update(shape=list(q.shape))
+    split = decompose_kernel(q)
+    if split is None:
+        return LayerExport(
+            "float", {"kernel": q, **extra}, info, f"kernel quantizer {info['kernel_quantizer']!r} is not ±α per channel"
+        )
+    bits, alpha = split
+    depthwise = isinstance(module, L.BinaryDepthwiseConv)
+    reason = None
+    if code is None:
+        reason = "float input" if module.input_quantizer is None else f"no packed code for input quantizer {in_q!r}"
+    elif depthwise:
+        reason = "depthwise convolution (one input channel per output: nothing to pack along)"
+    elif isinstance(module, L.BinaryConv):
+        reason = _plain_conv(module)
+        if reason is None and code.pad_planes(module.pad_value) is None:
+            reason = f"pad value {module.pad_value} is not a level of {in_q!r}"
+    if reason is not None:
+        axis = q.ndim - 1 if depthwise else q.ndim - 2
+        info.update(pack_axis=axis)
+        return LayerExport("float_input", {"bits": pack_np(bits, axis), "alpha": alpha, **extra}, info, reason)
+
+    if isinstance(module, L.BinaryDense) and map_shape is not None:
+        h, w, c = map_shape
+        bits = bits.reshape(h, w, c, bits.shape[-1])
+        info.update(layout="map", map_shape=[int(h), int(w), int(c)])
+    else:
+        info.update(layout="conv" if isinstance(module, L.BinaryConv) else "dense")
+    axis = bits.ndim - 2
+    packed = pack_np(bits, axis)
+    n_in = int(math.prod(bits.shape[:-1]))
+    info.update(
+        pack_axis=axis,
+        in_channels=int(bits.shape[axis]),
+        code=code.to_json(),
+        column_sums_n=n_in,
+    )
+    if isinstance(module, L.BinaryConv):
+        info.update(pad_planes=list(code.pad_planes(module.pad_value)))
+    return LayerExport("xnor", {"bits": packed, "alpha": alpha, **extra}, info)
+
+
+def _export_abc(module, params, map_shape, quantized) -> LayerExport:
+    latent = np.asarray(params["latent_kernel"], np.float32)
+    bases, alphas = quantized
+    bias = params.get("bias")
+    extra = {} if bias is None else {"bias": np.asarray(bias, np.float32)}
+    extra.update(
+        shifts=np.asarray(params["shifts"], np.float32),
+        betas=np.asarray(params["betas"], np.float32),
+        alphas=alphas,
+    )
+    info: dict[str, Any] = {"shape": list(latent.shape), "m": module.m, "n": module.n}
+    reason = _plain_conv(module) if isinstance(module, L.ABCConv) else None
+    if reason is None and isinstance(module, L.ABCConv) and module.pad_value not in (-1.0, 0.0, 1.0):
+        reason = f"pad value {module.pad_value} (each binary activation must pad with -1, 0 or +1)"
+    if reason is not None:
+        axis = latent.ndim - 1
+        info.update(pack_axis=axis)
+        packed = np.stack([pack_np(b >= 0, axis) for b in bases])
+        return LayerExport("float_input", {"bits": packed, **extra}, info, reason)
+    b = bases >= 0  # (M, ..., C, O)
+    if isinstance(module, L.ABCDense) and map_shape is not None:
+        h, w, c = map_shape
+        b = b.reshape(b.shape[0], h, w, c, b.shape[-1])
+        info.update(layout="map", map_shape=[int(h), int(w), int(c)])
+    else:
+        info.update(layout="conv" if isinstance(module, L.ABCConv) else "dense")
+    # Bases side by side on the output axis: one popcount pass gives every (m, o).
+    b = np.moveaxis(b, 0, -2)
+    b = b.reshape(*b.shape[:-2], -1)
+    axis = b.ndim - 2
+    info.update(pack_axis=axis, in_channels=int(b.shape[axis]))
+    return LayerExport("abc", {"bits": pack_np(b, axis), **extra}, info)
+
+
+# ----------------------------------------------------------------- packed compute
+
+
+@dataclasses.dataclass(frozen=True)
+class PackedLayer:
+    """The static side of an exported layer at run time (arrays are passed separately)."""
+
+    path: tuple[str, ...]
+    module: nn.Module  # unbound clone of the model's layer
+    kind: str
+    info: Mapping[str, Any]
+
+    @property
+    def code(self) -> ActivationCode | None:
+        c = self.info.get("code")
+        if c is None:
+            return None
+        return ActivationCode(c["quantizer"], tuple(sorted(c["kwargs"].items())), c["low"], c["step"], c["planes"])
+
+    @property
+    def packed(self) -> bool:
+        """Computed by XOR-popcount (``xnor``/``abc``)."""
+        return self.kind in ("xnor", "abc")
+
+    @property
+    def integer_output(self) -> bool:
+        """One int32 accumulator per output, decoded by ``acc·scale (+ bias)``."""
+        return self.kind == "xnor"
+
+    def pad_planes(self) -> tuple[int, ...]:
+        if self.kind == "abc":
+            pv = int(self.module.pad_value) if isinstance(self.module, L.ABCConv) else 1
+            return (pv,) * self.module.n
+        return tuple(self.info.get("pad_planes", (1,) * self.code.planes))
+
+    def n_planes(self) -> int:
+        return self.module.n if self.kind == "abc" else self.code.planes
+
+    # ---- input planes
+
+    def encode(self, arrays: Mapping[str, Array], x: Array) -> Array:
+        """``(P, *x.shape[:-1], ceil(C/32))`` packed input planes of a float input."""
+        if self.kind == "abc":
+            shifts = arrays["shifts"].astype(jnp.float32)
+            shifted = x.astype(jnp.float32)[None] + shifts.reshape((-1,) + (1,) * x.ndim)
+            bits = shifted >= 0.5  # H_v(x) = +1 ⟺ clip(x + v, 0, 1) >= 0.5 ⟺ x + v >= 0.5
+        else:
+            bits = self.code.plane_bits(x)
+        return pack_bits(bits, axis=-1)
+
+    # ---- accumulators
+
+    def accumulate(self, arrays: Mapping[str, Array], planes: Array) -> Array:
+        """Integer accumulators from packed planes ``(P, N, ..., Cw)``.
+
+        ``xnor``: ``(N, ..., O)`` int32 ``Σ_p s_p·b + c0·S_b``; ``abc``: ``(N, M, N_out...)``
+        per-plane, per-base accumulators ``(P, N, ..., M·O)``.
+        """
+        bits = arrays["bits"]
+        c = self.info["in_channels"]
+        layout = self.info["layout"]
+        p = planes.shape[0]
+        if layout == "dense":
+            lead = planes.shape[1:-1]
+            acc = packed_dense(planes.reshape(-1, planes.shape[-1]), bits, c)
+            acc = acc.reshape(p, *lead, bits.shape[-1])
+        else:
+            if layout == "map":
+                h, w, _ = self.info["map_shape"]
+                if planes.ndim == 3:  # flattened (P, N, H·W·Cw) words -> per-pixel words
+                    planes = planes.reshape(p, planes.shape[1], h, w, -1)
+                strides, pads = (1, 1), ((0, 0), (0, 0))
+            else:
+                strides = L._tuple(self.module.strides, 2, "strides")
+                pads = L._padding_pairs(self.module.padding, planes.shape[2:4], bits.shape[:2], strides, (1, 1))
+            acc = self._conv_planes(planes, bits, c, strides, pads)
+            if layout == "map":
+                acc = acc.reshape(p, acc.shape[1], -1)
+        if self.kind == "abc":
+            return acc
+        acc = jnp.sum(acc, axis=0) if p > 1 else acc[0]
+        offset = self.code.offset
+        if offset:
+            acc = acc + offset * arrays["column_sums"]
+        return acc
+
+    def _conv_planes(self, planes, bits, c, strides, pads) -> Array:
+        # Planes that pad alike share one packed_conv call (stacked on the batch axis).
+        pad_planes = self.pad_planes() if self.info["layout"] == "conv" else (1,) * planes.shape[0]
+        groups: dict[int, list[int]] = {}
+        for i, pv in enumerate(pad_planes):
+            groups.setdefault(pv, []).append(i)
+        out = [None] * planes.shape[0]
+        n = planes.shape[1]
+        for pv, idx in groups.items():
+            xb = planes[jnp.asarray(idx)] if len(idx) < planes.shape[0] else planes
+            y = packed_conv(xb.reshape(-1, *planes.shape[2:]), bits, c, strides, pads, float(pv))
+            y = y.reshape(len(idx), n, *y.shape[1:])
+            for j, i in enumerate(idx):
+                out[i] = y[j]
+        return jnp.stack(out)
+
+    def decode_scale(self, arrays: Mapping[str, Array]) -> Array:
+        """Per-channel float of one accumulator step: ``α·Δ/2``."""
+        return arrays["scale"]
+
+    def decode(self, arrays: Mapping[str, Array], acc: Array) -> Array:
+        """Float output ``acc·(α·Δ/2) (+ bias)``, or for ABC ``Σ_mn α_m β_n acc_mn (+ bias)``."""
+        if self.kind == "abc":
+            m = self.module.m
+            acc = acc.reshape(*acc.shape[:-1], m, -1).astype(jnp.float32)
+            y = jnp.einsum("p...mo,p,m->...o", acc, arrays["betas"], arrays["alphas"], precision="highest")
+        else:
+            y = acc.astype(jnp.float32) * arrays["scale"]
+        if "bias" in arrays:
+            y = y + arrays["bias"]
+        return y
+
+    # ---- float layers
+
+    def float_apply(self, arrays: Mapping[str, Array], x: Array, progress=1.0) -> Array:
+        """A ``float``/``float_input`` layer: the model's own layer with its float kernel."""
+        module = self.module
+        params = {"bias": arrays["bias"]} if "bias" in arrays else {}
+        if isinstance(module, (L.ABCDense, L.ABCConv)):
+            # Σ_m α_m B_m from the packed bases, then ABC-Net's float math.
+            axis = self.info["pack_axis"]
+            n = self.info["shape"][axis]
+            bases = unpack_bits(arrays["bits"], n, axis=axis + 1, dtype=jnp.float32)
+            kernel = jnp.tensordot(arrays["alphas"], bases, axes=1)
+            a = binarizers.abc_activation(x, arrays["shifts"], arrays["betas"])
+            return _abc_float(module, a, kernel, arrays)
+        if self.kind == "float":
+            kernel = arrays["kernel"]
+        else:
+            axis = self.info["pack_axis"]
+            n = self.info["shape"][axis]
+            kernel = unpack_bits(arrays["bits"], n, axis=axis, dtype=jnp.float32) * arrays["alpha"]
+        in_q, in_kw = inference_quantizer(module.input_quantizer, module.input_quantizer_kwargs)
+        layer = module.clone(parent=None, kernel_quantizer=None, input_quantizer=in_q, input_quantizer_kwargs=in_kw)
+        return layer.apply({"params": {"kernel": kernel, **params}}, x, progress)
+
+
+def _abc_float(module, a: Array, kernel: Array, arrays) -> Array:
+    """ABC-Net's float math on the combined activation ``a`` and kernel ``Σ α_m B_m``."""
+    if isinstance(module, L.ABCDense):
+        y = jax.lax.dot_general(a, kernel.astype(a.dtype), (((a.ndim - 1,), (0,)), ((), ())))
+    else:
+        nd = len(module.window)
+        pad = module.pad_value * jnp.sum(arrays["betas"]) if module.pad_value != 0 else 0.0
+        y = L._padded_conv(
+            a,
+            kernel,
+            L._tuple(module.strides, nd, "strides"),
+            module.padding,
+            L._tuple(module.kernel_dilation, nd, "kernel_dilation"),
+            1,
+            pad,
+        )
+    if "bias" in arrays:
+        y = y + arrays["bias"]
+    return y
+
+
+def derived_arrays(export: LayerExport) -> dict[str, np.ndarray]:
+    """Arrays computed at load from the stored ones (not saved): decode scales, ``S_b``."""
+    out = {}
+    if export.kind == "xnor":
+        code = export.info["code"]
+        half_step = np.float32(code["step"] / 2)
+        out["scale"] = (np.asarray(export.arrays["alpha"], np.float32) * half_step).astype(np.float32)
+        c0 = ActivationCode(code["quantizer"], (), code["low"], code["step"], code["planes"]).offset
+        if c0:
+            out["column_sums"] = column_sums(export.arrays["bits"], export.info["column_sums_n"], export.info["pack_axis"])
+    return out
+
+
+__all__ += ["PackedLayer", "derived_arrays", "pack_np", "column_sums", "WORD_BITS", "num_words"]
