@@ -99,13 +99,15 @@ def _parse_flags(argv: list[str]) -> list[str]:
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    from binax import train
+    from binax import recipes, train
 
     train.quiet_checkpoint_logs()
     workdir = _WORKDIR.value or default_workdir(config_flags.get_config_filename(flags.FLAGS["config"]))
     logging.info("config:\n%s", _CONFIG.value)
     try:
-        train.train_and_evaluate(_CONFIG.value, workdir)
+        # A plain config is one training run; a recipe config may have stages (BinaryDuo's
+        # couple -> decouple -> fine-tune, Self-Binarizing's sign + BinaryBN evaluation).
+        recipes.run(_CONFIG.value, workdir)
     except KeyboardInterrupt:
         # The loop saved a checkpoint first (see its log); rerunning resumes from it.
         sys.exit(130)

@@ -15,6 +15,7 @@ from binax.train.loop import (
     create_model,
     make_mesh,
     maybe_initialize_distributed,
+    restore_variables,
     train_and_evaluate,
 )
 from binax.train.metrics import MetricsWriter, ProgressReporter, quiet_checkpoint_logs, read_metrics
@@ -52,6 +53,7 @@ __all__ = [
     "progress_at",
     "quiet_checkpoint_logs",
     "read_metrics",
+    "restore_variables",
     "train_and_evaluate",
     "train_step",
 ]

@@ -23,7 +23,7 @@ import os
 import signal
 import threading
 import time
-from typing import Any, Callable
+from typing import Any, Callable, Mapping
 
 import jax
 import jax.numpy as jnp
@@ -273,17 +273,76 @@ def build_trainer(config: ml_collections.ConfigDict, ds) -> Trainer:
     return Trainer(model, tx, schedules, steps_per_epoch, progress_fn, init, train_fn, eval_fn)
 
 
+def _start_from(state: steps.TrainState, variables: Mapping[str, Any], tx, sharding) -> steps.TrainState:
+    """``state`` with the given params/batch_stats and a fresh optimizer state for them."""
+    params = variables["params"]
+    batch_stats = variables.get("batch_stats", {})
+    want = jax.tree.map(lambda a: (a.shape, a.dtype), (state.params, state.batch_stats))
+    got = jax.tree.map(lambda a: (tuple(a.shape), jnp.asarray(a).dtype), (params, batch_stats))
+    if want != got:
+        raise ValueError(
+            "init_variables do not match the model's variables (structure, shapes, dtypes): "
+            f"model {want}, given {got}"
+        )
+    params, batch_stats = jax.device_put((params, batch_stats), sharding)
+    return state.replace(params=params, batch_stats=batch_stats, opt_state=jax.jit(tx.init, out_shardings=sharding)(params))
+
+
+def restore_variables(workdir: str, *, best: bool = True) -> tuple[Any, dict[str, Any], ml_collections.ConfigDict]:
+    """The model, ``{params, batch_stats}`` and config of a trained run in ``workdir``.
+
+    Reads ``workdir/config.json`` (written by :func:`train_and_evaluate`) and restores the
+    best checkpoint (highest eval accuracy), or the latest with ``best=False``.
+    """
+    path = os.path.join(os.path.abspath(workdir), "config.json")
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"no {path}: is {workdir!r} the workdir of a binax training run?")
+    with open(path) as f:
+        config = ml_collections.ConfigDict(json.load(f))
+    import binax.data
+
+    spec = binax.data.get_spec(config.data.name)
+    model = create_model(config.model)
+    ckpts = ckpt_lib.Checkpoints(os.path.join(workdir, "checkpoints"), async_save=False)
+    step = ckpts.best_step() if best else ckpts.latest_step()
+    if step is None:
+        raise FileNotFoundError(f"no checkpoint in {ckpts.directory}")
+    variables = jax.eval_shape(
+        lambda: model.init(jax.random.PRNGKey(0), jnp.zeros((1, *spec.image_shape)), train=False)
+    )
+    # Restore the whole TrainState as saved: its optimizer state's structure is that of the
+    # run's optimizer, so build the abstract state from the same config.
+    tx, _ = optimizers.create_optimizer(
+        config.optimizer, config.get("binary_optimizer"), steps_per_epoch=1, num_epochs=max(1, config.num_epochs),
+        grad_clip_norm=config.get("grad_clip_norm", 0.0),
+    )
+    abstract = jax.eval_shape(
+        lambda: steps.TrainState(
+            step=jnp.zeros([], jnp.int32), params=variables["params"], batch_stats=variables.get("batch_stats", {}),
+            opt_state=tx.init(variables["params"]), rng=jax.random.PRNGKey(0),
+        )
+    )
+    sharding = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    state = ckpts.restore(step, ckpt_lib.abstract_like(abstract, sharding))
+    ckpts.close()
+    return model, {"params": state.params, "batch_stats": state.batch_stats}, config
+
+
 def train_and_evaluate(
     config: ml_collections.ConfigDict,
     workdir: str,
     *,
     on_step: Callable[[int], None] | None = None,
+    init_variables: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Trains ``config`` in ``workdir`` (resuming what is there) and evaluates it.
 
     Writes ``workdir/{checkpoints/, metrics.jsonl, tb/, config.json, final.json}``.
     ``on_step(step)`` is called on the host after every update (after any checkpoint of
-    that step), e.g. to stop a run from a test. Returns the final summary (what
+    that step), e.g. to stop a run from a test. ``init_variables`` ({params, batch_stats})
+    starts a fresh run from given weights instead of the model's initializers (fine-tuning,
+    e.g. BinaryDuo's decoupled network); a run resumed from its own checkpoint ignores it.
+    Returns the final summary (what
     ``final.json`` holds). Raises ``NonFiniteLossError`` when the loss stops being finite
     and ``KeyboardInterrupt`` after saving a checkpoint on SIGINT/SIGTERM.
     """
@@ -318,6 +377,8 @@ def train_and_evaluate(
     resume_step = ckpts.latest_step()
     if resume_step is None:
         state = jax.jit(trainer.init, out_shardings=replicated)()
+        if init_variables is not None:
+            state = _start_from(state, init_variables, trainer.tx, replicated)
     else:
         state = ckpts.restore(resume_step, ckpt_lib.abstract_like(abstract_state, replicated))
     step = int(state.step)

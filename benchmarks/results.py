@@ -1,0 +1,194 @@
+"""The same-budget results table: every recipe on Fashion-MNIST, same architecture,
+epochs and seeds, written to ``docs/results.md``.
+
+    python benchmarks/results.py                       # MLP 784-512-512-512-10, 5 epochs, 3 seeds
+    python benchmarks/results.py --arch cnn --epochs 3 # the CNN table
+    python benchmarks/results.py --methods irnet,bnn --seeds 1 --quick   # a smoke run
+
+Each run is ``configs/recipe.py:method=...,arch=...,seed=...`` in its own workdir under
+``--root`` (default ``runs/results``); a finished run (its ``final.json`` or
+``recipe.json``) is not rerun and an interrupted one resumes from its checkpoint, so the
+table can be built in parts. Prints one JSON line per run; the markdown table is
+rewritten after every run from everything finished so far.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+# The table's rows: (label, recipe arguments). ABC-Net at three sizes.
+SWEEP = [
+    ("Full precision", "method=fp"),
+    ("BNN (ste_sign, clip)", "method=bnn"),
+    ("XNOR-Net", "method=xnor"),
+    ("DoReFa 1/1", "method=dorefa"),
+    ("Bi-Real (approx_sign)", "method=bireal"),
+    ("ReActNet (RPReLU, approx_sign)", "method=reactnet"),
+    ("IR-Net (Libra-PB + EDE)", "method=irnet"),
+    ("ABC-Net M=1, N=1", "method=abc,m=1,n=1"),
+    ("ABC-Net M=3, N=3", "method=abc,m=3,n=3"),
+    ("ABC-Net M=5, N=5", "method=abc,m=5,n=5"),
+    ("Self-Binarizing (sign + BinaryBN)", "method=sb"),
+    ("BinaryDuo (decoupled, fine-tuned)", "method=binaryduo"),
+]
+
+
+def _run_dir(root: str, arch: str, spec: str, seed: int) -> str:
+    return os.path.join(root, arch, spec.replace("method=", "").replace(",", "_").replace("=", ""), f"seed{seed}")
+
+
+def _finished(workdir: str) -> dict | None:
+    """The summary of a finished run: ``recipe.json`` for a multi-stage recipe (written
+    after its last stage), else the training run's ``final.json``."""
+    recipe_json, final_json = os.path.join(workdir, "recipe.json"), os.path.join(workdir, "final.json")
+    if os.path.exists(recipe_json):
+        with open(recipe_json) as f:
+            return json.load(f)
+    if os.path.exists(final_json):
+        with open(os.path.join(workdir, "config.json")) as f:
+            if json.load(f).get("recipe", {}).get("procedure", "train") == "train":
+                with open(final_json) as g:
+                    return json.load(g)
+    return None
+
+
+def run_one(arch: str, spec: str, seed: int, epochs: int, root: str, quick: bool) -> dict:
+    """Train one recipe (or read its finished result); returns its summary."""
+    from binax import recipes, train
+    from configs import recipe
+
+    workdir = _run_dir(root, arch, spec, seed)
+    done = _finished(workdir)
+    if done is not None:
+        return done
+    arg = f"{spec},arch={arch},seed={seed},epochs={epochs}" + (",quick" if quick else "")
+    config = recipe.get_config(arg)
+    config.report_every_seconds = 120.0
+    train.quiet_checkpoint_logs()
+    t0 = time.time()
+    summary = dict(recipes.run(config, workdir))
+    summary.setdefault("wall_time_s", time.time() - t0)
+    return summary
+
+
+def packed_size(arch: str, spec: str) -> tuple[float, float]:
+    """(packed bytes, float32 bytes) of the recipe's deployed model (binax.summary)."""
+    import binax
+    from binax import train, transforms
+    from configs import recipe
+
+    config = recipe.get_config(f"{spec},arch={arch}")
+    model = train.create_model(config.model)
+    if config.recipe.procedure == "binaryduo":
+        import jax
+        import jax.numpy as jnp
+
+        variables = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), jnp.zeros((1, 28, 28, 1)), train=False))
+        variables = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), variables)
+        model, _, _ = transforms.decouple_binaryduo_model(model, variables)
+    if config.recipe.procedure == "self_binarizing":
+        model = transforms.tanh_to_sign(model)
+    totals = binax.summary(model, (28, 28, 1)).totals
+    return totals.memory_bytes, totals.float32_bytes
+
+
+def _mean_std(values: list[float]) -> tuple[float, float]:
+    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
+
+
+def write_table(path: str, arch: str, epochs: int, seeds: int, rows: list[dict], wall: float) -> None:
+    fp = next((r for r in rows if r["spec"] == "method=fp" and r["accuracies"]), None)
+    fp_mean = _mean_std(fp["accuracies"])[0] if fp else None
+    arch_text = {"mlp": "MLP 784-512-512-512-10 (`bnn_mlp`, widths 512)", "cnn": "CNN 32-32-64-64 (`cnn_small`)"}[arch]
+    lines = [
+        f"## Fashion-MNIST, {arch_text}",
+        "",
+        f"Same budget for every method: {epochs} epochs (BinaryDuo: coupled training plus fine-tuning "
+        f"in the same total), batch 128, Adam 1e-3 with cosine decay, {seeds} seed(s) each; first layer "
+        "and classifier full precision. Accuracy on the 10,000 test images, mean ± std over seeds.",
+        "",
+        "| method | test accuracy (%) | gap to FP (points) | packed size | float32 size | train time / run |",
+        "|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        if not r["accuracies"]:
+            continue
+        mean, std = _mean_std([100 * a for a in r["accuracies"]])
+        gap = "—" if fp_mean is None or r["spec"] == "method=fp" else f"{mean - 100 * fp_mean:+.2f}"
+        t = statistics.fmean(r["times"]) if r["times"] else float("nan")
+        lines.append(
+            f"| {r['label']} | {mean:.2f} ± {std:.2f} (n={len(r['accuracies'])}) | {gap} | "
+            f"{r['packed'] / 1024:.0f} KiB | {r['float32'] / 1024:.0f} KiB | {t:.0f} s |"
+        )
+    extra = [r for r in rows if r.get("extra")]
+    for r in extra:
+        lines += ["", f"{r['label']}: " + "; ".join(r["extra"])]
+    lines += [
+        "",
+        f"Machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPU cores, CPU only; "
+        f"{time.strftime('%Y-%m-%d')}; total wall time of this table's runs {wall / 60:.0f} min.",
+    ]
+    text = "\n".join(lines) + "\n"
+    begin, end = f"<!-- results:{arch} -->", f"<!-- /results:{arch} -->"
+    old = open(path).read() if os.path.exists(path) else "# Results\n\n"
+    if begin in old:
+        head, _, rest = old.partition(begin)
+        _, _, tail = rest.partition(end)
+        new = f"{head}{begin}\n{text}{end}{tail}"
+    else:
+        new = f"{old.rstrip()}\n\n{begin}\n{text}{end}\n"
+    with open(path, "w") as f:
+        f.write(new)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--arch", default="mlp", choices=("mlp", "cnn"))
+    parser.add_argument("--epochs", type=int, default=5)
+    parser.add_argument("--seeds", type=int, default=3)
+    parser.add_argument("--methods", default="", help="comma-separated recipe methods (default: all rows)")
+    parser.add_argument("--root", default=os.path.join(ROOT, "runs", "results"))
+    parser.add_argument("--output", default=os.path.join(ROOT, "docs", "results.md"))
+    parser.add_argument("--quick", action="store_true", help="tiny runs (pipeline check, not results)")
+    args = parser.parse_args()
+
+    wanted = set(filter(None, args.methods.split(",")))
+    sweep = [(label, spec) for label, spec in SWEEP if not wanted or spec.split(",")[0][len("method="):] in wanted]
+    rows = []
+    wall = 0.0
+    # Seed-major order: the first pass gives a whole (one-seed) table early.
+    for label, spec in sweep:
+        packed, float32 = packed_size(args.arch, spec)
+        rows.append(dict(label=label, spec=spec, accuracies=[], times=[], packed=packed, float32=float32, extra=[]))
+    for seed in range(args.seeds):
+        for row in rows:
+            summary = run_one(args.arch, row["spec"], seed, args.epochs, args.root, args.quick)
+            row["accuracies"].append(summary["test_accuracy"])
+            row["times"].append(summary.get("train_time_s") or summary.get("wall_time_s") or 0.0)
+            wall += summary.get("wall_time_s") or 0.0
+            if "agreement" in summary:
+                row["extra"].append(
+                    f"seed {seed}: tanh at nu_max {100 * summary['tanh_test_accuracy']:.2f}%, sign + BinaryBN "
+                    f"{100 * summary['test_accuracy']:.2f}%, prediction agreement {100 * summary['agreement']:.2f}%"
+                )
+            if "coupled_test_accuracy" in summary:
+                row["extra"].append(
+                    f"seed {seed}: coupled ternary {100 * summary['coupled_test_accuracy']:.2f}%, decoupled "
+                    f"{100 * summary['decoupled_test_accuracy']:.2f}% (max |logit diff| "
+                    f"{summary['decoupling_max_logit_diff']:.1e}), fine-tuned {100 * summary['test_accuracy']:.2f}%"
+                )
+            print(json.dumps({"arch": args.arch, "spec": row["spec"], "seed": seed, **summary}), flush=True)
+            write_table(args.output, args.arch, args.epochs, args.seeds, rows, wall)
+
+
+if __name__ == "__main__":
+    main()

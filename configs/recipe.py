@@ -1,0 +1,191 @@
+"""Every method binax implements, run the same way: ``configs/recipe.py:method=<name>``.
+
+    python -m experiments.run --config configs/recipe.py:method=irnet
+    python -m experiments.run --config configs/recipe.py:method=abc,m=3,n=3,arch=cnn
+    python -m experiments.run --config configs/recipe.py:method=xnor,dataset=cifar10
+    python -m experiments.run --config configs/recipe.py:method=sb,quick
+    python -m experiments.run --config configs/recipe.py:method=binaryduo  # 3 stages, one command
+
+Arguments (``key=value`` after ``:``, comma separated):
+
+* ``method``: one of ``METHODS`` below.
+* ``dataset``: ``fashion_mnist`` (default; the data every machine has), ``cifar10`` or
+  ``imagenet2012`` (the papers' own architectures and optimizers, for users with the data
+  and an accelerator).
+* ``arch``: on Fashion-MNIST, ``mlp`` (784-W-W-W-10, ``bnn_mlp``) or ``cnn``
+  (``cnn_small``, 32-32-64-64); ``width`` sets W for the MLP (default 512).
+* ``m``, ``n``: ABC-Net's weight and activation bases (default 3, 3).
+* ``epochs``, ``seed``, ``quick``.
+
+Fashion-MNIST uses one optimizer for every method (Adam 1e-3 with cosine decay, batch
+128) so that the results table compares methods, not tuning. Methods that are more than a
+binarizer are multi-stage procedures (``procedure``): ``self_binarizing`` folds the trained
+network into sign + BinaryBN thresholds and evaluates that; ``binaryduo`` trains the
+coupled ternary network, decouples it and fine-tunes (``experiments.binaryduo``).
+"""
+
+from __future__ import annotations
+
+import ml_collections
+
+from configs import common
+
+EDE = {"t_min": 0.1, "t_max": 10.0}
+
+# name -> (model overrides, description). Quantizers by binax.binarizers registry name.
+METHODS: dict[str, tuple[dict, str]] = {
+    "fp": (
+        dict(input_quantizer=None, kernel_quantizer=None, activation="relu", latent_weight_clip=None),
+        "full precision (ReLU), the reference",
+    ),
+    "bnn": (
+        dict(input_quantizer="ste_sign", kernel_quantizer="ste_sign", latent_weight_clip=1.0),
+        "BNN (Hubara et al. 2016): ste_sign weights and activations, latent weights clipped to [-1, 1]",
+    ),
+    "xnor": (
+        dict(input_quantizer="ste_sign", kernel_quantizer="xnor_weight", latent_weight_clip=1.0),
+        "XNOR-Net: mean|W| per output channel times sign(W); ste_sign activations",
+    ),
+    "dorefa": (
+        dict(input_quantizer="dorefa", input_quantizer_kwargs={"k_bit": 1}, kernel_quantizer="duo_weight",
+             latent_weight_clip=None),
+        "DoReFa 1/1: {0,1} activations q_1(clip(x, 0, 1)), weights sign(w)·mean|w| per layer",
+    ),
+    "bireal": (
+        dict(input_quantizer="approx_sign", kernel_quantizer="xnor_weight", latent_weight_clip=None),
+        "Bi-Real: approx_sign activations, magnitude-aware weights (real shortcuts: arch=resnet on CIFAR)",
+    ),
+    "reactnet": (
+        dict(input_quantizer="approx_sign", kernel_quantizer="xnor_weight", activation="rprelu",
+             latent_weight_clip=None),
+        "ReActNet: RPReLU after BN (its output shift is RSign's learned threshold), approx_sign; no distillation",
+    ),
+    "irnet": (
+        dict(input_quantizer="ede_sign", input_quantizer_kwargs=EDE, kernel_quantizer="libra_pb",
+             kernel_quantizer_kwargs=EDE, latent_weight_clip=None),
+        "IR-Net: Libra-PB weights, EDE (t from 0.1 to 10 per epoch) on weights and activations",
+    ),
+    "abc": (
+        dict(layer_type="abc", latent_weight_clip=None),
+        "ABC-Net: M weight bases x N activation bases (m=, n=)",
+    ),
+    "sb": (
+        # nu_max = 1e5: at 1e3 the weights within ~1e-3 of 0 are still soft and sign
+        # changes 5% of predictions (measured); at 1e5 the trained network IS the sign one.
+        dict(input_quantizer="tanh_sign", input_quantizer_kwargs={"nu_0": 1.0, "nu_max": 1e5},
+             kernel_quantizer="tanh_sign", kernel_quantizer_kwargs={"nu_0": 1.0, "nu_max": 1e5},
+             activation="none", latent_weight_clip=None),
+        "Self-Binarizing: tanh(nu x) on weights and activations, nu 1 -> 1e5 per step; evaluated as sign + BinaryBN",
+    ),
+    "duo_binary": (
+        dict(input_quantizer="duo_binary", kernel_quantizer="duo_weight", latent_weight_clip=None),
+        "BinaryDuo's plain binary network ({0,1} activations, duo_weight): the same-cost baseline",
+    ),
+    "binaryduo": (
+        dict(input_quantizer="duo_ternary", kernel_quantizer="duo_weight", latent_weight_clip=None),
+        "BinaryDuo: coupled ternary training, decoupled into the 2x binary network, fine-tuned",
+    ),
+}
+
+PROCEDURES = {"sb": "self_binarizing", "binaryduo": "binaryduo"}
+DATASETS = ("fashion_mnist", "cifar10", "imagenet2012")
+ARCHS = ("mlp", "cnn")
+# BinaryDuo's budget split: coupled training, then fine-tuning of the decoupled network.
+BINARYDUO_FINETUNE_FRACTION = 1 / 3
+
+
+def _fashion_mnist(c, args):
+    width = args.width
+    if args.arch == "mlp":
+        # BinaryDuo's coupled network has half the channels at the coupled layers (all
+        # hidden layers but the last, whose BN feeds the float classifier); decoupled,
+        # it is the same W-W-W network as every other method.
+        widths = (width // 2, width // 2, width) if args.method == "binaryduo" else (width, width, width)
+        c.model = common.model_config("bnn_mlp", widths=widths, **_method_overrides(args))
+    else:
+        overrides = _method_overrides(args)
+        if args.method == "binaryduo":
+            # Every conv's BN feeds a binarized layer except the last (float classifier).
+            overrides["widths"] = (16, 16, 32, 64)
+        c.model = common.model_config("cnn_small", **overrides)
+    c.data.name = "fashion_mnist"
+    c.optimizer.name = "adam"
+    c.optimizer.learning_rate = 1e-3
+    c.optimizer.schedule = "cosine"
+    c.num_epochs = args.epochs or 5
+    c.batch_size = 128
+
+
+def _cifar10(c, args):
+    # IR-Net's official CIFAR-10 settings: SGD momentum 0.9, wd 1e-4, cosine;
+    # VGG-small lr 0.007 for 300 epochs, ResNet-20 lr 0.1 for 400 (EDE t_min 1e-3).
+    overrides = _method_overrides(args)
+    if args.arch == "resnet":
+        if args.method == "irnet":
+            ede = {"t_min": 1e-3, "t_max": 10.0}
+            overrides.update(input_quantizer_kwargs=ede, kernel_quantizer_kwargs=ede)
+        c.model = common.model_config("resnet20", **overrides)
+        c.optimizer.learning_rate, c.num_epochs = 0.1, args.epochs or 400
+    else:
+        overrides.setdefault("activation", "hardtanh")
+        c.model = common.model_config("vgg_small", **overrides)
+        c.optimizer.learning_rate, c.num_epochs = 0.007, args.epochs or 300
+    c.data.name = "cifar10"
+    c.optimizer.name = "sgd"
+    c.optimizer.momentum = 0.9
+    c.optimizer.weight_decay = 1e-4
+    c.optimizer.schedule = "cosine"
+    c.batch_size = 128
+
+
+def _imagenet(c, args):
+    # Bi-Real/IR-Net ResNet-18; Adam with linear decay (ReActNet, Bi-Real's later code).
+    c.model = common.model_config("resnet18", num_classes=1000, **_method_overrides(args))
+    c.data.name = "imagenet2012"
+    c.optimizer.name = "adam"
+    c.optimizer.learning_rate = 1e-3
+    c.optimizer.schedule = "linear"
+    c.num_epochs = args.epochs or 120
+    c.batch_size = 256
+    c.eval_batch_size = 250
+
+
+def _method_overrides(args) -> dict:
+    overrides = dict(METHODS[args.method][0])
+    if args.method == "abc":
+        overrides.update(abc_m=args.m, abc_n=args.n)
+    return overrides
+
+
+def get_config(arg=None) -> ml_collections.ConfigDict:
+    args = common.parse_arg(
+        arg, method="irnet", dataset="fashion_mnist", arch="mlp", width=512, m=3, n=3, epochs=0, seed=0, quick=False
+    )
+    if args.method not in METHODS:
+        raise ValueError(f"unknown method {args.method!r}; valid: {', '.join(METHODS)}")
+    if args.dataset not in DATASETS:
+        raise ValueError(f"unknown dataset {args.dataset!r}; valid: {', '.join(DATASETS)}")
+    if args.dataset == "fashion_mnist" and args.arch not in ARCHS:
+        raise ValueError(f"unknown arch {args.arch!r} for fashion_mnist; valid: {', '.join(ARCHS)}")
+    c = common.base_config()
+    {"fashion_mnist": _fashion_mnist, "cifar10": _cifar10, "imagenet2012": _imagenet}[args.dataset](c, args)
+    c.seed = args.seed
+    c.progress_unit = "epoch"
+    c.log_every_steps = 100
+    c.recipe = ml_collections.ConfigDict(
+        dict(
+            method=args.method,
+            procedure=PROCEDURES.get(args.method, "train"),
+            finetune_epochs=max(1, round(c.num_epochs * BINARYDUO_FINETUNE_FRACTION)),
+        )
+    )
+    if args.method == "binaryduo":
+        c.num_epochs -= c.recipe.finetune_epochs
+    if args.method == "sb":
+        # nu must sharpen smoothly up to nu_max by the last update, so that the trained
+        # network is the deployed sign network: per-step progress, not per-epoch jumps.
+        c.progress_unit = "step"
+    if args.quick:
+        common.shrink_quick(c)
+        c.recipe.finetune_epochs = 1
+    return c
