@@ -11,6 +11,7 @@ predictions and the same logits (up to float rounding) as
 from __future__ import annotations
 
 import functools
+import itertools
 import json
 import os
 import subprocess
@@ -121,8 +122,9 @@ def _observed_eval(model):
     return jax.jit(fn)
 
 
-def calibrated(model, x: np.ndarray, seed: int = 0) -> tuple[dict, np.ndarray]:
-    """(variables, eval-mode logits of ``x``): random weights, BatchNorm statistics of ``x``.
+def calibrated(model, x: np.ndarray, seed: int = 0):
+    """(variables, eval-mode logits of ``x``, the jitted eval): random weights, BatchNorm
+    statistics of ``x``.
 
     Each BatchNorm gets the mean and variance of its input on ``x`` in eval mode (one
     pass per BatchNorm in depth order, all with one compilation), then perturbed: means
@@ -151,7 +153,7 @@ def calibrated(model, x: np.ndarray, seed: int = 0) -> tuple[dict, np.ndarray]:
         node["var"] = (node["var"] * rng.uniform(0.5, 2.0, std.shape)).astype(np.float32)
     variables = {"params": params, "batch_stats": stats}
     logits, _ = fn(variables, x)
-    return variables, np.asarray(logits)
+    return variables, np.asarray(logits), fn
 
 
 def assert_same_logits(got, want):
@@ -162,17 +164,28 @@ def assert_same_logits(got, want):
     assert np.ptp(want, axis=0).max() > 0  # the images give different logits: not trivial
 
 
-def exported(name: str, cfg: dict, seed: int = 0, runtime: str = "auto", ref_cfg: dict | None = None):
-    """(packed model, reference eval-mode logits, images) for ``name`` with ``cfg``.
+def _freeze(cfg: dict) -> tuple:
+    return tuple(sorted((k, _freeze(v) if isinstance(v, dict) else v) for k, v in cfg.items()))
+
+
+@functools.lru_cache(maxsize=None)
+def _exported(name: str, cfg: tuple, runtime: str, ref_cfg: tuple | None):
+    cfg = json.loads(json.dumps(dict(cfg)))  # back to plain dicts / lists
+    ref_model = binax.models.create(name, **(dict(ref_cfg) if ref_cfg else cfg))
+    shape = input_shape_for(ref_model)
+    x = images_for(shape)
+    variables, ref, _ = calibrated(ref_model, x)
+    packed = bx.export(name, cfg, variables, shape, runtime=runtime)
+    return packed, ref, x
+
+
+def exported(name: str, cfg: dict, runtime: str = "auto", ref_cfg: dict | None = None):
+    """(packed model, reference eval-mode logits, images) for ``name`` with ``cfg``
+    (cached: tests that look at the same export share it).
 
     ``ref_cfg``: the config of the reference graph when it differs (tanh_sign -> sign).
     """
-    ref_model = binax.models.create(name, **(ref_cfg or cfg))
-    shape = input_shape_for(ref_model)
-    x = images_for(shape)
-    variables, ref = calibrated(ref_model, x, seed)
-    packed = bx.export(name, cfg, variables, shape, runtime=runtime)
-    return packed, ref, x
+    return _exported(name, _freeze(cfg), runtime, _freeze(ref_cfg) if ref_cfg else None)
 
 
 # ------------------------------------------------------------------------- every model
@@ -185,3 +198,260 @@ def test_every_registry_model_matches_its_eval_graph(name):
     assert any(layer.packed for layer in packed.layers.values()), packed.report()
     # Binary layers with sign-like inputs all run on XOR-popcount.
     assert "float (kernel unpacked" not in packed.report()
+
+
+# ------------------------------------------------------------------------- quantizer families
+
+
+MLP = {"widths": (72, 40, 36)}
+CNN = {"width_multiplier": 0.1}
+
+
+@pytest.mark.parametrize(
+    "name,cfg",
+    [
+        ("bnn_mlp", {**MLP, "input_quantizer": "approx_sign", "kernel_quantizer": "xnor_weight"}),
+        ("bnn_mlp", {**MLP, "input_quantizer": "ede_sign", "kernel_quantizer": "libra_pb"}),
+        ("bnn_mlp", {**MLP, "input_quantizer": "duo_binary", "kernel_quantizer": "duo_weight"}),
+        ("bnn_mlp", {**MLP, "input_quantizer": "ste_heaviside", "kernel_quantizer": "xnor_weight"}),
+        ("bnn_mlp", {**MLP, "input_quantizer": "dorefa", "input_quantizer_kwargs": {"k_bit": 2}}),
+        ("bnn_mlp", {**MLP, "input_quantizer": "ste_tern"}),
+        ("bnn_mlp", {**MLP, "first_layer_float": False, "last_layer_float": False}),
+        ("bnn_mlp", {**MLP, "layer_type": "abc", "abc_m": 2, "abc_n": 3}),
+        ("bnn_mlp", {**MLP, "layer_type": "abc", "abc_m": 3, "abc_n": 2, "runtime": "generic"}),
+    ],
+    ids=["xnor", "irnet", "duo_binary", "heaviside", "dorefa2", "ste_tern_act", "all_binary", "abc_chain", "abc_generic"],
+)
+def test_quantizer_families_match_their_eval_graph(name, cfg):
+    cfg = dict(cfg)
+    runtime = cfg.pop("runtime", "auto")
+    packed, ref, x = exported(name, cfg, runtime=runtime)
+    assert packed.runtime == ("chain" if runtime == "auto" else runtime)  # bnn_mlp has a chain plan
+    assert_same_logits(packed(x), ref)
+    assert all(layer.packed for layer in packed.layers.values() if layer.kind != "float_input"), packed.report()
+
+
+def test_tanh_sign_is_exported_as_sign():
+    """Self-Binarizing inference: the packed model equals the same network with sign."""
+    tanh = {**MLP, "input_quantizer": "tanh_sign", "kernel_quantizer": "tanh_sign"}
+    sign = {**MLP, "input_quantizer": "sign", "kernel_quantizer": "sign"}
+    packed, ref, x = exported("bnn_mlp", tanh, ref_cfg=sign)
+    assert_same_logits(packed(x), ref)
+    assert bx.inference_config(tanh)["input_quantizer"] == "sign"
+    assert packed.config["input_quantizer"] == "tanh_sign"  # the file keeps the training config
+    assert "xor-popcount (sign" in packed.report()
+
+
+def test_two_plane_thresholds_and_unfused_blocks_are_reported():
+    packed, ref, x = exported("vgg7_tiny", small_config("vgg7_tiny"))
+    assert_same_logits(packed(x), ref)
+    th = packed.arrays()["thresholds/bn2/threshold"]
+    assert th.shape[0] == 2  # duo_ternary: two planes, x >= 0.25 and x >= 0.75 after BN
+    report = packed.report()
+    assert "fused: int32 of conv1 >= threshold" in report
+    assert "feeds a float layer" in report  # fc_bn1 -> relu -> float classifier
+
+
+def test_non_monotone_block_is_computed_in_float():
+    """RPReLU with a negative slope: sign(BN -> RPReLU) is not a threshold; the chain
+    decodes to float there and stays exact."""
+    cfg = {"widths": (72, 40, 36, 34), "activation": "rprelu"}  # bn1, bn2 sit between binary layers
+    model = binax.models.create("bnn_mlp", **cfg)
+    shape = input_shape_for(model)
+    x = images_for(shape)
+    variables, _, fn = calibrated(model, x)
+    variables["params"]["bn1_act"]["slope"][0] = -0.5
+    ref = np.asarray(fn(variables, x)[0])
+    packed = bx.export("bnn_mlp", cfg, variables, shape)
+    assert_same_logits(packed(x), ref)
+    assert "thresholds/bn1/threshold" not in packed.arrays()
+    assert "thresholds/bn2/threshold" in packed.arrays()
+    assert "not monotone" in packed.report()
+
+
+def test_unsupported_kernel_quantizer_falls_back_to_float_and_says_so():
+    cfg = {**MLP, "kernel_quantizer": "ste_tern"}
+    packed, ref, x = exported("bnn_mlp", cfg)
+    assert_same_logits(packed(x), ref)
+    assert {layer.kind for layer in packed.layers.values()} == {"float"}
+    assert "kernel quantizer 'ste_tern' is not ±α per channel" in packed.report()
+
+
+# ------------------------------------------------------------------------- one layer, exactly
+
+
+CODES = [
+    ("ste_sign", {}),
+    ("ste_heaviside", {}),
+    ("duo_binary", {}),
+    ("duo_ternary", {}),
+    ("ste_tern", {}),
+    ("dorefa", {"k_bit": 2}),
+]
+
+
+def test_activation_codes_reconstruct_the_quantizer():
+    """q(x) = low + Δ·Σ_p plane_p(x), and pad values map to their planes."""
+    x = np.concatenate([np.linspace(-1.5, 1.5, 301), [0.0, 0.25, 0.5, 0.75, 1.0, -0.05, 0.05]]).astype(np.float32)
+    for spec, kw in CODES + [("tanh_sign", {})]:
+        code = inf.activation_code(spec, kw)
+        q = code.quantize(jnp.asarray(x))
+        planes = np.asarray(code.plane_bits(jnp.asarray(x)))
+        np.testing.assert_allclose(code.low + code.step * planes.sum(0), q, atol=1e-6, err_msg=spec)
+        assert float(code.offset) == 2 * code.low / code.step + code.planes
+        top = code.pad_planes(code.low + code.step * code.planes)
+        assert top == (1,) * code.planes
+    assert inf.activation_code("ste_sign").pad_planes(0.0) == (0,)
+    assert inf.activation_code("duo_ternary").pad_planes(0.5) == (1, -1)
+    assert inf.activation_code("duo_ternary").pad_planes(0.3) is None
+    assert inf.activation_code("dorefa", {"k_bit": 3}) is not None
+    assert inf.activation_code(lambda x: x) is None
+
+
+def _layer_cases():
+    """Every activation code on a dense and a conv layer (sign-like kernels), the other
+    kernel quantizers, and the padding modes."""
+    cases = []
+    for spec, kw in CODES:
+        q = {"input_quantizer": spec, "input_quantizer_kwargs": kw, "kernel_quantizer": "ste_sign"}
+        cases.append((L.BinaryConv(5, (3, 3), **q), (2, 6, 5, 35)))
+        if spec in ("ste_sign", "duo_ternary"):
+            cases.append((L.BinaryDense(37, **q), (3, 70)))
+    sign = {"input_quantizer": "ste_sign", "kernel_quantizer": "ste_sign"}
+    cases += [
+        (L.BinaryDense(9, input_quantizer="duo_ternary", kernel_quantizer="xnor_weight"), (3, 40)),
+        (L.BinaryConv(6, (3, 3), input_quantizer="ede_sign", kernel_quantizer="libra_pb"), (2, 5, 5, 20)),
+        (L.BinaryConv(6, (3, 3), input_quantizer="duo_binary", kernel_quantizer="duo_weight"), (2, 5, 5, 20)),
+        (L.BinaryConv(4, (3, 3), strides=2, padding=((1, 2), (0, 1)), pad_values=-1.0, **sign), (2, 7, 6, 33)),
+        (L.BinaryConv(4, (3, 2), padding="SAME", pad_values=0.0, use_bias=True, **sign), (2, 5, 5, 3)),
+        (L.BinaryConv(4, (2, 2), padding="VALID", **sign), (1, 4, 4, 64)),
+        (L.ABCConv(6, (3, 3), m=3, n=2), (2, 5, 5, 7)),
+        (L.ABCDense(6, m=2, n=3, use_bias=True), (4, 40)),
+    ]
+    return cases
+
+
+def test_packed_layers_equal_the_layers_eval_forward():
+    """decode(accumulate(encode(x))) against the layer itself, for every code, kernel
+    quantizer and padding mode; exact where the layer's scale is a power of two."""
+    rng = np.random.default_rng(0)
+    cases = []
+    for module, shape in _layer_cases():
+        x = rng.standard_normal(shape).astype(np.float32)
+        x.flat[::7] = 0.0  # exact zeros: sign(0) = +1, heaviside(0) = 0
+        params = jax.eval_shape(lambda x: module.init(jax.random.key(0), x), x)["params"]
+        params = random_params(params, rng)
+        cases.append((module, params, x))
+    requests = {i: inf.kernel_request(m, p) for i, (m, p, _) in enumerate(cases)}
+    quantized = inf.quantize_kernels(requests)  # one compilation for all the layers
+    for i, (module, params, x) in enumerate(cases):
+        export = inf.export_layer(module, params, quantized=quantized[i])
+        assert export.kind in ("xnor", "abc"), (module, export.note)
+        layer = inf.PackedLayer(("l",), module, export.kind, export.info)
+        arrays = {**export.arrays, **inf.derived_arrays(export)}
+        cases[i] = (module, params, x, layer, arrays)
+
+    @jax.jit
+    def run(all_params, xs, all_arrays):
+        out = []
+        for (module, _, _, layer, _), p, x, a in zip(cases, all_params, xs, all_arrays):
+            ref = module.apply({"params": p}, x)
+            out.append((ref, layer.decode(a, layer.accumulate(a, layer.encode(a, x)))))
+        return out
+
+    results = run([c[1] for c in cases], [c[2] for c in cases], [c[4] for c in cases])
+    for (module, _, _, layer, _), (ref, got) in zip(cases, results):
+        # Power-of-two scales (sign, Libra-PB) and levels (all but DoReFa's thirds): exact.
+        kq, iq = getattr(module, "kernel_quantizer", None), getattr(module, "input_quantizer", None)
+        if kq in ("ste_sign", "libra_pb") and iq != "dorefa":
+            np.testing.assert_array_equal(got, ref, err_msg=repr(module))
+        else:
+            np.testing.assert_allclose(got, ref, rtol=2e-6, atol=2e-6 * float(np.abs(ref).max()), err_msg=repr(module))
+
+
+def test_pack_np_is_pack_bits():
+    rng = np.random.default_rng(1)
+    for shape, axis in [((3, 70), 1), ((33, 5), 0), ((2, 3, 64, 4), 2)]:
+        b = rng.random(shape) < 0.5
+        np.testing.assert_array_equal(inf.pack_np(b, axis), packing.pack_bits(jnp.asarray(b), axis=axis))
+
+
+# ------------------------------------------------------------------------- the file
+
+
+def test_file_round_trip_is_one_npz_without_latent_weights(tmp_path):
+    packed, ref, x = exported("bnn_mlp", MLP)
+    path = tmp_path / "mlp.npz"
+    size = packed.save(path)
+    assert size == os.path.getsize(path) and sorted(os.listdir(tmp_path)) == ["mlp.npz"]
+    with zipfile.ZipFile(path) as z:
+        names = z.namelist()
+    assert not any("latent" in n for n in names)
+    meta = json.loads(str(np.load(path)["meta"]))
+    assert meta["format_version"] == bx.FORMAT_VERSION and meta["model"] == "bnn_mlp"
+    assert meta["config"]["widths"] == list(MLP["widths"]) and meta["input_shape"] == [28, 28, 1]
+    loaded = bx.load(path)
+    np.testing.assert_array_equal(loaded(x), packed(x))
+    assert loaded.report() == packed.report()
+    # A path without the suffix is written as given (np.savez would append '.npz').
+    assert bx.save(loaded, tmp_path / "plain") == os.path.getsize(tmp_path / "plain")
+
+
+def test_binary_kernels_are_stored_one_bit_per_weight():
+    """Each popcount layer stores ceil(C/32) words per (tap, output) and one float per
+    output channel; the float32 latent kernel is gone."""
+    packed, _, _ = exported("vgg_small", small_config("vgg_small"))
+    arrays = packed.arrays()
+    model = binax.models.create("vgg_small", **small_config("vgg_small"))
+    abstract = jax.eval_shape(lambda x: model.init(jax.random.key(0), x), jnp.zeros((1, 32, 32, 3)))["params"]
+    for path, layer in packed.layers.items():
+        assert layer.kind == "xnor"
+        kh, kw, c, o = abstract[path[0]]["latent_kernel"].shape
+        bits = arrays["layers/" + "/".join(path) + "/bits"]
+        assert bits.dtype == np.uint32 and bits.shape == (kh, kw, packing.num_words(c), o)
+        assert arrays["layers/" + "/".join(path) + "/alpha"].shape == (o,)
+    # BatchNorms between binary layers are stored as thresholds only.
+    assert not any(k.startswith(("variables/params/bn1/", "variables/batch_stats/bn1/")) for k in arrays)
+
+
+def test_loading_needs_neither_binax_train_nor_latent_weights(tmp_path):
+    packed, ref, x = exported("bnn_mlp", MLP)
+    packed.save(tmp_path / "m.npz")
+    np.save(tmp_path / "x.npy", x)
+    code = (
+        "import sys, numpy as np\n"
+        "from binax.export import load\n"
+        f"m = load({str(tmp_path / 'm.npz')!r})\n"
+        f"np.save({str(tmp_path / 'y.npy')!r}, np.asarray(m(np.load({str(tmp_path / 'x.npy')!r}))))\n"
+        "assert 'binax.train' not in sys.modules, sorted(k for k in sys.modules if k.startswith('binax'))\n"
+    )
+    env = {**os.environ, "PYTHONPATH": ROOT, "JAX_PLATFORMS": "cpu"}
+    subprocess.run([sys.executable, "-c", code], check=True, env=env, cwd=tmp_path, timeout=300)
+    np.testing.assert_array_equal(np.load(tmp_path / "y.npy"), packed(x))
+
+
+def test_bad_inputs_raise_clear_errors(tmp_path):
+    packed, _, x = exported("bnn_mlp", MLP)
+    with pytest.raises(ValueError, match=r"exported for images of shape \(N, 28, 28, 1\)"):
+        packed(x[:, :27])
+    variables = {"params": {}, "batch_stats": {}}
+    with pytest.raises(ValueError, match="runtime must be one of"):
+        bx.export("bnn_mlp", MLP, variables, (28, 28, 1), runtime="fast")
+    with pytest.raises(ValueError, match="Unknown model"):
+        bx.export("nope", {}, variables, (28, 28, 1))
+    with pytest.raises(ValueError, match="input_shape must be a tuple"):
+        bx.export("bnn_mlp", MLP, variables, 28)
+    with pytest.raises(ValueError, match="cannot be stored"):
+        bx.export("bnn_mlp", {**MLP, "input_quantizer": binax.binarizers.sign}, variables, (28, 28, 1))
+    with pytest.raises(ValueError, match="variables lack"):
+        bx.export("bnn_mlp", MLP, variables, (28, 28, 1))
+    with pytest.raises(ValueError, match="no packed-chain plan"):
+        bx.export("resnet20", {}, variables, (32, 32, 3), runtime="chain")
+    path = tmp_path / "old.npz"
+    meta = {**packed.meta, "format_version": bx.FORMAT_VERSION + 1}
+    np.savez(path, meta=np.asarray(json.dumps(meta)), **packed.arrays())
+    with pytest.raises(ValueError, match="format version"):
+        bx.load(path)
+    np.savez(tmp_path / "other.npz", a=np.zeros(3))
+    with pytest.raises(ValueError, match="not a binax packed model file"):
+        bx.load(tmp_path / "other.npz")

@@ -231,6 +231,8 @@ def fusion_candidates(ops: Sequence[tuple], layers: Mapping[tuple, PackedLayer])
             reasons[op[1]] = "input is not one integer accumulator per channel (float or ABC layer before it)"
         elif cons is None or not cons.packed:
             reasons[op[1]] = "its output feeds a float layer"
+        elif not cons.integer_output:
+            reasons[op[1]] = "its output feeds an ABC-Net layer (shifted planes: not fused)"
         else:
             cands[op[1]] = (producer, consumer)
     return cands, reasons
@@ -240,14 +242,6 @@ def accumulator_bound(layer: PackedLayer) -> int:
     """``A`` with ``|acc| <= A``: ``(P + |c0|)·n`` for ``n`` inputs per output."""
     code = layer.code
     return (code.planes + abs(code.offset)) * int(layer.info["column_sums_n"])
-
-
-def _consumer_planes(consumer: PackedLayer, arrays: Mapping, z: Array) -> Array:
-    """``(P, *z.shape)`` input planes of ``consumer`` for the float values ``z``."""
-    if consumer.kind == "abc":
-        shifts = jnp.asarray(arrays["shifts"], jnp.float32)
-        return (z.astype(jnp.float32)[None] + shifts.reshape((-1,) + (1,) * z.ndim)) >= 0.5
-    return consumer.code.plane_bits(z)
 
 
 def _grid(producer: PackedLayer, producer_arrays: Mapping[str, np.ndarray], idx: np.ndarray) -> np.ndarray:
@@ -281,7 +275,6 @@ class _Search:
     block: Block
     block_vars: Mapping
     consumer: PackedLayer
-    consumer_arrays: Mapping[str, np.ndarray]
 
     @property
     def channels(self) -> int:
@@ -292,7 +285,7 @@ class _Search:
         return (2 * accumulator_bound(self.producer) + 1) * self.channels * self.consumer.n_planes()
 
     def planes(self, bvars, y):
-        return _consumer_planes(self.consumer, self.consumer_arrays, self.block.apply(bvars, y))
+        return self.consumer.code.plane_bits(self.block.apply(bvars, y))
 
 
 def search_thresholds(searches: Sequence[_Search]) -> list[tuple[np.ndarray, np.ndarray] | None]:
@@ -439,7 +432,6 @@ def compile_thresholds(
             plan.blocks[path],
             plan.blocks[path].variables(variables),
             plan.layers[consumer],
-            layer_arrays[consumer],
         )
         for path, (producer, consumer) in cands.items()
     ]

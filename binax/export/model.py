@@ -204,15 +204,17 @@ class PackedModel:
     ``(N, *input_shape)``).
     """
 
-    def __init__(self, meta: Mapping[str, Any], arrays: Mapping[str, np.ndarray]):
+    def __init__(self, meta: Mapping[str, Any], arrays: Mapping[str, np.ndarray], *, _traced=None):
         self.meta = json.loads(json.dumps(meta))  # a plain copy
         self._arrays = {k: np.asarray(v) for k, v in arrays.items()}
         self.name = self.meta["model"]
         self.config = self.meta["config"]
         self.input_shape = tuple(self.meta["input_shape"])
         self.runtime = self.meta["runtime"]
-        self.model = models.create(self.name, **inference_config(self.config))
-        calls, _ = trace(self.model, self.input_shape)
+        if _traced is None:  # (model, calls) when export() has them already
+            model = models.create(self.name, **inference_config(self.config))
+            _traced = (model, trace(model, self.input_shape)[0])
+        self.model, calls = _traced
         self._calls = calls
         self.layers: dict[tuple, PackedLayer] = {}
         for key, entry in self.meta["layers"].items():
@@ -393,14 +395,14 @@ def export(
         raise ValueError(f"input_shape must be a tuple of positive ints such as (32, 32, 3); got {input_shape!r}.")
     shape = tuple(int(s) for s in shape)
     model = models.create(model_name, **inference_config(config))
-    calls, abstract = trace(model, shape)
-    variables = unfreeze(dict(variables))
-    _check_variables(variables, abstract)
-
     ops = chain_lib.plan_ops(model)
     if runtime == "chain" and ops is None:
         names = sorted({n for n in models.names() if type(models.create(n)) in chain_lib.PLANNERS})
         raise ValueError(f"{model_name} has no packed-chain plan (models with one: {names}); use runtime='generic'.")
+    calls, abstract = trace(model, shape)
+    variables = unfreeze(dict(variables))
+    _check_variables(variables, abstract)
+
     use_chain = ops is not None and runtime != "generic"
     map_shapes = chain_lib.map_shapes(ops, calls, shape) if use_chain else {}
 
@@ -451,7 +453,7 @@ def export(
             if any(path[: len(s)] == s for s in skip):
                 continue
             arrays["variables/" + "/".join((col,) + path)] = np.asarray(leaf)
-    return PackedModel(meta, arrays)
+    return PackedModel(meta, arrays, _traced=(model, calls))
 
 
 # ------------------------------------------------------------------------- file
