@@ -13,7 +13,13 @@ One run times, interleaved and repeated (median after warm-up), on the same mach
   ``threshold_to_bits`` (BatchNorm + sign into the next layer's bits, what a packed
   network runs per layer; the float side is timed without its BatchNorm, which
   flatters float slightly);
-* the weight file-size ratio float32 / packed per shape.
+* the weight file-size ratio float32 / packed per shape;
+* ``--model vgg_small``: the whole network at batch ``--batch`` (32×32×3 Fashion-MNIST
+  images, padded and tiled to 3 channels): the training graph in eval mode, jitted, with
+  its binary layers as float32 XLA convolutions (``binax.ops`` forced to ``impl="xla"``;
+  on CPU the training graph otherwise runs them through XNOR-popcount, timed as
+  ``train_graph_auto``) against ``binax.export`` packed inference; plus the file sizes
+  (float32 = every parameter and batch statistic at 4 bytes, and the packed ``.npz``).
 
 Every line of output is one JSON object. Packed timings start from packed activations
 (what a packed network passes between binary layers); ``pack_bits`` of a float input is
@@ -22,7 +28,8 @@ same round), which the load of other processes distorts less than ratios of medi
 ``cpu_*`` fields use this process's CPU time (all threads), which hardly grows when
 other processes share the cores, and are the steadier figure on a busy machine.
 
-Usage: ``python benchmarks/packed.py [--batch 128] [--reps 7] [--quick] [--sweep]``.
+Usage: ``python benchmarks/packed.py [--batch 128] [--reps 7] [--quick] [--sweep]
+[--model vgg_small]`` (``--model`` runs only the whole-model section).
 """
 
 from __future__ import annotations
@@ -282,12 +289,168 @@ def bench_pack(batch: int, reps: int) -> None:
     emit(kind="pack_bits", shape=list(x.shape), median_ms=median_ms)
 
 
+# ------------------------------------------------------------------------- whole model
+
+
+def fashion_images(n: int, shape) -> np.ndarray:
+    """``n`` Fashion-MNIST test images in [−0.5, 0.5], zero-padded to ``shape``, tiled to C."""
+    import binax.data
+
+    images, _ = binax.data.load_arrays("fashion_mnist", "test")
+    im = np.resize(images, (n, 28, 28, 1)).astype(np.float32) / 255.0 - 0.5
+    h, w, c = shape
+    top, left = (h - 28) // 2, (w - 28) // 2
+    im = np.pad(im, ((0, 0), (top, h - 28 - top), (left, w - 28 - left), (0, 0)))
+    return np.tile(im, (1, 1, 1, c))
+
+
+def trained_like_variables(model, x: np.ndarray, seed: int = 0) -> dict:
+    """Random weights, BatchNorm statistics of ``x`` in eval mode (one pass per BN).
+
+    No jitted ``model.init``: XLA:CPU compiles the initializers' RNG very slowly.
+    """
+    import flax.linen as nn
+
+    rng = np.random.default_rng(seed)
+    abstract = jax.eval_shape(lambda x: model.init(jax.random.key(0), x, train=False), x)
+
+    def param(path, s):
+        name = path[-1].key
+        if name == "latent_kernel":
+            return rng.standard_normal(s.shape)
+        if name == "kernel":
+            return rng.standard_normal(s.shape) / np.sqrt(max(1, int(np.prod(s.shape[:-1]))))
+        if name == "scale":
+            return rng.uniform(0.5, 1.5, s.shape) * np.where(rng.random(s.shape) < 0.25, -1.0, 1.0)
+        return 0.2 * rng.standard_normal(s.shape)
+
+    params = jax.tree_util.tree_map_with_path(lambda p, s: param(p, s).astype(np.float32), abstract["params"])
+    stats = jax.tree_util.tree_map_with_path(
+        lambda p, s: np.full(s.shape, float(p[-1].key == "var"), np.float32), abstract["batch_stats"]
+    )
+
+    @jax.jit
+    def observe(variables, x):
+        seen = {}
+
+        def icpt(next_fun, args, kwargs, ctx):
+            if isinstance(ctx.module, nn.BatchNorm):
+                y = args[0]
+                axes = tuple(range(y.ndim - 1))
+                seen[tuple(ctx.module.path)] = (jnp.mean(y, axes), jnp.var(y, axes))
+            return next_fun(*args, **kwargs)
+
+        with nn.intercept_methods(icpt):
+            model.apply(variables, x, train=False, progress=1.0)
+        return seen
+
+    for _ in range(len(stats) + 1):
+        for path, (mean, var) in observe({"params": params, "batch_stats": stats}, x).items():
+            node = stats
+            for k in path:
+                node = node[k]
+            node["mean"], node["var"] = np.asarray(mean), np.asarray(var) + 1e-3
+    for node in stats.values():  # thresholds away from the batch medians
+        std = np.sqrt(node["var"])
+        node["mean"] = (node["mean"] + 0.25 * std * rng.standard_normal(std.shape)).astype(np.float32)
+        node["var"] = (node["var"] * rng.uniform(0.5, 2.0, std.shape)).astype(np.float32)
+    return {"params": params, "batch_stats": stats}
+
+
+def bench_model(name: str, batch: int, reps: int) -> None:
+    """Whole-model float32 XLA vs packed inference, and the file sizes."""
+    import tempfile
+
+    import binax
+    import binax.export as bx
+    import binax.ops.binary as ops_binary
+
+    model = binax.models.create(name)
+    shape = (32, 32, 3)
+    calib = fashion_images(32, shape)
+    variables = trained_like_variables(model, calib)
+    x = jnp.asarray(fashion_images(batch, shape))
+
+    def eval_fn():  # a new function per jit: JAX reuses a function's trace across jits
+        return lambda v, x: model.apply(v, x, train=False, progress=1.0)
+
+    # The float32 baseline: binax.ops' convolutions as plain XLA ones (its CPU default
+    # is the XNOR-popcount forward). The patch only matters while tracing.
+    default_impl = ops_binary.default_impl
+    ops_binary.default_impl = lambda backend=None: "xla"
+    try:
+        float_fn = jax.jit(eval_fn()).lower(variables, x)
+    finally:
+        ops_binary.default_impl = default_impl
+    auto_fn = jax.jit(eval_fn()).lower(variables, x)
+    if "popcnt" in float_fn.as_text() or "popcnt" not in auto_fn.as_text():
+        raise AssertionError("the float32 baseline must not use XNOR-popcount (and auto should on CPU)")
+    float_fn, auto_fn = float_fn.compile(), auto_fn.compile()
+
+    t0 = time.process_time()
+    packed = bx.export(name, {}, variables, shape)
+    export_cpu_s = time.process_time() - t0
+    ref = np.asarray(float_fn(variables, x))
+    got = np.asarray(packed(x))
+    if not np.array_equal(ref.argmax(-1), got.argmax(-1)) or not np.allclose(got, ref, rtol=1e-5, atol=1e-5 * np.abs(ref).max()):
+        raise AssertionError(f"packed {name} differs from its eval graph: max |diff| {np.abs(got - ref).max()}")
+
+    cands = {
+        "float32_xla": (float_fn, (variables, x)),
+        "train_graph_auto": (auto_fn, (variables, x)),
+        "packed": (packed._forward, (packed._device_arrays, x)),
+    }
+    times = interleaved(cands, reps)
+    res = summarize(times, "float32_xla")
+    # What bounds the packed time: its XOR-popcount word-ops at the machine's measured rate.
+    word_ops = 0
+    for path, layer in packed.layers.items():
+        bits = packed.arrays()["layers/" + "/".join(path) + "/bits"]
+        out_shape = packed._calls[path].out_shape
+        word_ops += batch * int(np.prod(out_shape[1:-1])) * int(np.prod(bits.shape))
+    limit = measure_limit(reps)
+    packed_limit = add_limit({"float32_xla": res["float32_xla"], "packed": dict(res["packed"])}, "float32_xla", word_ops, limit)
+
+    n_values = sum(int(np.size(a)) for a in jax.tree.leaves(variables))
+    float32_bytes = 4 * n_values
+    with tempfile.TemporaryDirectory() as tmp:
+        file_bytes = packed.save(os.path.join(tmp, f"{name}.npz"))
+    summary = binax.summary(model, shape)
+    emit(
+        kind="model",
+        model=name,
+        batch=batch,
+        input_shape=list(shape),
+        results=res,
+        speedup_packed_vs_float32=res["packed"]["speedup_vs_float"],
+        cpu_speedup_packed_vs_float32=res["packed"]["cpu_speedup_vs_float"],
+        predictions_equal=True,
+        max_abs_logit_diff=float(np.abs(got - ref).max()),
+        sizes={
+            "float32_bytes": float32_bytes,
+            "packed_file_bytes": file_bytes,
+            "packed_array_bytes": packed.nbytes,
+            "summary_packed_bytes": round(summary.totals.memory_bytes),
+            "file_ratio": round(float32_bytes / file_bytes, 2),
+            "array_ratio": round(float32_bytes / packed.nbytes, 2),
+        },
+        popcount_word_ops=word_ops,
+        popcount_limit_ms=packed_limit["limit_ms"],
+        popcount_limit_cpu_ms=packed_limit["limit_cpu_ms"],
+        packed_cpu_fraction_of_popcount_limit=round(packed_limit["limit_cpu_ms"] / res["packed"]["cpu_median_ms"], 2),
+        packed_layers=sum(1 for layer in packed.layers.values() if layer.packed),
+        fused_blocks=sorted(packed.meta.get("fused", {})),
+        export_cpu_s=round(export_cpu_s, 2),
+    )
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--batch", type=int, default=128, help="batch of the VGG-small convolutions")
     p.add_argument("--reps", type=int, default=7, help="timed rounds after one warm-up round")
     p.add_argument("--quick", action="store_true", help="smaller shapes for a smoke run")
     p.add_argument("--sweep", action="store_true", help="also time kernel tuning knobs")
+    p.add_argument("--model", default=None, help="time this whole registry model instead (e.g. vgg_small)")
     args = p.parse_args()
     emit(
         kind="machine",
@@ -299,6 +462,10 @@ def main():
         load_average=list(os.getloadavg()),
         compiler_options=CPU_COMPILER_OPTIONS if jax.default_backend() == "cpu" else None,
     )
+    if args.model:
+        bench_model(args.model, args.batch, args.reps)
+        emit(kind="done", load_average=list(os.getloadavg()))
+        return
     limit = measure_limit(args.reps)
     dense_shapes = [(128, 4096, 4096), (128, 1024, 1024), (16, 4096, 4096)]
     if args.quick:

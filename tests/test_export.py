@@ -409,9 +409,16 @@ def test_binary_kernels_are_stored_one_bit_per_weight():
         kh, kw, c, o = abstract[path[0]]["latent_kernel"].shape
         bits = arrays["layers/" + "/".join(path) + "/bits"]
         assert bits.dtype == np.uint32 and bits.shape == (kh, kw, packing.num_words(c), o)
-        assert arrays["layers/" + "/".join(path) + "/alpha"].shape == (o,)
+        # The scale is stored where the layer decodes to float; elsewhere it is in the thresholds.
+        alpha = arrays.get("layers/" + "/".join(path) + "/alpha")
+        assert (alpha is None) == bool(layer.info.get("scale_in_thresholds")), path
+        assert alpha is None or alpha.shape == (o,)
+    assert packed.layers[("conv5",)].info.get("scale_in_thresholds") is None  # -> float classifier
     # BatchNorms between binary layers are stored as thresholds only.
     assert not any(k.startswith(("variables/params/bn1/", "variables/batch_stats/bn1/")) for k in arrays)
+    assert sorted(k for k in arrays if k.startswith("thresholds/")) == [
+        f"thresholds/bn{i}/{n}" for i in range(1, 5) for n in ("flip", "threshold")
+    ]
 
 
 def test_loading_needs_neither_binax_train_nor_latent_weights(tmp_path):
@@ -455,3 +462,47 @@ def test_bad_inputs_raise_clear_errors(tmp_path):
     np.savez(tmp_path / "other.npz", a=np.zeros(3))
     with pytest.raises(ValueError, match="not a binax packed model file"):
         bx.load(tmp_path / "other.npz")
+
+
+# ------------------------------------------------------------------------- experiments.export
+
+
+def test_export_command_packs_the_best_checkpoint_of_a_workdir(tmp_path, capsys):
+    import optax
+
+    from binax.train import Checkpoints, TrainState
+    from configs import common as config_common
+    from experiments import export as export_cli
+
+    config = config_common.base_config()
+    config.model = config_common.model_config("bnn_mlp", widths=(40, 36))
+    (tmp_path / "config.json").write_text(config.to_json_best_effort())
+    model = binax.models.create("bnn_mlp", widths=(40, 36))
+    x = images_for((28, 28, 1))
+    good, _, _ = calibrated(model, x, seed=1)
+    worse, _, _ = calibrated(model, x, seed=2)
+
+    def state(variables, step):
+        return TrainState(
+            step=jnp.asarray(step, jnp.int32),
+            params=variables["params"],
+            batch_stats=variables["batch_stats"],
+            opt_state=optax.sgd(0.1).init(variables["params"]),
+            rng=jax.random.PRNGKey(0),
+        )
+
+    ckpts = Checkpoints(str(tmp_path / "checkpoints"))
+    ckpts.save(10, state(good, 10), accuracy=0.9)
+    ckpts.save(20, state(worse, 20), accuracy=0.5)  # the latest, not the best
+    ckpts.close()
+
+    out = export_cli.run(str(tmp_path), None, "best", "auto", None, check=4)
+    printed = capsys.readouterr().out
+    assert out == str(tmp_path / "packed_bnn_mlp.npz") and os.path.exists(out)
+    assert "checkpoint step 10" in printed and "packed file (.npz)" in printed and "Total params" in printed
+    assert "predictions agree 100%" in printed
+    direct = bx.export("bnn_mlp", {"widths": (40, 36)}, good, (28, 28, 1))
+    np.testing.assert_array_equal(bx.load(out)(x), direct(x))
+    with pytest.raises(ValueError, match="no checkpoint at step 7"):
+        export_cli.restore_variables(str(tmp_path), "7")
+    assert export_cli.restore_variables(str(tmp_path), "latest")[0] == 20

@@ -598,7 +598,8 @@ def derived_arrays(export: LayerExport) -> dict[str, np.ndarray]:
     if export.kind == "xnor":
         code = export.info["code"]
         half_step = np.float32(code["step"] / 2)
-        out["scale"] = (np.asarray(export.arrays["alpha"], np.float32) * half_step).astype(np.float32)
+        if "alpha" in export.arrays:  # absent when the chain folded it into thresholds
+            out["scale"] = (np.asarray(export.arrays["alpha"], np.float32) * half_step).astype(np.float32)
         c0 = ActivationCode(code["quantizer"], (), code["low"], code["step"], code["planes"]).offset
         if c0:
             out["column_sums"] = column_sums(export.arrays["bits"], export.info["column_sums_n"], export.info["pack_axis"])

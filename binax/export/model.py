@@ -351,7 +351,8 @@ def _compute_text(layer: PackedLayer) -> str:
     if layer.kind == "xnor":
         code = layer.code
         planes = f"{code.planes} planes" if code.planes > 1 else "1 plane"
-        return f"xor-popcount ({code.quantizer}: {planes}) -> int32 x scale"
+        then = "thresholds" if layer.info.get("scale_in_thresholds") else "x scale"
+        return f"xor-popcount ({code.quantizer}: {planes}) -> int32 -> {then}"
     if layer.kind == "abc":
         return f"xor-popcount (ABC {layer.module.m} bases x {layer.module.n} activations)"
     if layer.kind == "float_input":
@@ -445,6 +446,13 @@ def export(
             for name, arr in th.items():
                 arrays["thresholds/" + "/".join(path + (name,))] = arr
             skip.add(path)
+        # A layer whose accumulators only meet thresholds never decodes: its scale and
+        # bias live in the thresholds.
+        for fused in plan.fused.values():
+            key = "/".join(fused["producer"])
+            for name in ("alpha", "bias"):
+                arrays.pop(f"layers/{key}/{name}", None)
+            meta["layers"][key]["info"]["scale_in_thresholds"] = True
         meta["fused"] = {"/".join(p): v for p, v in plan.fused.items()}
         meta["not_fused"] = {"/".join(p): v for p, v in plan.not_fused.items()}
 
