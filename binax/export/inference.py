@@ -52,7 +52,7 @@ import numpy as np
 from binax import binarizers
 from binax import layers as L
 from binax.export.kernels import packed_conv, packed_dense
-from binax.export.packing import PAD_BIT, WORD_BITS, num_words, pack_bits, unpack_bits
+from binax.export.packing import PAD_BIT, WORD_BITS, pack_bits, unpack_bits
 
 Array = jax.Array
 
@@ -68,6 +68,10 @@ __all__ = [
     "LayerExport",
     "export_layer",
     "EXPORTED_TYPES",
+    "PackedLayer",
+    "derived_arrays",
+    "pack_np",
+    "column_sums",
 ]
 
 #: Quantizers whose inference forward is ``sign(x)`` (0 -> +1); ``tanh_sign`` is exported as sign.
@@ -483,8 +487,8 @@ class PackedLayer:
     def accumulate(self, arrays: Mapping[str, Array], planes: Array) -> Array:
         """Integer accumulators from packed planes ``(P, N, ..., Cw)``.
 
-        ``xnor``: ``(N, ..., O)`` int32 ``Σ_p s_p·b + c0·S_b``; ``abc``: ``(N, M, N_out...)``
-        per-plane, per-base accumulators ``(P, N, ..., M·O)``.
+        ``xnor``: ``(N, ..., O)`` int32, ``Σ_p Σ_k s_pk·b_k + c0·S_b``; ``abc``: one
+        accumulator per activation plane and weight base, ``(P, N, ..., M·O)``.
         """
         bits = arrays["bits"]
         c = self.info["in_channels"]
@@ -606,4 +610,3 @@ def derived_arrays(export: LayerExport) -> dict[str, np.ndarray]:
     return out
 
 
-__all__ += ["PackedLayer", "derived_arrays", "pack_np", "column_sums", "WORD_BITS", "num_words"]
