@@ -59,7 +59,7 @@ def self_binarizing(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
     os.makedirs(workdir, exist_ok=True)
     final = train.train_and_evaluate(config, workdir)
-    model, variables, _ = train.restore_variables(workdir, best=False)
+    model, variables, _, _ = train.restore_variables(workdir, step="latest")
     ds = _dataset(config)
     trained_logits, labels = predict(model, variables, ds, config.eval_batch_size, progress=1.0)
     folded, fvars = transforms.self_binarizing_inference(model, variables, ds.image_shape)
@@ -88,7 +88,7 @@ def binaryduo(config: ml_collections.ConfigDict, workdir: str) -> dict:
     coupled_dir = os.path.join(workdir, "coupled")
     decoupled_dir = os.path.join(workdir, "decoupled")
     coupled_final = train.train_and_evaluate(config, coupled_dir)
-    model, variables, _ = train.restore_variables(coupled_dir, best=False)
+    model, variables, _, _ = train.restore_variables(coupled_dir, step="latest")
     dmodel, dvars, overrides = transforms.decouple_binaryduo_model(model, variables)
 
     ds = _dataset(config)

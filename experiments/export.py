@@ -44,41 +44,6 @@ def read_config(workdir: str) -> dict:
     return config
 
 
-def restore_variables(workdir: str, step: str | int = "best") -> tuple[int, dict[str, Any]]:
-    """``(step, {params, batch_stats})`` of a checkpoint in ``workdir/checkpoints``.
-
-    The whole saved ``TrainState`` is read as a plain tree (no optimizer needed to
-    rebuild its structure) and its model variables are returned.
-    """
-    import orbax.checkpoint as ocp
-
-    from binax.train import Checkpoints
-
-    directory = os.path.join(workdir, "checkpoints")
-    if not os.path.isdir(directory):
-        raise ValueError(f"{workdir} has no checkpoints/ directory.")
-    ckpts = Checkpoints(directory)
-    steps = ckpts.all_steps()
-    if not steps:
-        raise ValueError(f"{directory} holds no checkpoint.")
-    if step == "best":
-        chosen = ckpts.best_step()
-        chosen = ckpts.latest_step() if chosen is None else chosen
-    elif step == "latest":
-        chosen = ckpts.latest_step()
-    else:
-        try:
-            chosen = int(step)
-        except ValueError:
-            raise ValueError(f"--step must be 'best', 'latest' or an integer; got {step!r}.") from None
-        if chosen not in steps:
-            raise ValueError(f"no checkpoint at step {chosen}; saved steps: {sorted(steps)}.")
-    state = ckpts.manager.restore(chosen, args=ocp.args.StandardRestore())
-    ckpts.close()
-    variables = {"params": state["params"], "batch_stats": state.get("batch_stats") or {}}
-    return chosen, jax.tree.map(np.asarray, variables)
-
-
 def input_shape(config: dict, override: str | None) -> tuple[int, ...]:
     if override:
         try:
@@ -116,12 +81,15 @@ def size_table(summary, packed, file_bytes: int, variables) -> str:
 def run(workdir: str, out: str | None, step: str, runtime: str, shape_override: str | None, check: int) -> str:
     import binax
     import binax.export as bx
+    from binax import train
 
+    train.quiet_checkpoint_logs()
     config = read_config(workdir)
     model_cfg = dict(config["model"])
     name = model_cfg.pop("name")
     shape = input_shape(config, shape_override)
-    chosen, variables = restore_variables(workdir, step)
+    _, variables, _, chosen = train.restore_variables(workdir, step)
+    variables = jax.tree.map(np.asarray, variables)
     packed = bx.export(name, model_cfg, variables, shape, runtime=runtime)
     out = out or os.path.join(workdir, f"packed_{name}.npz")
     file_bytes = packed.save(out)

@@ -522,6 +522,18 @@ def test_export_command_packs_the_best_checkpoint_of_a_workdir(tmp_path, capsys)
     assert "predictions agree 100%" in printed
     direct = bx.export("bnn_mlp", {"widths": (40, 36)}, good, (28, 28, 1))
     np.testing.assert_array_equal(bx.load(out)(x), direct(x))
+    from binax import train
+
     with pytest.raises(ValueError, match="no checkpoint at step 7"):
-        export_cli.restore_variables(str(tmp_path), "7")
-    assert export_cli.restore_variables(str(tmp_path), "latest")[0] == 20
+        train.restore_variables(str(tmp_path), "7")
+    assert train.restore_variables(str(tmp_path), "latest")[3] == 20
+
+
+@pytest.mark.parametrize("n", [32, 64, 40])
+def test_pack_np_matches_pack_bits_on_any_layout(n):
+    """Export-time packing equals binax.export.pack_bits, also when no padding is needed
+    and the packed axis is not the last (a dense kernel (in, out) packs along axis 0)."""
+    from binax.export import inference, pack_bits
+
+    bits = np.random.default_rng(0).random((n, 7)) > 0.5
+    np.testing.assert_array_equal(inference.pack_np(bits, 0), np.asarray(pack_bits(jnp.asarray(bits), axis=0)))

@@ -258,7 +258,9 @@ def pack_np(bits: np.ndarray, axis: int) -> np.ndarray:
     if pad:
         fill = np.full(bits.shape[:-1] + (pad,), bool(PAD_BIT))
         bits = np.concatenate([bits, fill], axis=-1)
-    words = np.packbits(bits, axis=-1, bitorder="little").view("<u4").astype(np.uint32)
+    # packbits keeps the moved axis' strides; the 4-byte view needs a contiguous last axis
+    # (without padding, e.g. 128 inputs, nothing above made a copy).
+    words = np.ascontiguousarray(np.packbits(bits, axis=-1, bitorder="little")).view("<u4").astype(np.uint32)
     return np.moveaxis(words, -1, axis)
 
 

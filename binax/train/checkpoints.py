@@ -76,6 +76,10 @@ class Checkpoints:
         (a pytree of ``jax.ShapeDtypeStruct`` with ``sharding``)."""
         return self.manager.restore(step, args=ocp.args.StandardRestore(abstract_state))
 
+    def restore_tree(self, step: int) -> Any:
+        """Restores ``step`` as saved, as a plain tree of arrays (no target structure needed)."""
+        return self.manager.restore(step, args=ocp.args.StandardRestore())
+
     def wait(self) -> None:
         """Blocks until asynchronous saves are on disk."""
         self.manager.wait_until_finished()

@@ -288,44 +288,41 @@ def _start_from(state: steps.TrainState, variables: Mapping[str, Any], tx, shard
     return state.replace(params=params, batch_stats=batch_stats, opt_state=jax.jit(tx.init, out_shardings=sharding)(params))
 
 
-def restore_variables(workdir: str, *, best: bool = True) -> tuple[Any, dict[str, Any], ml_collections.ConfigDict]:
-    """The model, ``{params, batch_stats}`` and config of a trained run in ``workdir``.
+def restore_variables(
+    workdir: str, step: str | int = "best"
+) -> tuple[Any, dict[str, Any], ml_collections.ConfigDict, int]:
+    """The model, ``{params, batch_stats}``, config and step of a trained run in ``workdir``.
 
-    Reads ``workdir/config.json`` (written by :func:`train_and_evaluate`) and restores the
-    best checkpoint (highest eval accuracy), or the latest with ``best=False``.
+    Reads ``workdir/config.json`` (written by :func:`train_and_evaluate`) and the
+    checkpoint ``step``: ``'best'`` (highest eval accuracy; the latest if none was
+    evaluated), ``'latest'`` or a step number. The saved ``TrainState`` is read as a plain
+    tree, so nothing about the optimizer is needed to restore the model's variables.
     """
     path = os.path.join(os.path.abspath(workdir), "config.json")
     if not os.path.exists(path):
-        raise FileNotFoundError(f"no {path}: is {workdir!r} the workdir of a binax training run?")
+        raise FileNotFoundError(f"no {path}: is {workdir!r} the --workdir of a binax training run?")
     with open(path) as f:
         config = ml_collections.ConfigDict(json.load(f))
-    import binax.data
-
-    spec = binax.data.get_spec(config.data.name)
-    model = create_model(config.model)
-    ckpts = ckpt_lib.Checkpoints(os.path.join(workdir, "checkpoints"), async_save=False)
-    step = ckpts.best_step() if best else ckpts.latest_step()
-    if step is None:
+    ckpts = ckpt_lib.Checkpoints(os.path.join(os.path.abspath(workdir), "checkpoints"), async_save=False)
+    saved = ckpts.all_steps()
+    if not saved:
         raise FileNotFoundError(f"no checkpoint in {ckpts.directory}")
-    variables = jax.eval_shape(
-        lambda: model.init(jax.random.PRNGKey(0), jnp.zeros((1, *spec.image_shape)), train=False)
-    )
-    # Restore the whole TrainState as saved: its optimizer state's structure is that of the
-    # run's optimizer, so build the abstract state from the same config.
-    tx, _ = optimizers.create_optimizer(
-        config.optimizer, config.get("binary_optimizer"), steps_per_epoch=1, num_epochs=max(1, config.num_epochs),
-        grad_clip_norm=config.get("grad_clip_norm", 0.0),
-    )
-    abstract = jax.eval_shape(
-        lambda: steps.TrainState(
-            step=jnp.zeros([], jnp.int32), params=variables["params"], batch_stats=variables.get("batch_stats", {}),
-            opt_state=tx.init(variables["params"]), rng=jax.random.PRNGKey(0),
-        )
-    )
-    sharding = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-    state = ckpts.restore(step, ckpt_lib.abstract_like(abstract, sharding))
+    if step == "best":
+        chosen = ckpts.best_step()
+        chosen = ckpts.latest_step() if chosen is None else chosen
+    elif step == "latest":
+        chosen = ckpts.latest_step()
+    else:
+        try:
+            chosen = int(step)
+        except (TypeError, ValueError):
+            raise ValueError(f"step must be 'best', 'latest' or an integer; got {step!r}.") from None
+        if chosen not in saved:
+            raise ValueError(f"no checkpoint at step {chosen}; saved steps: {sorted(saved)}.")
+    state = ckpts.restore_tree(chosen)
     ckpts.close()
-    return model, {"params": state.params, "batch_stats": state.batch_stats}, config
+    variables = {"params": state["params"], "batch_stats": state.get("batch_stats") or {}}
+    return create_model(config.model), jax.tree.map(jnp.asarray, variables), config, chosen
 
 
 def train_and_evaluate(
