@@ -49,7 +49,8 @@ def tiny_batch(n=8, seed=0):
 
 
 def tiny_state(model, tx, seed=0):
-    return steps.create_train_state(model, tx, (8, 8, 1), jax.random.PRNGKey(seed))
+    # Jitted: one compilation instead of one per eager op of the model's init.
+    return jax.jit(lambda key: steps.create_train_state(model, tx, (8, 8, 1), key))(jax.random.PRNGKey(seed))
 
 
 # ----------------------------------------------------------------------------- Bop
