@@ -26,11 +26,12 @@ from __future__ import annotations
 import functools
 import inspect
 import math
-import operator
 from typing import Any, Callable, Mapping
 
 import jax
 import jax.numpy as jnp
+
+from binax._checks import static_int
 
 Array = jax.Array
 
@@ -105,19 +106,6 @@ def _within_clip(x: Array, clip_value: Array, dtype) -> Array:
 def _clip_or_inf(clip_value) -> Array:
     """A clip value as float32; ``None`` (no clipping, as in Larq) becomes +inf."""
     return _f32(jnp.inf if clip_value is None else clip_value)
-
-
-def _static_int(value, what: str) -> int:
-    """A static positive integer argument (``k_bit``, ``m``): Python or NumPy int, >= 1."""
-    try:
-        if isinstance(value, bool):
-            raise TypeError
-        n = operator.index(value)
-    except TypeError:
-        n = None
-    if n is None or n < 1:
-        raise ValueError(f"{what} must be an integer >= 1; got {value!r}.")
-    return n
 
 
 def _check_per_channel_kernel(w: Array, fn_name: str) -> None:
@@ -451,7 +439,7 @@ def dorefa(x: Array, k_bit: int = 2) -> Array:
     Backward: STE on [0, 1]: ``g * 1[0 <= x <= 1]``. ``k_bit`` is a static integer >= 1
     (a precision choice, not a schedule).
     """
-    n = float(2 ** _static_int(k_bit, "k_bit") - 1)
+    n = float(2 ** static_int(k_bit, "k_bit") - 1)
     return _dorefa(x, n)
 
 
@@ -535,7 +523,7 @@ def libra_pb(w: Array, t: float | Array, k: float | Array) -> Array:
 
 
 def _check_m(m) -> int:
-    return _static_int(m, "m (the number of ABC-Net weight bases)")
+    return static_int(m, "m (the number of ABC-Net weight bases)")
 
 
 def _abc_shifts(m: int) -> list[float]:

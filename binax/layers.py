@@ -217,6 +217,21 @@ def _check_conv_input(x: Array, nd: int, layer: str) -> None:
 _glorot = nn.initializers.glorot_uniform()
 
 
+class _ConvGeometry:
+    """Window and pad value of a convolution layer (needs ``kernel_size``, ``pad_values``,
+    ``input_quantizer``); an int ``kernel_size`` means a square 2-D window."""
+
+    @property
+    def window(self) -> tuple[int, ...]:
+        if isinstance(self.kernel_size, int):
+            return (self.kernel_size,) * 2
+        return tuple(self.kernel_size)
+
+    @property
+    def pad_value(self) -> float:
+        return default_pad_value(self.pad_values, self.input_quantizer)
+
+
 class BinaryDense(nn.Module):
     """Dense layer with optional input and kernel binarizers (BNN, XNOR-Net, IR-Net, ...).
 
@@ -250,7 +265,7 @@ class BinaryDense(nn.Module):
         return y
 
 
-class BinaryConv(nn.Module):
+class BinaryConv(_ConvGeometry, nn.Module):
     """1-d / 2-d / 3-d convolution with optional input and kernel binarizers.
 
     The input is quantized FIRST, then padded explicitly with ``pad_values`` (default
@@ -275,16 +290,6 @@ class BinaryConv(nn.Module):
     kernel_clip: float | None = None
     kernel_init: Callable = _glorot
     bias_init: Callable = nn.initializers.zeros
-
-    @property
-    def window(self) -> tuple[int, ...]:
-        if isinstance(self.kernel_size, int):
-            return (self.kernel_size,) * 2
-        return tuple(self.kernel_size)
-
-    @property
-    def pad_value(self) -> float:
-        return default_pad_value(self.pad_values, self.input_quantizer)
 
     def _kernel_shape(self, in_features: int) -> tuple[int, ...]:
         if in_features % self.feature_group_count:
@@ -324,7 +329,7 @@ class BinaryConv(nn.Module):
         return y
 
 
-class BinaryDepthwiseConv(nn.Module):
+class BinaryDepthwiseConv(_ConvGeometry, nn.Module):
     """Depthwise convolution (one filter per input channel, ``depth_multiplier`` outputs each).
 
     Kernel shape ``(*window, 1, C * depth_multiplier)``; per-output-channel weight
@@ -346,16 +351,6 @@ class BinaryDepthwiseConv(nn.Module):
     kernel_clip: float | None = None
     kernel_init: Callable = _glorot
     bias_init: Callable = nn.initializers.zeros
-
-    @property
-    def window(self) -> tuple[int, ...]:
-        if isinstance(self.kernel_size, int):
-            return (self.kernel_size,) * 2
-        return tuple(self.kernel_size)
-
-    @property
-    def pad_value(self) -> float:
-        return default_pad_value(self.pad_values, self.input_quantizer)
 
     @nn.compact
     def __call__(self, x: Array, progress: float | Array = 1.0) -> Array:
@@ -446,7 +441,7 @@ class ABCDense(nn.Module):
         return y
 
 
-class ABCConv(nn.Module):
+class ABCConv(_ConvGeometry, nn.Module):
     """ABC-Net convolution: ``Σ_m Σ_n α_m β_n conv(B_m, H_{v_n}(x))`` as one convolution.
 
     By bilinearity ``conv(Σ_m α_m B_m, Σ_n β_n H_n) = Σ_m Σ_n α_m β_n conv(B_m, H_n)``;
@@ -467,12 +462,6 @@ class ABCConv(nn.Module):
     kernel_clip: float | None = None
     kernel_init: Callable = _glorot
     bias_init: Callable = nn.initializers.zeros
-
-    @property
-    def window(self) -> tuple[int, ...]:
-        if isinstance(self.kernel_size, int):
-            return (self.kernel_size,) * 2
-        return tuple(self.kernel_size)
 
     @property
     def pad_value(self) -> float:

@@ -49,7 +49,6 @@ int32 accumulators into the next layer's packed bits with one integer compare pe
 
 from __future__ import annotations
 
-import operator
 from typing import Sequence
 
 import jax
@@ -57,6 +56,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
+from binax._checks import static_int
 from binax.export.packing import PAD_BIT, WORD_BITS, num_words, pack_bits, unpack_bits
 
 Array = jax.Array
@@ -114,18 +114,6 @@ def _resolve_method(method: str) -> str:
     return method
 
 
-def _static_int(value, what: str, minimum: int = 1) -> int:
-    try:
-        if isinstance(value, bool):
-            raise TypeError
-        n = operator.index(value)
-    except TypeError:
-        n = None
-    if n is None or n < minimum:
-        raise ValueError(f"{what} must be a static integer >= {minimum}; got {value!r}.")
-    return n
-
-
 def _check_uint32(x: Array, what: str) -> None:
     if x.dtype != jnp.uint32:
         raise ValueError(
@@ -134,7 +122,7 @@ def _check_uint32(x: Array, what: str) -> None:
 
 
 def _check_k(k, words: int, what: str = "k") -> int:
-    k = _static_int(k, what)
+    k = static_int(k, what)
     if num_words(k) != words:
         raise ValueError(
             f"{what}={k} needs {num_words(k)} words of 32 bits, but the packed reduction axis has "
@@ -194,7 +182,7 @@ def _xor_popcount(a: Array, w: Array, group_words: int | None = None) -> Array:
         w = jnp.pad(w, ((0, 0), (0, n_pad - n)))  # extra output columns, dropped below
     if group_words is None:
         group_words = _auto_group_words(kw, n_pad)
-    group_words = min(_static_int(group_words, "group_words"), kw)
+    group_words = min(static_int(group_words, "group_words"), kw)
     if group_words == kw:
         acc = _xor_popcount_sum(a, w, 0, kw)
     else:
@@ -289,7 +277,7 @@ def _pair(v, what: str) -> tuple[int, int]:
     if isinstance(v, (int, np.integer)) and not isinstance(v, bool):
         v = (v, v)
     try:
-        pair = tuple(_static_int(x, what) for x in v)
+        pair = tuple(static_int(x, what) for x in v)
     except TypeError:
         raise ValueError(f"{what} must be an int or a pair of ints; got {v!r}.") from None
     if len(pair) != 2:
@@ -304,7 +292,7 @@ def _conv_pads(padding, in_hw, window, strides) -> list[tuple[int, int]]:
             raise ValueError(bad)
         return [tuple(p) for p in lax.padtype_to_pads(in_hw, window, strides, padding.upper())]
     try:
-        pads = [(_static_int(lo, "padding", 0), _static_int(hi, "padding", 0)) for lo, hi in padding]
+        pads = [(static_int(lo, "padding", 0), static_int(hi, "padding", 0)) for lo, hi in padding]
     except (TypeError, ValueError):
         raise ValueError(bad) from None
     if len(pads) != 2:

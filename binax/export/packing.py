@@ -29,6 +29,8 @@ from typing import Sequence
 import jax
 import jax.numpy as jnp
 
+from binax._checks import static_int
+
 Array = jax.Array
 
 __all__ = ["PAD_BIT", "WORD_BITS", "pack_bits", "unpack_bits", "num_words", "packed_size_bytes"]
@@ -42,19 +44,7 @@ PAD_BIT = 0
 
 def num_words(n: int) -> int:
     """Words that hold ``n`` bits: ``ceil(n / 32)``."""
-    return -(-_nonneg_int(n, "n") // WORD_BITS)
-
-
-def _nonneg_int(value, what: str) -> int:
-    try:
-        if isinstance(value, bool):
-            raise TypeError
-        n = operator.index(value)
-    except TypeError:
-        n = None
-    if n is None or n < 0:
-        raise ValueError(f"{what} must be a non-negative integer; got {value!r}.")
-    return n
+    return -(-static_int(n, "n", minimum=0) // WORD_BITS)
 
 
 def _axis(axis, ndim: int, what: str = "axis") -> int:
@@ -120,7 +110,7 @@ def unpack_bits(words, n: int, axis: int = -1, *, dtype=jnp.bool_) -> Array:
     if words.ndim == 0:
         raise ValueError("unpack_bits needs an array of rank >= 1; got a scalar.")
     ax = _axis(axis, words.ndim)
-    n = _nonneg_int(n, "n")
+    n = static_int(n, "n", minimum=0)
     if num_words(n) != words.shape[ax]:
         raise ValueError(
             f"n={n} needs {num_words(n)} words, but axis {axis} of the packed array has "
@@ -142,7 +132,7 @@ def packed_size_bytes(shape: Sequence[int], axis: int = -1) -> int:
     Compare with ``4 * prod(shape)`` for float32: the ratio approaches 32 when
     ``shape[axis]`` is a multiple of 32.
     """
-    shape = tuple(_nonneg_int(s, "shape entries") for s in shape)
+    shape = tuple(static_int(s, "shape entries", minimum=0) for s in shape)
     if not shape:
         raise ValueError("packed_size_bytes needs a shape of rank >= 1; got ().")
     ax = _axis(axis, len(shape))
