@@ -319,8 +319,11 @@ def _ones_words(c: int) -> np.ndarray:
     return words
 
 
-def _im2col(xp: Array, window, strides, out_hw) -> Array:
-    """(B, Hp, Wp, Cw) → (B·Ho·Wo, kh·kw·Cw) patches in (i, j, word) order, as HWIO kernels."""
+def im2col(xp: Array, window, strides, out_hw) -> Array:
+    """(B, Hp, Wp, C) → (B·Ho·Wo, kh·kw·C) patches in (i, j, channel) order, as HWIO kernels.
+
+    ``xp`` is already padded; works on any dtype (packed uint32 words or float values).
+    """
     (kh, kw), (sh, sw), (ho, wo) = window, strides, out_hw
     b, cw = xp.shape[0], xp.shape[3]
     taps = [
@@ -393,7 +396,7 @@ def packed_conv(
         xp = jnp.pad(x ^ pad_word, ((0, 0), pads[0], pads[1], (0, 0))) ^ pad_word
     else:
         xp = jnp.pad(x, ((0, 0), pads[0], pads[1], (0, 0)))  # zero words: every channel -1
-    patches = _im2col(xp, window, strides, out_hw)
+    patches = im2col(xp, window, strides, out_hw)
     o = w.shape[3]
     # Every tap holds C true channels in its words; its padding bits agree with the kernel's.
     k = window[0] * window[1] * c

@@ -148,18 +148,6 @@ def _xla_conv(x, kernel, strides, pads, pad_value):
     return lax.conv_general_dilated(x, kernel.astype(x.dtype), strides, pads, dimension_numbers=_DN)
 
 
-def _patches(xp: Array, window, strides, out_hw) -> Array:
-    """im2col of an already padded NHWC ``xp``: ``(N·Ho·Wo, kh·kw·C)`` in HWIO kernel order."""
-    (kh, kw), (sh, sw), (ho, wo) = window, strides, out_hw
-    n, c = xp.shape[0], xp.shape[3]
-    taps = [
-        lax.slice(xp, (0, i, j, 0), (n, i + (ho - 1) * sh + 1, j + (wo - 1) * sw + 1, c), (1, sh, sw, 1))
-        for i in range(kh)
-        for j in range(kw)
-    ]
-    return jnp.stack(taps, axis=3).reshape(n * ho * wo, kh * kw * c)
-
-
 def _col2im_grad(g, kernel, strides, pads, in_hw):
     """∂x of the convolution: ``g·Kᵀ`` (one GEMM) scattered back to the input positions.
 
@@ -221,18 +209,19 @@ def _xnor_conv_bwd(strides, pads, pad_value, res, g):
     # ∂k = im2col(x)ᵀ·g, written as (gᵀ·im2col(x))ᵀ: XLA:CPU's GEMM is faster with the
     # small (N·Ho·Wo, O) operand first. The ±1 patches are rebuilt from the bits.
     out_hw = g.shape[1:3]
-    unpack = _export()[1].unpack_bits
+    kernels, packing = _export()
+    im2col, unpack = kernels.im2col, packing.unpack_bits
     if pad_value in (-1.0, 1.0):
         # Gather the patches as packed words (32× fewer bytes), then unpack once.
         fill = jnp.uint32(0xFFFFFFFF if pad_value > 0 else 0)
         words = jnp.pad(x_bits, ((0, 0), *pads, (0, 0)), constant_values=fill)
         taps = window[0] * window[1]
-        cols = _patches(words, window, strides, out_hw).reshape(-1, taps, x_bits.shape[-1])
+        cols = im2col(words, window, strides, out_hw).reshape(-1, taps, x_bits.shape[-1])
         cols = unpack(cols, c, axis=-1, dtype=jnp.float32).reshape(-1, taps * c)
     else:
         x_pm = unpack(x_bits, c, axis=-1, dtype=jnp.float32)
         x_pm = jnp.pad(x_pm, ((0, 0), *pads, (0, 0)), constant_values=jnp.float32(pad_value))
-        cols = _patches(x_pm, window, strides, out_hw)
+        cols = im2col(x_pm, window, strides, out_hw)
     dk_t = lax.dot_general(
         g.reshape(-1, o).astype(jnp.float32),
         cols,
