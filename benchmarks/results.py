@@ -162,32 +162,48 @@ def main() -> None:
     args = parser.parse_args()
 
     wanted = set(filter(None, args.methods.split(",")))
-    sweep = [(label, spec) for label, spec in SWEEP if not wanted or spec.split(",")[0][len("method="):] in wanted]
+    known = {spec.split(",")[0][len("method="):] for _, spec in SWEEP}
+    if wanted - known:
+        parser.error(f"--methods: unknown {sorted(wanted - known)}; the table's methods are {sorted(known)}")
     rows = []
     wall = 0.0
-    # Seed-major order: the first pass gives a whole (one-seed) table early.
-    for label, spec in sweep:
+    for label, spec in SWEEP:
         packed, float32 = packed_size(args.arch, spec)
-        rows.append(dict(label=label, spec=spec, accuracies=[], times=[], packed=packed, float32=float32, extra=[]))
+        run = not wanted or spec.split(",")[0][len("method="):] in wanted
+        rows.append(dict(label=label, spec=spec, run=run, accuracies=[], times=[], packed=packed, float32=float32, extra=[]))
+    # Seed-major order: the first pass gives a whole (one-seed) table early. Rows left out
+    # by --methods keep their finished runs in the table (they are read, not trained).
     for seed in range(args.seeds):
         for row in rows:
-            summary = run_one(args.arch, row["spec"], seed, args.epochs, args.root, args.quick)
-            row["accuracies"].append(summary["test_accuracy"])
-            row["times"].append(summary.get("train_time_s") or summary.get("wall_time_s") or 0.0)
+            if row["run"]:
+                summary = run_one(args.arch, row["spec"], seed, args.epochs, args.root, args.quick)
+                print(json.dumps({"arch": args.arch, "spec": row["spec"], "seed": seed, **summary}), flush=True)
+            else:
+                summary = _finished(_run_dir(args.root, args.arch, row["spec"], seed))
+                if summary is None:
+                    continue
             wall += summary.get("wall_time_s") or 0.0
-            if "agreement" in summary:
-                row["extra"].append(
-                    f"seed {seed}: tanh at nu_max {100 * summary['tanh_test_accuracy']:.2f}%, sign + BinaryBN "
-                    f"{100 * summary['test_accuracy']:.2f}%, prediction agreement {100 * summary['agreement']:.2f}%"
-                )
-            if "coupled_test_accuracy" in summary:
-                row["extra"].append(
-                    f"seed {seed}: coupled ternary {100 * summary['coupled_test_accuracy']:.2f}%, decoupled "
-                    f"{100 * summary['decoupled_test_accuracy']:.2f}% (max |logit diff| "
-                    f"{summary['decoupling_max_logit_diff']:.1e}), fine-tuned {100 * summary['test_accuracy']:.2f}%"
-                )
-            print(json.dumps({"arch": args.arch, "spec": row["spec"], "seed": seed, **summary}), flush=True)
-            write_table(args.output, args.arch, args.epochs, args.seeds, rows, wall)
+            _add_run(row, seed, summary)
+            if row["run"]:
+                write_table(args.output, args.arch, args.epochs, args.seeds, rows, wall)
+    write_table(args.output, args.arch, args.epochs, args.seeds, rows, wall)
+
+
+def _add_run(row: dict, seed: int, summary: dict) -> None:
+    """Add one finished run's accuracy, time and recipe-specific checks to its table row."""
+    row["accuracies"].append(summary["test_accuracy"])
+    row["times"].append(summary.get("train_time_s") or summary.get("wall_time_s") or 0.0)
+    if "agreement" in summary:
+        row["extra"].append(
+            f"seed {seed}: tanh at nu_max {100 * summary['tanh_test_accuracy']:.2f}%, sign + BinaryBN "
+            f"{100 * summary['test_accuracy']:.2f}%, prediction agreement {100 * summary['agreement']:.2f}%"
+        )
+    if "coupled_test_accuracy" in summary:
+        row["extra"].append(
+            f"seed {seed}: coupled ternary {100 * summary['coupled_test_accuracy']:.2f}%, decoupled "
+            f"{100 * summary['decoupled_test_accuracy']:.2f}% (max |logit diff| "
+            f"{summary['decoupling_max_logit_diff']:.1e}), fine-tuned {100 * summary['test_accuracy']:.2f}%"
+        )
 
 
 if __name__ == "__main__":

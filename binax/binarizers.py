@@ -304,17 +304,26 @@ def tanh_sign(x: Array, nu: float | Array) -> Array:
     return _tanh_sign(x, _f32(nu))
 
 
-def nu_schedule(progress: float | Array, nu_0: float = 1.0, nu_max: float = 1000.0) -> Array:
-    """Sharpening schedule for ``tanh_sign``: ``nu = nu_0 * (nu_max / nu_0) ** progress``.
+def nu_schedule(
+    progress: float | Array, nu_0: float = 1.0, nu_max: float = 1000.0, start: float = 0.0
+) -> Array:
+    """Sharpening schedule for ``tanh_sign``: ``nu = nu_0 * (nu_max / nu_0) ** s`` with
+    ``s = clip((progress - start) / (1 - start), 0, 1)``.
 
-    The paper gives no exact schedule; binax uses this geometric one (methods.md). The
-    default ``nu_max = 1000`` makes ``tanh(nu x)`` within 1e-3 of ``sign(x)`` for
-    ``|x| >= 0.004``.
+    The paper gives no exact schedule; binax uses this geometric one (methods.md), held
+    at ``nu_0`` until ``progress = start`` (default 0: sharpening from the first step).
+    The default ``nu_max = 1000`` makes ``tanh(nu x)`` within 1e-3 of ``sign(x)`` for
+    ``|x| >= 0.004``; the recipe (``configs/recipe.py:method=sb``) needs far more for the
+    trained network to BE the sign network on every test image.
     """
     if not (nu_0 > 0 and nu_max > 0):
         raise ValueError(f"nu_schedule needs nu_0 > 0 and nu_max > 0; got nu_0={nu_0}, nu_max={nu_max}.")
-    p = _f32(progress)
-    return _f32(nu_0) * jnp.power(_f32(nu_max / nu_0), p)
+    if not 0.0 <= start < 1.0:
+        raise ValueError(f"nu_schedule needs 0 <= start < 1 (the progress where sharpening begins); got start={start}.")
+    s = _f32(progress)
+    if start:
+        s = jnp.clip((s - start) / (1.0 - start), 0.0, 1.0)
+    return _f32(nu_0) * jnp.power(_f32(nu_max / nu_0), s)
 
 
 # ----------------------------------------------------------- {0, 1} and ternary
@@ -681,8 +690,8 @@ def _ede_schedule(progress, t_min: float = 0.1, t_max: float = 10.0) -> dict[str
     return {"t": t, "k": k}
 
 
-def _nu_schedule(progress, nu_0: float = 1.0, nu_max: float = 1000.0) -> dict[str, Array]:
-    return {"nu": nu_schedule(progress, nu_0=nu_0, nu_max=nu_max)}
+def _nu_schedule(progress, nu_0: float = 1.0, nu_max: float = 1000.0, start: float = 0.0) -> dict[str, Array]:
+    return {"nu": nu_schedule(progress, nu_0=nu_0, nu_max=nu_max, start=start)}
 
 
 #: Binarizers whose arguments are functions of training progress: name -> schedule

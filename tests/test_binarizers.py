@@ -363,6 +363,21 @@ def test_nu_schedule_endpoints_and_middle():
         b.nu_schedule(0.5, nu_0=-1.0)
 
 
+def test_nu_schedule_held_until_start_then_geometric():
+    # nu = nu_0 until progress = start, then nu_0 * (nu_max/nu_0) ** ((p - start) / (1 - start)).
+    for p in (0.0, 0.5, 0.8):
+        assert float(b.nu_schedule(p, nu_0=2.0, nu_max=1e9, start=0.8)) == pytest.approx(2.0, rel=1e-6)
+    assert float(b.nu_schedule(0.9, nu_0=2.0, nu_max=50.0, start=0.8)) == pytest.approx(10.0, rel=1e-5)
+    assert float(b.nu_schedule(1.0, nu_0=1.0, nu_max=1e9, start=0.9)) == pytest.approx(1e9, rel=1e-5)
+    # start is a static keyword, progress stays traced: one trace over the whole schedule.
+    chex.clear_trace_counter()
+    sched = jax.jit(chex.assert_max_traces(lambda q: b.nu_schedule(q, nu_max=1e9, start=0.9), n=1))
+    for p in (0.0, 0.95, 1.0):
+        assert float(sched(jnp.float32(p))) == pytest.approx(float(b.nu_schedule(p, nu_max=1e9, start=0.9)), rel=1e-6)
+    with pytest.raises(ValueError, match=r"start=1\.0"):
+        b.nu_schedule(0.5, start=1.0)
+
+
 # --------------------------------------------------------------- weight binarizers
 
 _RNG = np.random.default_rng(0)
