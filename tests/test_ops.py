@@ -67,6 +67,22 @@ def test_conv_xnor_matches_xla(h, w, c, o, window, strides, padding, pad_value):
     _assert_grads_close(got[1:], want[1:])
 
 
+@pytest.mark.parametrize("n", [6, 5])
+def test_conv_weight_gradient_summed_over_chunks_of_images(n, monkeypatch):
+    # The weight gradient is accumulated over chunks of whole images (cache-sized); a
+    # small chunk makes 3 chunks of 2 images (n=6) and 5 chunks of 1 (n=5, prime).
+    monkeypatch.setattr(ops_binary, "_PATCH_ROWS_PER_CHUNK", 100)
+    assert ops_binary._images_per_chunk(n, 49) == {6: 2, 5: 1}[n]
+    kx, kk, kg = jax.random.split(jax.random.key(1), 3)
+    x, kernel = _pm1(kx, (n, 7, 7, 40)), _scaled_kernel(kk, (3, 3, 40, 6), [1.0] * 6)
+    g = jax.random.normal(kg, (n, 7, 7, 6))
+    grads = {
+        impl: jax.vjp(lambda a, b, impl=impl: ops.binary_conv2d(a, b, 1, "SAME", 1.0, impl=impl), x, kernel)[1](g)
+        for impl in ("xnor", "xla")
+    }
+    _assert_grads_close(grads["xnor"], grads["xla"])
+
+
 def test_conv_xla_impl_is_the_padded_convolution():
     """The reference itself: pad the ±1 input with pad_value, then a VALID convolution."""
     kx, kk = jax.random.split(jax.random.key(1))
