@@ -71,8 +71,9 @@ def test_conv_xnor_matches_xla(h, w, c, o, window, strides, padding, pad_value):
 def test_conv_weight_gradient_summed_over_chunks_of_images(n, monkeypatch):
     # The weight gradient is accumulated over chunks of whole images (cache-sized); a
     # small chunk makes 3 chunks of 2 images (n=6) and 5 chunks of 1 (n=5, prime).
-    monkeypatch.setattr(ops_binary, "_PATCH_ROWS_PER_CHUNK", 100)
-    assert ops_binary._images_per_chunk(n, 49) == {6: 2, 5: 1}[n]
+    per_image = 7 * 7 * 9 * 40  # output positions x taps x input channels
+    monkeypatch.setattr(ops_binary, "_CHUNK_FLOATS", 2 * per_image)
+    assert ops_binary._images_per_chunk(n, per_image) == {6: 2, 5: 1}[n]
     kx, kk, kg = jax.random.split(jax.random.key(1), 3)
     x, kernel = _pm1(kx, (n, 7, 7, 40)), _scaled_kernel(kk, (3, 3, 40, 6), [1.0] * 6)
     g = jax.random.normal(kg, (n, 7, 7, 6))

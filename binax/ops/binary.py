@@ -199,7 +199,9 @@ def _xnor_conv_bwd(strides, pads, pad_value, res, g):
     x_aval = jax.ShapeDtypeStruct((n, h, w, c), x_dtype_carrier.dtype)
     if strides == (1, 1):
         # ∂x of a stride-1 convolution is a stride-1 convolution with the flipped kernel
-        # (a constant pad value has no cotangent); XLA:CPU runs it as fast as the GEMM.
+        # (a constant pad value has no cotangent); XLA:CPU runs it as fast as the GEMM, and
+        # alongside ∂k (col2im over chunks of images measured faster per layer but slower
+        # in the whole step, docs/performance.md).
         (dx,) = jax.linear_transpose(
             lambda v: lax.conv_general_dilated(v, kernel.astype(v.dtype), strides, pads, dimension_numbers=_DN), x_aval
         )(g.astype(x_aval.dtype))
@@ -234,15 +236,15 @@ def _xnor_conv_bwd(strides, pads, pad_value, res, g):
     return dx, dk
 
 
-# Rows (output positions) per chunk of the weight-gradient GEMM: the chunk's unpacked
-# patches (rows × taps·C float32, ≈9 MiB for VGG-small's conv1) stay in cache between the
-# unpacking that writes them and the GEMM that reads them.
-_PATCH_ROWS_PER_CHUNK = 2048
+# Floats of unpacked patches (rows × taps·C) per chunk of the weight-gradient GEMM: a
+# chunk written by the unpacking is read by the GEMM from cache, not memory. 10 MiB: 2
+# images at 32×32×128, 4 at 16×16×256, 8 at 8×8×512 (VGG-small; docs/performance.md).
+_CHUNK_FLOATS = 10 * 2**20 // 4
 
 
-def _images_per_chunk(n: int, rows_per_image: int) -> int:
+def _images_per_chunk(n: int, floats_per_image: int) -> int:
     """The largest divisor of ``n`` whose images fit in one chunk (at least 1)."""
-    most = max(1, _PATCH_ROWS_PER_CHUNK // rows_per_image)
+    most = max(1, _CHUNK_FLOATS // floats_per_image)
     return max(k for k in range(1, min(n, most) + 1) if n % k == 0)
 
 
@@ -256,7 +258,7 @@ def _packed_patches_gemm(g: Array, patches: Array, c: int) -> Array:
     (docs/performance.md). The sum over chunks reorders float32 additions only.
     """
     n, p, o = g.shape
-    k = _images_per_chunk(n, p)
+    k = _images_per_chunk(n, p * patches.shape[2] * c)
     g_chunks = g.reshape(n // k, k * p, o)
     p_chunks = patches.reshape(n // k, k * p, *patches.shape[2:])
     unpack = _export()[1].unpack_bits
