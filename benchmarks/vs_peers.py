@@ -56,15 +56,18 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 PEERS = os.path.join(HERE, "peers")
 
+sys.path.insert(0, ROOT)
+# glibc malloc: one arena, never mmap, never trim, so freed blocks are reused and the
+# same pages serve every step (glibc reads this at process start). The one setting
+# `python -m experiments.run` recommends and `bash dev.sh run` sets.
+from experiments.run import RETAIN_MALLOC  # noqa: E402
+
 MODELS = ("vgg_small", "bnn_mlp")
 VARIANTS = ("binax", "binax_xla", "binax_float", "larq", "larq_xla", "torch", "torch_cl", "torch_compile")
 DEFAULT_VARIANTS = ("binax", "binax_xla", "binax_float", "larq", "larq_xla", "torch", "torch_cl")
 # torch_cl only differs from torch for convolutions.
 ONLY_MODELS = {"torch_cl": ("vgg_small",)}
 
-# glibc malloc: one arena, never mmap, never trim, so freed blocks are reused and the
-# same pages serve every step (glibc reads this at process start).
-RETAIN_MALLOC = "glibc.malloc.arena_max=1:glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=68719476736"
 
 
 # ---------------------------------------------------------------------- binax worker
@@ -119,7 +122,6 @@ def binax_step(name: str, batch: int, variant: str):
 
 
 def run_binax_worker(args) -> None:
-    sys.path.insert(0, ROOT)
     sys.path.insert(0, PEERS)
     import jax
 
