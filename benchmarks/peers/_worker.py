@@ -15,6 +15,7 @@ Idle workers wait on stdin, so they take no CPU while another framework is timed
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import sys
@@ -41,3 +42,11 @@ def serve(steps: dict[str, Callable[[], None]], info: dict | None = None) -> Non
             wall.append(time.perf_counter() - t0)
             cpu.append(time.process_time() - c0)
         channel.write(json.dumps({"wall": wall, "cpu": cpu}) + "\n")
+
+
+def worker_parser() -> argparse.ArgumentParser:
+    """The options ``vs_peers.py`` passes every peer worker: ``--batch`` and ``--models``."""
+    p = argparse.ArgumentParser()
+    p.add_argument("--batch", type=int, default=128)
+    p.add_argument("--models", default="vgg_small,bnn_mlp")
+    return p

@@ -11,7 +11,6 @@ Usage: ``python larq_worker.py --batch 128 --models vgg_small,bnn_mlp [--xla]``.
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 
@@ -24,7 +23,7 @@ import tensorflow as tf  # noqa: E402
 import tf_keras as keras  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _worker import serve  # noqa: E402
+from _worker import serve, worker_parser  # noqa: E402
 
 QUANT = dict(input_quantizer="ste_sign", kernel_quantizer="ste_sign", use_bias=False)
 
@@ -79,9 +78,7 @@ def make_step(name: str, batch: int, xla: bool):
 
 
 def main():
-    p = argparse.ArgumentParser()
-    p.add_argument("--batch", type=int, default=128)
-    p.add_argument("--models", default="vgg_small,bnn_mlp")
+    p = worker_parser()
     p.add_argument("--xla", action="store_true")
     a = p.parse_args()
     steps = {m: make_step(m, a.batch, a.xla) for m in a.models.split(",")}

@@ -15,7 +15,6 @@ Usage: ``python torch_worker.py --batch 128 --models vgg_small,bnn_mlp [--channe
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 
@@ -24,7 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _worker import serve  # noqa: E402
+from _worker import serve, worker_parser  # noqa: E402
 
 
 class SteSign(torch.autograd.Function):
@@ -106,9 +105,7 @@ def make_step(name: str, batch: int, channels_last: bool, compile_: bool):
 
 
 def main():
-    p = argparse.ArgumentParser()
-    p.add_argument("--batch", type=int, default=128)
-    p.add_argument("--models", default="vgg_small,bnn_mlp")
+    p = worker_parser()
     p.add_argument("--channels-last", action="store_true")
     p.add_argument("--compile", action="store_true")
     p.add_argument("--threads", type=int, default=0, help="intra-op threads (0: PyTorch's default)")
