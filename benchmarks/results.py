@@ -43,6 +43,11 @@ SWEEP = [
 ]
 
 
+def _method(spec: str) -> str:
+    """The recipe method of a row's spec: ``"method=abc,m=3,n=3"`` -> ``"abc"``."""
+    return spec.split(",")[0][len("method="):]
+
+
 def _run_dir(root: str, arch: str, spec: str, seed: int) -> str:
     return os.path.join(root, arch, spec.replace("method=", "").replace(",", "_").replace("=", ""), f"seed{seed}")
 
@@ -166,14 +171,14 @@ def main() -> None:
     args = parser.parse_args()
 
     wanted = set(filter(None, args.methods.split(",")))
-    known = {spec.split(",")[0][len("method="):] for _, spec in SWEEP}
+    known = {_method(spec) for _, spec in SWEEP}
     if wanted - known:
         parser.error(f"--methods: unknown {sorted(wanted - known)}; the table's methods are {sorted(known)}")
     rows = []
     wall = 0.0
     for label, spec in SWEEP:
         packed, float32 = packed_size(args.arch, spec)
-        run = not args.table_only and (not wanted or spec.split(",")[0][len("method="):] in wanted)
+        run = not args.table_only and (not wanted or _method(spec) in wanted)
         rows.append(dict(label=label, spec=spec, run=run, accuracies=[], times=[], packed=packed, float32=float32, extra=[]))
     # Seed-major order: the first pass gives a whole (one-seed) table early. Rows left out
     # by --methods keep their finished runs in the table (they are read, not trained).
