@@ -294,14 +294,24 @@ def _tanh_sign_bwd(res, g):
 _tanh_sign.defvjp(_tanh_sign_fwd, _tanh_sign_bwd)
 
 
-def tanh_sign(x: Array, nu: float | Array) -> Array:
+def tanh_sign(x: Array, nu: float | Array, relative: bool = False) -> Array:
     """Self-Binarizing soft sign (Lahoud & Achanta 2019): ``tanh(nu * x)``, true gradient.
 
     Forward: ``tanh(nu*x)``. Backward: ``g * nu * (1 - tanh(nu*x)**2)``; ``nu`` is a
     schedule value (zero cotangent). As ``nu`` grows it approaches ``sign``; at the end of
     training binax swaps it for ``sign`` (see ``binax.transforms``).
+
+    ``relative=True`` measures ``x`` in units of its own magnitude:
+    ``tanh(nu * x / m)`` with ``m = mean|x|`` over the whole tensor, held constant in the
+    backward (``g * (nu/m) * (1 - tanh(nu*x/m)**2)``; ``m = 0`` leaves ``nu`` as is). A
+    weight tensor (``|w| ~ 0.05``) then sharpens with the same ``nu`` as a batch-normed
+    activation (``|x| ~ 1``) instead of ~20x later. ``sign`` is unchanged by the scale.
     """
-    return _tanh_sign(x, _f32(nu))
+    nu = _f32(nu)
+    if relative:
+        m = jax.lax.stop_gradient(jnp.mean(jnp.abs(x.astype(jnp.float32))))
+        nu = nu / jnp.where(m > 0, m, 1.0)
+    return _tanh_sign(x, nu)
 
 
 def nu_schedule(
@@ -597,14 +607,27 @@ def abc_weight(w: Array, m: int) -> Array:
     return _abc_weight(w, _check_m(m))
 
 
+def _duo_weight_forward(w):
+    alpha = jnp.mean(jnp.abs(w.astype(jnp.float32))).astype(w.dtype)
+    return _sign_forward(w) * alpha
+
+
+@jax.custom_vjp
 def duo_weight(w: Array) -> Array:
     """BinaryDuo weight binarizer: ``sign(w) * mean|w|`` with ONE scale per layer.
 
     Forward: ``alpha * sign(w)``, ``alpha = mean|w|`` over the whole kernel (0 -> +1).
-    Backward: straight through with the scale held constant, ``g * alpha``.
+    Backward: ``g`` unchanged: the gradient with respect to the binarized weight ``W_Q``
+    goes to the latent ``w`` as it is, not times ``alpha``. The official code
+    (Hyungjun-K1m/BinaryDuo, ``newLayers/cudnnQuantSpatialConvolution.lua``) computes
+    ``gradWeight`` from the input and output gradients only and applies it to the latent
+    weights; DoReFa's 1-bit weights, ``sign(w/E)*E`` with an identity gradient for
+    ``sign``, give the same ``g``.
     """
-    alpha = jax.lax.stop_gradient(jnp.mean(jnp.abs(w.astype(jnp.float32)))).astype(w.dtype)
-    return _ste_sign_identity(w) * alpha
+    return _duo_weight_forward(w)
+
+
+duo_weight.defvjp(lambda w: (_duo_weight_forward(w), None), lambda _, g: (g,))
 
 
 @jax.custom_vjp

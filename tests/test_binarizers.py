@@ -287,6 +287,25 @@ def test_tanh_sign_backward_is_the_true_gradient():
     np.testing.assert_allclose(vjp_x(b.tanh_sign, X, G, nu), G * derivative, rtol=RTOL, atol=ATOL)
 
 
+def test_tanh_sign_relative_is_measured_in_the_tensors_own_magnitude():
+    nu = 3.0
+    w = X * np.float32(0.05)  # weight-sized values
+    m = np.mean(np.abs(w.astype(np.float64)))
+    z = f32(nu) / m * w.astype(np.float64)
+    np.testing.assert_allclose(b.tanh_sign(jnp.asarray(w), nu, relative=True), np.tanh(z), rtol=RTOL, atol=ATOL)
+    # The same nu sharpens w as it sharpens w scaled to unit magnitude, and sign is unchanged.
+    np.testing.assert_allclose(
+        b.tanh_sign(jnp.asarray(w), nu, relative=True), b.tanh_sign(jnp.asarray(w / m), nu), rtol=1e-5, atol=1e-6
+    )
+    # Backward: the derivative with the scale m held constant.
+    expected = G * (f32(nu) / m) / np.cosh(z) ** 2
+    np.testing.assert_allclose(vjp_x(lambda x: b.tanh_sign(x, nu, relative=True), w, G), expected, rtol=RTOL, atol=ATOL)
+    # An all-zero tensor keeps nu (no division by zero).
+    assert np.all(np.isfinite(vjp_x(lambda x: b.tanh_sign(x, nu, relative=True), np.zeros(4, np.float32), G[:4])))
+    fn = b.resolve("tanh_sign", relative=True, nu_max=50.0)
+    np.testing.assert_allclose(fn(jnp.asarray(w), 1.0), np.tanh(50.0 / m * w.astype(np.float64)), rtol=RTOL, atol=ATOL)
+
+
 def test_duo_ternary_rounds_half_up_and_decouples_into_two_binaries():
     x = jnp.array([0.25, 0.75, -0.0, 1.0], jnp.float32)
     np.testing.assert_array_equal(b.duo_ternary(x), [0.5, 1.0, 0.0, 1.0])
@@ -400,7 +419,8 @@ def test_xnor_weight_forward_and_backward():
 def test_duo_weight_forward_and_backward():
     alpha = np.mean(np.abs(KERNEL))  # ONE scale for the whole layer
     np.testing.assert_allclose(b.duo_weight(jnp.asarray(KERNEL)), alpha * np_sign(KERNEL), rtol=1e-6)
-    np.testing.assert_allclose(vjp_x(b.duo_weight, KERNEL, G_KERNEL), G_KERNEL * alpha, rtol=1e-6)
+    # The official code hands dL/dW_Q to the latent weights unchanged (not times alpha).
+    np.testing.assert_array_equal(vjp_x(b.duo_weight, KERNEL, G_KERNEL), G_KERNEL)
 
 
 def _libra_forward_np(w, t, k):
