@@ -7,16 +7,19 @@
   the deployed network (``sign`` for tanh, BinaryBN thresholds for BN → sign) on the test
   set and report how often its predictions agree with the trained network at nu_max.
 * ``'binaryduo'`` (Kim et al. ICLR 2020): train the coupled ternary network, decouple it
-  into the binary network with 2x channels at the coupled layers, check on the test set
-  that both compute the same logits, fine-tune the decoupled network, and report the
-  three accuracies.
+  into the binary network whose coupled layers' outputs are copied twice (tied weights),
+  check on the test set that both compute the same logits, fine-tune the decoupled
+  network, and report the three accuracies.
 
 Each stage has its own workdir under ``workdir`` and resumes like any run.
+:func:`binaryduo_widths` gives the coupled network the baseline's binary-op count.
 """
 
 from __future__ import annotations
 
+import functools
 import json
+import math
 import os
 from typing import Any, Mapping
 
@@ -27,7 +30,7 @@ import numpy as np
 
 from binax import transforms
 
-__all__ = ["run", "predict", "binaryduo", "self_binarizing"]
+__all__ = ["run", "predict", "binaryduo", "binaryduo_widths", "self_binarizing"]
 
 
 def predict(model, variables: Mapping[str, Any], ds, batch_size: int = 1000, progress: float = 1.0):
@@ -78,6 +81,57 @@ def self_binarizing(config: ml_collections.ConfigDict, workdir: str) -> dict:
         flush=True,
     )
     return _write(workdir, "recipe.json", summary)
+
+
+@functools.lru_cache(maxsize=None)
+def _binaryduo_widths(name: str, input_shape: tuple, baseline: tuple) -> dict:
+    import binax
+    from binax import models
+
+    duo = dict(kernel_quantizer="duo_weight", latent_weight_clip=None)
+    base = models.create(name, **dict(baseline), input_quantizer="duo_binary", **duo)
+    if base.width_multiplier != 1.0 or getattr(base, "replicate", 1) != 1:
+        raise ValueError("binaryduo_widths needs the baseline at width_multiplier=1 and replicate=1.")
+    couplings = transforms.binaryduo_couplings(base)
+    layers, _ = transforms._chain(base)
+    n = len(base.widths)
+    widths = list(base.widths) + list(getattr(base, "hidden_dense", ()))
+    coupled = [layer for layer, _, _ in couplings]
+    for layer in coupled:
+        widths[layers.index(layer)] = int(widths[layers.index(layer)] / math.sqrt(2))
+    last, _, consumer = couplings[-1]
+
+    def split(ws):
+        out = {"widths": tuple(ws[:n])}
+        if hasattr(base, "hidden_dense"):
+            out["hidden_dense"] = tuple(ws[n:])
+        return out
+
+    def cost(model):
+        s = binax.summary(model, input_shape)
+        return sum(s.layer(name).binary_macs for name in (last, consumer) if name is not None)
+
+    # Both layers' binary MACs are proportional to the last coupled width: one solve.
+    trial = models.create(name, **{**dict(baseline), **split(widths)}, input_quantizer="duo_ternary", **duo)
+    j = layers.index(last)
+    widths[j] = max(1, round(widths[j] * cost(base) / cost(trial)))
+    return split(widths)
+
+
+def binaryduo_widths(name: str, input_shape, **baseline) -> dict:
+    """Coupled-network widths with the baseline binary network's binary-op count.
+
+    BinaryDuo's rule, read from the official tiny VGG-7 (``models/tinyVGG7.lua`` 64-64-128-
+    128-512-512 → ``tinyVGG7_coupled.lua`` 45-45-90-90-336-512): a ternary activation is
+    two binary ones, so every layer whose batch norm feeds a ternary activation gets
+    ``floor(W/√2)`` channels, which keeps each binary layer between two such layers at the
+    baseline's cost; the last of them gets the width that gives the two layers next to it
+    (it and its consumer) the baseline's binary MACs (336 in tiny VGG-7); layers whose
+    output is not binarized keep their width. Costs are ``binax.summary``'s binary MACs
+    (ternary inputs count twice). ``baseline`` are model overrides of the plain binary
+    network (``widths``, ``hidden_dense``, ...); returns ``{'widths', ['hidden_dense']}``.
+    """
+    return dict(_binaryduo_widths(name, tuple(input_shape), tuple(sorted(baseline.items()))))
 
 
 def binaryduo(config: ml_collections.ConfigDict, workdir: str) -> dict:

@@ -7,8 +7,9 @@
 * Self-Binarizing end state: ``tanh(nu x)`` replaced by ``sign`` on weights and
   activations (:func:`tanh_to_sign`), then BinaryBN folding (:func:`self_binarizing_inference`).
 * BinaryDuo decoupling (Kim et al. ICLR 2020): a network trained with the coupled
-  ternary activation becomes the binary network with twice the channels at the coupled
-  layers, computing the same function (:func:`decouple_binaryduo`,
+  ternary activation becomes the binary network whose coupled layers' outputs are
+  copied twice (weights tied, as the official ``nn.Replicate``), computing the same
+  function with the same binary-op count (:func:`decouple_binaryduo`,
   :func:`decouple_binaryduo_model`).
 """
 
@@ -244,19 +245,23 @@ def decouple_binaryduo(
 
     For each ``(producer, bn, consumer)`` — a layer whose batch-normed output ``y`` the
     consumer reads through ``duo_ternary`` — returns variables of the decoupled network,
-    whose consumer reads ``duo_binary`` of twice as many channels:
+    in which the producer's C output channels are copied (C → 2C, ``replicate=2`` in the
+    model) before the batch norm and the consumer reads ``duo_binary`` of the 2C channels:
 
-    * the producer's output channels are duplicated (C → 2C: kernel and bias copied);
+    * the producer's kernel is unchanged: both copies of a channel share it (tied), as in
+      the official ``tinyVGG7_decoupled.lua`` (``nn.Replicate``), so the decoupled
+      network has the coupled one's binary-op count while it is fine-tuned;
     * the batch norm's γ, μ, σ² are copied to both halves; β becomes β + 0.25 in the
       first half and β − 0.25 in the second, so ``1[y + 0.25 >= 0.5] = 1[y >= 0.25]`` and
-      ``1[y − 0.25 >= 0.5] = 1[y >= 0.75]``;
+      ``1[y − 0.25 >= 0.5] = 1[y >= 0.75]`` (the official code puts −0.25 first; the
+      order is immaterial);
     * the consumer's kernel is copied into both input halves as ``w/2``, so
       ``w/2 · 1[y >= 0.25] + w/2 · 1[y >= 0.75] = w · ternary(y)``.
 
     The decoupled network computes what the coupled one did, provided the consumer's
     weight binarizer is scale-equivariant (``duo_weight``, ``xnor_weight`` or none):
     halving the latent kernel must halve its binarized value. Spatial layouts are
-    handled: a dense consumer after a flatten of ``(H, W, C)`` gets its rows split per
+    handled: a dense consumer after a flatten of ``(H, W, 2C)`` gets its rows split per
     pixel. ``variables`` holds ``params`` and ``batch_stats``; a new dict is returned.
     """
     params = unfreeze(variables["params"])
@@ -265,11 +270,7 @@ def decouple_binaryduo(
         for name in (producer, bn, consumer):
             if name not in params:
                 raise ValueError(f"no layer {name!r} in params; layers are {sorted(params)}.")
-        pk = _kernel_key(params[producer], producer)
-        channels = params[producer][pk].shape[-1]
-        params[producer][pk] = _duplicate_last(params[producer][pk])
-        if "bias" in params[producer]:
-            params[producer]["bias"] = _duplicate_last(params[producer]["bias"])
+        channels = params[producer][_kernel_key(params[producer], producer)].shape[-1]
         beta = params[bn]["bias"]
         params[bn]["bias"] = jnp.concatenate([beta + DUO_SHIFT, beta - DUO_SHIFT], axis=-1)
         params[bn]["scale"] = _duplicate_last(params[bn]["scale"])
@@ -324,7 +325,10 @@ def decouple_binaryduo_model(model: nn.Module, variables: Mapping) -> tuple[nn.M
 
     Returns ``(model, variables, overrides)``: the decoupled module, its variables and the
     config overrides that build it with ``binax.models.create`` (explicit widths,
-    ``width_multiplier=1``, ``input_quantizer='duo_binary'``). In eval mode the decoupled
+    ``width_multiplier=1``, ``replicate=2``, ``input_quantizer='duo_binary'``). The
+    coupled layers keep their widths; their outputs are copied (weights tied), so the
+    decoupled model's binary MACs equal the coupled model's (ternary counted as two
+    binary activations, as ``binax.summary`` does). In eval mode the decoupled
     model's binary activations reproduce the coupled ternary ones exactly
     (``ternary(y) = (binary(y + 0.25) + binary(y − 0.25)) / 2``), so its logits equal the
     coupled model's up to float summation order. See :func:`decouple_binaryduo`.
@@ -344,8 +348,9 @@ def decouple_binaryduo_model(model: nn.Module, variables: Mapping) -> tuple[nn.M
             f"activation={model.activation!r}, binary_bn={getattr(model, 'binary_bn', False)!r}."
         )
     couplings = binaryduo_couplings(model)
+    if model.replicate != 1:
+        raise ValueError(f"the coupled model must have replicate=1; got replicate={model.replicate!r}.")
     new_vars = decouple_binaryduo(variables, couplings)
-    coupled = {p for p, _, _ in couplings}
     params = new_vars["params"]
 
     def width(name: str) -> int:
@@ -354,6 +359,7 @@ def decouple_binaryduo_model(model: nn.Module, variables: Mapping) -> tuple[nn.M
     layers, _ = _chain(model)
     overrides: dict[str, Any] = {
         "width_multiplier": 1.0,
+        "replicate": 2,
         "input_quantizer": "duo_binary",
         "input_quantizer_kwargs": {},
     }
@@ -363,7 +369,6 @@ def decouple_binaryduo_model(model: nn.Module, variables: Mapping) -> tuple[nn.M
         n = len(model.widths)
         overrides["widths"] = tuple(width(n_) for n_ in layers[:n])
         overrides["hidden_dense"] = tuple(width(n_) for n_ in layers[n:])
-    assert all(width(p) % 2 == 0 for p in coupled)
     frozen = {k: (FrozenDict(v) if isinstance(v, dict) else v) for k, v in overrides.items()}
     return model.clone(**frozen), new_vars, overrides
 

@@ -34,6 +34,8 @@ def get_config(arg=None):
         input_quantizer_kwargs=EDE,
         kernel_quantizer="libra_pb",
         kernel_quantizer_kwargs=EDE,
+        # hardtanh before every binarized activation, as IR-Net's official code.
+        activation="hardtanh",
         latent_weight_clip=None,
     )
     c.data.name = "fashion_mnist"
@@ -42,7 +44,7 @@ def get_config(arg=None):
     c.optimizer.schedule = "cosine"
     c.num_epochs = 15
     c.batch_size = 256
-    c.progress_unit = "epoch"
+    c.progress_unit = common.progress_unit(c.num_epochs)
     if args.quick:
         common.shrink_quick(c)
     return c

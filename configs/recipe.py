@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import ml_collections
 
+from binax import recipes
 from configs import common
 
 EDE = {"t_min": 0.1, "t_max": 10.0}
@@ -62,9 +63,12 @@ METHODS: dict[str, tuple[dict, str]] = {
         "ReActNet: RPReLU after BN (its output shift is RSign's learned threshold), approx_sign; no distillation",
     ),
     "irnet": (
+        # hardtanh after every batch norm, as the official code before every binarized
+        # activation (CIFAR-10/VGG-Small/vgg.py nn.Hardtanh; ResNet20/1w1a/resnet.py
+        # F.hardtanh): EDE's early backward (t = 0.1, k = 10) then only passes |x| <= 1.
         dict(input_quantizer="ede_sign", input_quantizer_kwargs=EDE, kernel_quantizer="libra_pb",
-             kernel_quantizer_kwargs=EDE, latent_weight_clip=None),
-        "IR-Net: Libra-PB weights, EDE (t from 0.1 to 10 per epoch) on weights and activations",
+             kernel_quantizer_kwargs=EDE, activation="hardtanh", latent_weight_clip=None),
+        "IR-Net: Libra-PB weights, EDE (t from 0.1 to 10) on weights and activations, hardtanh before every sign",
     ),
     "abc": (
         dict(layer_type="abc", latent_weight_clip=None),
@@ -78,7 +82,7 @@ METHODS: dict[str, tuple[dict, str]] = {
         # changed by the final sign network (activations within ~1e-4 of 0 stay soft);
         # 1e9 changed none in every run.
         dict(input_quantizer="tanh_sign", input_quantizer_kwargs=SB_NU,
-             kernel_quantizer="tanh_sign", kernel_quantizer_kwargs=SB_NU,
+             kernel_quantizer="tanh_sign", kernel_quantizer_kwargs={**SB_NU, "relative": True},
              activation="none", latent_weight_clip=None),
         "Self-Binarizing: tanh(nu x) on weights and activations, nu = 1 until 90% of training, then 1 -> 1e9 per step; evaluated as sign + BinaryBN",
     ),
@@ -88,31 +92,28 @@ METHODS: dict[str, tuple[dict, str]] = {
     ),
     "binaryduo": (
         dict(input_quantizer="duo_ternary", kernel_quantizer="duo_weight", latent_weight_clip=None),
-        "BinaryDuo: coupled ternary training, decoupled into the 2x binary network, fine-tuned",
+        "BinaryDuo: coupled ternary training at the same binary-op count (widths ~W/√2), decoupled "
+        "(outputs copied, weights tied), fine-tuned",
     ),
 }
 
 PROCEDURES = {"sb": "self_binarizing", "binaryduo": "binaryduo"}
 DATASETS = ("fashion_mnist", "cifar10", "imagenet2012")
 ARCHS = ("mlp", "cnn")
-# BinaryDuo's budget split: coupled training, then fine-tuning of the decoupled network.
+# BinaryDuo fine-tunes the decoupled network after the coupled network's full schedule,
+# for about a third of it: the official train.lua decays at epochs 71/91/111 from scratch
+# and 21/31/36 when fine-tuning (ImageNet ResNet-18), 41/71/91 and 16/26/36 (AlexNet).
 BINARYDUO_FINETUNE_FRACTION = 1 / 3
 
 
 def _fashion_mnist(c, args):
     width = args.width
-    if args.arch == "mlp":
-        # BinaryDuo's coupled network has half the channels at the coupled layers (all
-        # hidden layers but the last, whose BN feeds the float classifier); decoupled,
-        # it is the same W-W-W network as every other method.
-        widths = (width // 2, width // 2, width) if args.method == "binaryduo" else (width, width, width)
-        c.model = common.model_config("bnn_mlp", widths=widths, **_method_overrides(args))
-    else:
-        overrides = _method_overrides(args)
-        if args.method == "binaryduo":
-            # Every conv's BN feeds a binarized layer except the last (float classifier).
-            overrides["widths"] = (16, 16, 32, 64)
-        c.model = common.model_config("cnn_small", **overrides)
+    name, overrides = ("bnn_mlp", dict(widths=(width,) * 3)) if args.arch == "mlp" else ("cnn_small", {})
+    if args.method == "binaryduo":
+        # The coupled network has the plain binary network's binary-op count: ~W/√2
+        # channels where a ternary activation (two binary ones) follows.
+        overrides = recipes.binaryduo_widths(name, (28, 28, 1), **overrides)
+    c.model = common.model_config(name, **overrides, **_method_overrides(args))
     c.data.name = "fashion_mnist"
     c.optimizer.name = "adam"
     c.optimizer.learning_rate = 1e-3
@@ -144,15 +145,35 @@ def _cifar10(c, args):
 
 
 def _imagenet(c, args):
-    # Bi-Real/IR-Net ResNet-18; Adam with linear decay (ReActNet, Bi-Real's later code).
-    c.model = common.model_config("resnet18", num_classes=1000, **_method_overrides(args))
+    overrides = _method_overrides(args)
     c.data.name = "imagenet2012"
+    c.batch_size = 256
+    c.eval_batch_size = 250
+    if args.method == "irnet":
+        # IR-Net's ImageNet ResNet-18 1w1a (ImageNet/ResNet18/1w1a/models/resnet.py):
+        # hardtanh after the stem and every addition, 1x1 conv + BN downsampling, BN1d
+        # before the FC. config.yaml: SGD Nesterov, momentum 0.9, batch 64 x 32 GPUs =
+        # 2048, lr 0.2 warmed up to 0.8 over 2500 iterations (4 epochs), x0.1 at
+        # iterations 18750/37500/56250 of 62500 (epochs 30/60/90 of 100), weight decay 1e-5
+        # in optimizer.kwargs (the file's top level says 1e-4). Batch 256 here: lr scaled
+        # linearly to 0.8 * 256/2048 = 0.1.
+        overrides.update(shortcut="B", stem_activation="hardtanh", head_bn=True)
+        c.model = common.model_config("resnet18", num_classes=1000, **overrides)
+        c.optimizer.name = "nesterov"
+        c.optimizer.momentum = 0.9
+        c.optimizer.learning_rate = 0.8 * c.batch_size / 2048
+        c.optimizer.schedule = "step"
+        c.optimizer.step_epochs = (30, 60, 90)
+        c.optimizer.warmup_epochs = 4.0
+        c.optimizer.weight_decay = 1e-5
+        c.num_epochs = args.epochs or 100
+        return
+    # Bi-Real ResNet-18; Adam with linear decay (ReActNet, Bi-Real's later code).
+    c.model = common.model_config("resnet18", num_classes=1000, **overrides)
     c.optimizer.name = "adam"
     c.optimizer.learning_rate = 1e-3
     c.optimizer.schedule = "linear"
     c.num_epochs = args.epochs or 120
-    c.batch_size = 256
-    c.eval_batch_size = 250
 
 
 def _method_overrides(args) -> dict:
@@ -175,7 +196,7 @@ def get_config(arg=None) -> ml_collections.ConfigDict:
     c = common.base_config()
     {"fashion_mnist": _fashion_mnist, "cifar10": _cifar10, "imagenet2012": _imagenet}[args.dataset](c, args)
     c.seed = args.seed
-    c.progress_unit = "epoch"
+    c.progress_unit = common.progress_unit(c.num_epochs)
     c.log_every_steps = 100
     c.recipe = ml_collections.ConfigDict(
         dict(
@@ -184,8 +205,6 @@ def get_config(arg=None) -> ml_collections.ConfigDict:
             finetune_epochs=max(1, round(c.num_epochs * BINARYDUO_FINETUNE_FRACTION)),
         )
     )
-    if args.method == "binaryduo":
-        c.num_epochs -= c.recipe.finetune_epochs
     if args.method == "sb":
         # nu must sharpen smoothly up to nu_max by the last update, so that the trained
         # network is the deployed sign network: per-step progress, not per-epoch jumps.

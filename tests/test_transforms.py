@@ -6,6 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import binax
 from binax import binarizers, models, transforms
 
 KEY = jax.random.key(0, impl="rbg")  # cheap to compile on CPU
@@ -61,6 +62,15 @@ def test_binaryduo_decoupling_is_exact(name, overrides, shape):
     # The decoupled model is what create() builds from the returned overrides.
     rebuilt = models.create(name, **{**DUO, **overrides, **overrides_out})
     assert jax.tree.map(jnp.shape, rebuilt.init(KEY, x[:1])) == jax.tree.map(jnp.shape, dvars)
+    # Tied copies (the official nn.Replicate): every producer keeps its kernel, so the
+    # decoupled network has the coupled one's binary-op count (ternary = 2 binary).
+    for producer, bn, _ in transforms.binaryduo_couplings(model):
+        key = transforms._kernel_key(variables["params"][producer], producer)
+        c = variables["params"][producer][key].shape[-1]
+        assert dvars["params"][producer][key].shape[-1] == c and dvars["params"][bn]["scale"].shape == (2 * c,)
+    coupled_cost = binax.summary(model, shape).totals
+    decoupled_cost = binax.summary(dmodel, shape).totals
+    assert decoupled_cost.binary_macs == coupled_cost.binary_macs > 0
 
     couplings = transforms.binaryduo_couplings(model)
     assert couplings, "nothing was decoupled"
@@ -89,7 +99,7 @@ def test_decouple_binaryduo_param_rules():
         "batch_stats": {"bn": {"mean": jnp.array([1.0, 2, 3]), "var": jnp.array([4.0, 5, 6])}},
     }
     out = transforms.decouple_binaryduo(variables, [("a", "bn", "b")])
-    np.testing.assert_array_equal(out["params"]["a"]["kernel"], jnp.concatenate([k, k], -1))
+    np.testing.assert_array_equal(out["params"]["a"]["kernel"], k)  # tied: the model copies its output
     np.testing.assert_allclose(out["params"]["bn"]["bias"], [0.35, 0.45, 0.55, -0.15, -0.05, 0.05], rtol=1e-6)
     np.testing.assert_array_equal(out["params"]["bn"]["scale"], [1, 2, 3, 1, 2, 3])
     np.testing.assert_array_equal(out["batch_stats"]["bn"]["var"], [4, 5, 6, 4, 5, 6])

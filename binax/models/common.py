@@ -120,6 +120,8 @@ def validate_common(cfg: Mapping[str, Any], model: str) -> None:
     for key in ("activation", "stem_activation", "classifier_activation"):
         if key in cfg:
             activation_fn(cfg[key])
+    if "replicate" in cfg and not (isinstance(cfg["replicate"], int) and cfg["replicate"] >= 1):
+        raise ValueError(f"{model}: replicate must be an int >= 1 (copies of each channel); got {cfg['replicate']!r}.")
     if cfg["width_multiplier"] <= 0:
         raise ValueError(f"{model}: width_multiplier must be > 0; got {cfg['width_multiplier']!r}.")
 
@@ -260,6 +262,19 @@ def classifier(model: BinaryModel, x: Array, progress) -> Array:
     return layer_spec(model).dense(
         model.num_classes, name="classifier", quantize_input=q, quantize_kernel=q, use_bias=True
     )(x, progress)
+
+
+def replicate_units(x: Array, copies: int) -> Array:
+    """``copies`` side-by-side copies of the last (channel) axis: ``(..., C) -> (..., copies*C)``.
+
+    BinaryDuo's decoupled network (Kim et al. ICLR 2020; official ``tinyVGG7_decoupled.lua``:
+    ``nn.Replicate`` then ``nn.Reshape`` after each coupled layer) computes C channels and
+    copies them before the batch norm, whose 2C channels then differ only in their own
+    statistics and affine parameters. The two copies of a channel keep one set of weights
+    while fine-tuning, so the network has the coupled network's binary-op count. Copy ``k``
+    of channel ``c`` is channel ``k*C + c``, as Torch's replicate-then-reshape orders them.
+    """
+    return x if copies == 1 else jnp.concatenate([x] * copies, axis=-1)
 
 
 def bn_sign_block(model: BinaryModel, x: Array, train: bool, name: str, binary_bn: bool) -> Array:

@@ -24,6 +24,9 @@ def get_config() -> ml_collections.ConfigDict:
     c.latent_weight_clip = 1.0
     # BN -> sign as BinaryBatchNorm threshold layers (inference after folding).
     c.binary_bn = False
+    # Copies of each output unit of every layer whose BN feeds a binarized layer
+    # (BinaryDuo's decoupled network: 2, weights tied; see common.replicate_units).
+    c.replicate = 1
     return c
 
 
@@ -32,6 +35,7 @@ class MLP(common.BinaryModel):
 
     widths: tuple[int, ...] = (2048, 2048, 2048)
     binary_bn: bool = False
+    replicate: int = 1
 
     @nn.compact
     def __call__(self, x: Array, train: bool = False, progress: float | Array = 1.0) -> Array:
@@ -43,9 +47,11 @@ class MLP(common.BinaryModel):
         for i, width in enumerate(widths):
             first = i == 0
             # The last BN feeds the classifier, binarized only when it is not float.
-            foldable = self.binary_bn and (i < len(widths) - 1 or not self.last_layer_float)
+            feeds_binary = i < len(widths) - 1 or not self.last_layer_float
             x = spec.dense(
                 width, name=f"fc{i}", quantize_input=not first, quantize_kernel=not (first and self.first_layer_float)
             )(x, progress)
-            x = common.bn_sign_block(self, x, train, f"bn{i}", foldable)
+            if feeds_binary:
+                x = common.replicate_units(x, self.replicate)
+            x = common.bn_sign_block(self, x, train, f"bn{i}", self.binary_bn and feeds_binary)
         return common.classifier(self, x, progress)

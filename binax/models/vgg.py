@@ -36,6 +36,9 @@ def _config(widths, pool_after, hidden_dense=(), classifier_activation="none") -
     c.kernel_size = 3
     c.classifier_activation = classifier_activation
     c.binary_bn = False
+    # Copies of each output channel of every layer whose BN feeds a binarized layer
+    # (BinaryDuo's decoupled network: 2, weights tied; see common.replicate_units).
+    c.replicate = 1
     return c
 
 
@@ -72,6 +75,7 @@ class VGG(common.BinaryModel):
     kernel_size: int = 3
     classifier_activation: str = "none"
     binary_bn: bool = False
+    replicate: int = 1
 
     @property
     def min_input_size(self) -> int:
@@ -95,7 +99,8 @@ class VGG(common.BinaryModel):
         hidden = common.scaled(self.hidden_dense, self.width_multiplier)
         # Only a BN whose output a binarized layer consumes is a BN -> sign pair.
         n_bn = len(widths) + len(hidden)
-        foldable = [self.binary_bn and (i < n_bn - 1 or not self.last_layer_float) for i in range(n_bn)]
+        feeds_binary = [i < n_bn - 1 or not self.last_layer_float for i in range(n_bn)]
+        foldable = [self.binary_bn and f for f in feeds_binary]
         for i, width in enumerate(widths):
             first = i == 0
             x = spec.conv(
@@ -109,10 +114,14 @@ class VGG(common.BinaryModel):
                 # binax.ops.max_pool: nn.max_pool's values and gradients, ~9% less CPU
                 # per VGG-small step on XLA:CPU (docs/performance.md).
                 x = ops.max_pool(x, (2, 2), strides=(2, 2))
+            if feeds_binary[i]:
+                x = common.replicate_units(x, self.replicate)
             x = common.bn_sign_block(self, x, train, f"bn{i}", foldable[i])
         x = x.reshape(x.shape[0], -1)
         for j, width in enumerate(hidden):
             x = spec.dense(width, name=f"fc{j}")(x, progress)
+            if feeds_binary[len(widths) + j]:
+                x = common.replicate_units(x, self.replicate)
             x = common.bn_sign_block(self, x, train, f"fc_bn{j}", foldable[len(widths) + j])
         x = common.apply_activation(self.classifier_activation, x, "classifier_act")
         return common.classifier(self, x, progress)

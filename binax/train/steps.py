@@ -9,6 +9,7 @@ many hosts alike.
 
 from __future__ import annotations
 
+import warnings
 from typing import Any
 
 import flax
@@ -74,11 +75,19 @@ def progress_at(step, *, steps_per_epoch: int, num_epochs: int, unit: str = "epo
     ``unit='epoch'``: ``floor(step / steps_per_epoch) / num_epochs``, constant within an
     epoch, as IR-Net's official code steps its EDE schedule; ``unit='step'``:
     ``step / (steps_per_epoch * num_epochs)``. Both reach 1 after the last update, which is
-    the progress the final evaluation uses. A traced ``step`` gives a float32 array (used
+    the progress the final evaluation uses. ``'epoch'`` with one epoch keeps progress at 0
+    for the whole run, and warns (``configs.common.progress_unit`` picks ``'step'`` for
+    short runs). A traced ``step`` gives a float32 array (used
     inside the jitted step); a Python int gives a float (for logging, without compiling).
     """
     xp = np if isinstance(step, (int, np.integer)) else jnp
     step = xp.asarray(step, xp.float32)
+    if unit == "epoch" and num_epochs == 1:
+        warnings.warn(
+            "progress_unit='epoch' with num_epochs=1: progress stays 0 until training ends, so "
+            "binarizer schedules (EDE's t, tanh's nu) never move; use progress_unit='step'.",
+            stacklevel=2,
+        )
     if unit == "epoch":
         p = xp.floor(step / steps_per_epoch) / num_epochs
     elif unit == "step":
