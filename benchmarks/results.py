@@ -1,8 +1,8 @@
 """The same-budget results table: every recipe on Fashion-MNIST, same architecture,
-epochs and seeds, written to ``docs/results.md``.
+epochs and seeds, written to ``docs/results.md`` with a verdict on each paper claim.
 
-    python benchmarks/results.py                       # MLP 784-512-512-512-10, 5 epochs, 3 seeds
-    python benchmarks/results.py --arch cnn --epochs 3 # the CNN table
+    python benchmarks/results.py                       # MLP 784-512-512-512-10, 5 epochs, 5 seeds
+    python benchmarks/results.py --arch cnn --epochs 2 # the CNN table
     python benchmarks/results.py --methods irnet,bnn --seeds 1 --quick   # a smoke run
     python benchmarks/results.py --arch cnn --epochs 2 --table-only     # table from finished runs
 
@@ -11,12 +11,20 @@ Each run is ``configs/recipe.py:method=...,arch=...,seed=...`` in its own workdi
 ``recipe.json``) is not rerun and an interrupted one resumes from its checkpoint, so the
 table can be built in parts. Prints one JSON line per run; the markdown table is
 rewritten after every run from everything finished so far.
+
+Each row gives the mean test accuracy with its 95% t-interval over seeds and the binary
+MACs of the deployed network (``binax.summary``). The verdicts compare rows with Welch's
+t-test (``scipy.stats.ttest_ind(equal_var=False)``, two-sided, ALPHA = 0.05 per
+comparison): a claim "A > B" is *reproduced* when A's mean is higher and p < ALPHA, *not
+reproduced* when B's is higher and p < ALPHA, and *not resolved* otherwise; a chain
+"A > B > C" is reproduced when every link is, not reproduced when any link is.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import platform
 import statistics
@@ -39,7 +47,19 @@ SWEEP = [
     ("ABC-Net M=3, N=3", "method=abc,m=3,n=3"),
     ("ABC-Net M=5, N=5", "method=abc,m=5,n=5"),
     ("Self-Binarizing (sign + BinaryBN)", "method=sb"),
+    ("BinaryDuo's plain binary network (duo_binary)", "method=duo_binary"),
     ("BinaryDuo (decoupled, fine-tuned)", "method=binaryduo"),
+]
+
+#: Significance level of each Welch t-test in the verdicts.
+ALPHA = 0.05
+
+#: The papers' claims: (claim, rows from best to worst as the paper orders them).
+CLAIMS = [
+    ("IR-Net > XNOR-Net > BNN (Qin et al. 2020)", ["method=irnet", "method=xnor", "method=bnn"]),
+    ("BinaryDuo > the plain binary network of the same cost (Kim et al. 2020)", ["method=binaryduo", "method=duo_binary"]),
+    ("ABC-Net's gap to full precision shrinks as M, N grow (Lin et al. 2017)",
+     ["method=abc,m=5,n=5", "method=abc,m=3,n=3", "method=abc,m=1,n=1"]),
 ]
 
 
@@ -86,8 +106,9 @@ def run_one(arch: str, spec: str, seed: int, epochs: int, root: str, quick: bool
     return summary
 
 
-def packed_size(arch: str, spec: str) -> tuple[float, float]:
-    """(packed bytes, float32 bytes) of the recipe's deployed model (binax.summary)."""
+def deployed_cost(arch: str, spec: str) -> tuple[float, float, int]:
+    """(packed bytes, float32 bytes, binary MACs per image) of the recipe's deployed model
+    (``binax.summary``; BinaryDuo: the decoupled network, Self-Binarizing: sign)."""
     import binax
     from binax import train, transforms
     from configs import recipe
@@ -104,47 +125,132 @@ def packed_size(arch: str, spec: str) -> tuple[float, float]:
     if config.recipe.procedure == "self_binarizing":
         model = transforms.tanh_to_sign(model)
     totals = binax.summary(model, (28, 28, 1)).totals
-    return totals.memory_bytes, totals.float32_bytes
+    return totals.memory_bytes, totals.float32_bytes, totals.binary_macs
 
 
-def _mean_std(values: list[float]) -> tuple[float, float]:
-    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
+def t_interval(values: list[float], level: float = 0.95) -> tuple[float, float]:
+    """(mean, half-width of the two-sided t-interval at ``level``); half-width NaN for n < 2."""
+    from scipy import stats
+
+    mean = statistics.fmean(values)
+    if len(values) < 2:
+        return mean, float("nan")
+    sem = statistics.stdev(values) / math.sqrt(len(values))
+    return mean, float(stats.t.ppf(0.5 + level / 2, len(values) - 1) * sem)
+
+
+def compare(a: list[float], b: list[float], alpha: float = ALPHA) -> tuple[str, float, float]:
+    """Claim "a > b" by Welch's t-test: (verdict, mean(a) - mean(b), two-sided p)."""
+    from scipy import stats
+
+    diff = statistics.fmean(a) - statistics.fmean(b)
+    if len(a) < 2 or len(b) < 2:
+        return "not resolved", diff, float("nan")
+    p = float(stats.ttest_ind(a, b, equal_var=False).pvalue)
+    if math.isnan(p):  # both rows constant
+        verdict = "not resolved" if diff == 0 else ("reproduced" if diff > 0 else "not reproduced")
+        return verdict, diff, p
+    if p >= alpha:
+        return "not resolved", diff, p
+    return ("reproduced" if diff > 0 else "not reproduced"), diff, p
+
+
+def chain_verdict(links: list[str]) -> str:
+    """A chain of "A > B" links: reproduced if all are, not reproduced if any is not."""
+    if "not reproduced" in links:
+        return "not reproduced"
+    return "reproduced" if links and all(v == "reproduced" for v in links) else "not resolved"
+
+
+def verdict_lines(rows: list[dict], alpha: float = ALPHA) -> list[str]:
+    """The verdicts section: one bullet per claim, each link's difference and p."""
+    by_spec = {r["spec"]: r for r in rows}
+    lines = [
+        "### Verdicts",
+        "",
+        f"Welch's t-test on the per-seed test accuracies (two-sided, alpha = {alpha} per comparison); "
+        "\"A > B\" is reproduced when A is higher with p < alpha, not reproduced when B is higher "
+        "with p < alpha, not resolved otherwise.",
+        "",
+    ]
+    for claim, specs in CLAIMS:
+        if any(not by_spec.get(s, {}).get("accuracies") for s in specs):
+            lines.append(f"- **{claim}**: not resolved (rows missing).")
+            continue
+        links, texts = [], []
+        for hi, lo in zip(specs, specs[1:]):
+            a, b = (by_spec[s]["accuracies"] for s in (hi, lo))
+            verdict, diff, p = compare([100 * v for v in a], [100 * v for v in b], alpha)
+            links.append(verdict)
+            texts.append(f"{by_spec[hi]['label']} − {by_spec[lo]['label']} = {diff:+.2f} points (p = {p:.3g}): {verdict}")
+        lines.append(f"- **{claim}: {chain_verdict(links)}.** " + "; ".join(texts) + ".")
+    duo, plain = by_spec.get("method=binaryduo"), by_spec.get("method=duo_binary")
+    if duo and duo.get("coupled") and plain and plain.get("accuracies"):
+        verdict, diff, p = compare([100 * v for v in duo["coupled"]], [100 * v for v in plain["accuracies"]], alpha)
+        lines.append(
+            f"- At equal epochs (BinaryDuo's coupled ternary network before fine-tuning, which the "
+            f"decoupled network equals exactly): coupled − {plain['label']} = {diff:+.2f} points "
+            f"(p = {p:.3g}): {verdict}."
+        )
+    sb = by_spec.get("method=sb")
+    if sb and sb.get("agreements"):
+        agree = sb["agreements"]
+        verdict = "reproduced" if all(a == 1.0 for a in agree) else "not reproduced"
+        lines.append(
+            f"- **Self-Binarizing: the deployed sign + BinaryBN network is the trained one (Lahoud & Achanta "
+            f"2019): {verdict}.** Test: its predictions equal the trained network's (tanh at nu_max) on all "
+            f"10,000 test images, on every seed; agreement {min(agree) * 100:.2f}% at worst over "
+            f"{len(agree)} seed(s)."
+        )
+    return lines
+
+
+def _machine_line(wall: float) -> str:
+    """Where the runs ran: CPU, cores this process may use, XLA threading flags."""
+    cores = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
+    pinned = f", runs pinned to core(s) {','.join(map(str, cores))}" if cores and len(cores) < os.cpu_count() else ""
+    xla = os.environ.get("XLA_FLAGS")
+    return (
+        f"Machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPU cores{pinned}"
+        f"{f' (XLA_FLAGS={xla})' if xla else ''}, CPU only; {time.strftime('%Y-%m-%d')}; "
+        f"total wall time of this table's runs {wall / 60:.0f} min."
+    )
 
 
 def write_table(path: str, arch: str, epochs: int, seeds: int, rows: list[dict], wall: float) -> None:
     fp = next((r for r in rows if r["spec"] == "method=fp" and r["accuracies"]), None)
-    fp_mean = _mean_std(fp["accuracies"])[0] if fp else None
+    fp_mean = statistics.fmean(fp["accuracies"]) if fp else None
     complete = all(len(r["accuracies"]) == seeds for r in rows)
     seeds_text = f"{seeds} seed(s) each" if complete else f"of {seeds} planned seeds, n finished per row as shown (partial)"
     arch_text = {"mlp": "MLP 784-512-512-512-10 (`bnn_mlp`, widths 512)", "cnn": "CNN 32-32-64-64 (`cnn_small`)"}[arch]
+    finetune = max(1, round(epochs / 3))
     lines = [
         f"## Fashion-MNIST, {arch_text}",
         "",
-        f"Same budget for every method: {epochs} epochs (BinaryDuo: coupled training plus fine-tuning "
-        f"in the same total), batch 128, Adam 1e-3 with cosine decay, {seeds_text}; first layer "
-        "and classifier full precision. Accuracy on the 10,000 test images, mean ± std over seeds.",
+        f"Same budget for every method: {epochs} epochs, batch 128, Adam 1e-3 with cosine decay, "
+        f"{seeds_text}; first layer and classifier full precision. BinaryDuo trains its coupled ternary "
+        f"network for the same {epochs} epochs, then fine-tunes the decoupled network for {finetune} more "
+        "(its paper's procedure). Test accuracy on the 10,000 test images: mean ± half-width of the 95% "
+        "t-interval over seeds. Binary MACs per image of the deployed network (`binax.summary`).",
         "",
-        "| method | test accuracy (%) | gap to FP (points) | packed size | float32 size | train time / run |",
-        "|---|---|---|---|---|---|",
+        "| method | test accuracy (%) | gap to FP (points) | binary MACs | packed size | float32 size | train time / run |",
+        "|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         if not r["accuracies"]:
             continue
-        mean, std = _mean_std([100 * a for a in r["accuracies"]])
+        mean, half = t_interval([100 * a for a in r["accuracies"]])
         gap = "—" if fp_mean is None or r["spec"] == "method=fp" else f"{mean - 100 * fp_mean:+.2f}"
         t = statistics.fmean(r["times"]) if r["times"] else float("nan")
+        interval = f"± {half:.2f}" if not math.isnan(half) else "(n=1)"
         lines.append(
-            f"| {r['label']} | {mean:.2f} ± {std:.2f} (n={len(r['accuracies'])}) | {gap} | "
-            f"{r['packed'] / 1024:.0f} KiB | {r['float32'] / 1024:.0f} KiB | {t:.0f} s |"
+            f"| {r['label']} | {mean:.2f} {interval} (n={len(r['accuracies'])}) | {gap} | "
+            f"{r['binary_macs'] / 1e6:.3f} M | {r['packed'] / 1024:.0f} KiB | {r['float32'] / 1024:.0f} KiB | {t:.0f} s |"
         )
-    extra = [r for r in rows if r.get("extra")]
-    for r in extra:
-        lines += ["", f"{r['label']}: " + "; ".join(r["extra"])]
-    lines += [
-        "",
-        f"Machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPU cores, CPU only; "
-        f"{time.strftime('%Y-%m-%d')}; total wall time of this table's runs {wall / 60:.0f} min.",
-    ]
+    for r in rows:
+        if r.get("extra"):
+            lines += ["", f"{r['label']}: " + "; ".join(r["extra"])]
+    lines += ["", *verdict_lines(rows), "", _machine_line(wall)]
     text = "\n".join(lines) + "\n"
     begin, end = f"<!-- results:{arch} -->", f"<!-- /results:{arch} -->"
     old = open(path).read() if os.path.exists(path) else "# Results\n\n"
@@ -162,7 +268,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--arch", default="mlp", choices=("mlp", "cnn"))
     parser.add_argument("--epochs", type=int, default=5)
-    parser.add_argument("--seeds", type=int, default=3)
+    parser.add_argument("--seeds", type=int, default=5)
     parser.add_argument("--methods", default="", help="comma-separated recipe methods (default: all rows)")
     parser.add_argument("--root", default=os.path.join(ROOT, "runs", "results"))
     parser.add_argument("--output", default=os.path.join(ROOT, "docs", "results.md"))
@@ -177,9 +283,10 @@ def main() -> None:
     rows = []
     wall = 0.0
     for label, spec in SWEEP:
-        packed, float32 = packed_size(args.arch, spec)
+        packed, float32, binary_macs = deployed_cost(args.arch, spec)
         run = not args.table_only and (not wanted or _method(spec) in wanted)
-        rows.append(dict(label=label, spec=spec, run=run, accuracies=[], times=[], packed=packed, float32=float32, extra=[]))
+        rows.append(dict(label=label, spec=spec, run=run, accuracies=[], times=[], packed=packed, float32=float32,
+                         binary_macs=binary_macs, extra=[], agreements=[], coupled=[]))
     # Seed-major order: the first pass gives a whole (one-seed) table early. Rows left out
     # by --methods keep their finished runs in the table (they are read, not trained).
     for seed in range(args.seeds):
@@ -203,11 +310,13 @@ def _add_run(row: dict, seed: int, summary: dict) -> None:
     row["accuracies"].append(summary["test_accuracy"])
     row["times"].append(summary.get("train_time_s") or summary.get("wall_time_s") or 0.0)
     if "agreement" in summary:
+        row["agreements"].append(summary["agreement"])
         row["extra"].append(
             f"seed {seed}: tanh at nu_max {100 * summary['tanh_test_accuracy']:.2f}%, sign + BinaryBN "
             f"{100 * summary['test_accuracy']:.2f}%, prediction agreement {100 * summary['agreement']:.2f}%"
         )
     if "coupled_test_accuracy" in summary:
+        row["coupled"].append(summary["coupled_test_accuracy"])
         row["extra"].append(
             f"seed {seed}: coupled ternary {100 * summary['coupled_test_accuracy']:.2f}%, decoupled "
             f"{100 * summary['decoupled_test_accuracy']:.2f}% (max |logit diff| "
