@@ -315,25 +315,37 @@ def tanh_sign(x: Array, nu: float | Array, relative: bool = False) -> Array:
 
 
 def nu_schedule(
-    progress: float | Array, nu_0: float = 1.0, nu_max: float = 1000.0, start: float = 0.0
+    progress: float | Array,
+    nu_0: float = 1.0,
+    nu_max: float = 1000.0,
+    start: float = 0.0,
+    nu_start: float | None = None,
 ) -> Array:
-    """Sharpening schedule for ``tanh_sign``: ``nu = nu_0 * (nu_max / nu_0) ** s`` with
-    ``s = clip((progress - start) / (1 - start), 0, 1)``.
+    """Sharpening schedule for ``tanh_sign``: geometric from ``nu_0`` to ``nu_start`` over
+    progress ``[0, start]``, then geometric from ``nu_start`` to ``nu_max`` over ``[start, 1]``.
 
-    The paper gives no exact schedule; binax uses this geometric one (methods.md), held
-    at ``nu_0`` until ``progress = start`` (default 0: sharpening from the first step).
-    The default ``nu_max = 1000`` makes ``tanh(nu x)`` within 1e-3 of ``sign(x)`` for
-    ``|x| >= 0.004``; the recipe (``configs/recipe.py:method=sb``) needs far more for the
-    trained network to BE the sign network on every test image.
+    ``nu = nu_0 * (nu_start / nu_0) ** (p / start)`` for ``p < start``, then
+    ``nu = nu_start * (nu_max / nu_start) ** ((p - start) / (1 - start))``.
+    ``nu_start=None`` (= ``nu_0``) holds nu at ``nu_0`` until ``start``; ``start = 0``
+    (the default) is one geometric ramp ``nu_0 * (nu_max / nu_0) ** p``. The paper gives no
+    exact schedule (methods.md); binax's recipe is in ``configs/recipe.py``. The default
+    ``nu_max = 1000`` makes ``tanh(nu x)`` within 1e-3 of ``sign(x)`` for ``|x| >= 0.004``;
+    the recipe needs far more for the trained network to BE the sign network on every
+    test image.
     """
-    if not (nu_0 > 0 and nu_max > 0):
-        raise ValueError(f"nu_schedule needs nu_0 > 0 and nu_max > 0; got nu_0={nu_0}, nu_max={nu_max}.")
+    nu_s = nu_0 if nu_start is None else nu_start
+    if not (nu_0 > 0 and nu_max > 0 and nu_s > 0):
+        raise ValueError(
+            f"nu_schedule needs nu_0, nu_start and nu_max > 0; got nu_0={nu_0}, nu_start={nu_start}, nu_max={nu_max}."
+        )
     if not 0.0 <= start < 1.0:
         raise ValueError(f"nu_schedule needs 0 <= start < 1 (the progress where sharpening begins); got start={start}.")
-    s = _f32(progress)
-    if start:
-        s = jnp.clip((s - start) / (1.0 - start), 0.0, 1.0)
-    return _f32(nu_0) * jnp.power(_f32(nu_max / nu_0), s)
+    p = _f32(progress)
+    if not start:
+        return _f32(nu_0) * jnp.power(_f32(nu_max / nu_0), p)
+    first = _f32(nu_0) * jnp.power(_f32(nu_s / nu_0), jnp.clip(p / start, 0.0, 1.0))
+    second = _f32(nu_s) * jnp.power(_f32(nu_max / nu_s), jnp.clip((p - start) / (1.0 - start), 0.0, 1.0))
+    return jnp.where(p < start, first, second)
 
 
 # ----------------------------------------------------------- {0, 1} and ternary
@@ -713,8 +725,10 @@ def _ede_schedule(progress, t_min: float = 0.1, t_max: float = 10.0) -> dict[str
     return {"t": t, "k": k}
 
 
-def _nu_schedule(progress, nu_0: float = 1.0, nu_max: float = 1000.0, start: float = 0.0) -> dict[str, Array]:
-    return {"nu": nu_schedule(progress, nu_0=nu_0, nu_max=nu_max, start=start)}
+def _nu_schedule(
+    progress, nu_0: float = 1.0, nu_max: float = 1000.0, start: float = 0.0, nu_start: float | None = None
+) -> dict[str, Array]:
+    return {"nu": nu_schedule(progress, nu_0=nu_0, nu_max=nu_max, start=start, nu_start=nu_start)}
 
 
 #: Binarizers whose arguments are functions of training progress: name -> schedule

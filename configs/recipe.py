@@ -32,7 +32,7 @@ from binax import recipes
 from configs import common
 
 EDE = {"t_min": 0.1, "t_max": 10.0}
-SB_NU = {"nu_0": 1.0, "nu_max": 1e9, "start": 0.9}
+SB_NU = {"nu_0": 1.0, "nu_start": 1.0, "nu_max": 1e9, "start": 0.9}
 
 # name -> (model overrides, description). Quantizers by binax.binarizers registry name.
 METHODS: dict[str, tuple[dict, str]] = {

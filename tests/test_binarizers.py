@@ -397,6 +397,21 @@ def test_nu_schedule_held_until_start_then_geometric():
         b.nu_schedule(0.5, start=1.0)
 
 
+def test_nu_schedule_two_geometric_ramps_through_nu_start():
+    # nu_0 -> nu_start over [0, start], nu_start -> nu_max over [start, 1], log-linear.
+    kw = dict(nu_0=1.0, nu_start=16.0, nu_max=1e8, start=0.8)
+    expected = {0.0: 1.0, 0.2: 2.0, 0.4: 4.0, 0.8: 16.0, 0.9: 4e4, 1.0: 1e8}
+    for p, nu in expected.items():
+        assert float(b.nu_schedule(p, **kw)) == pytest.approx(nu, rel=1e-5), p
+    chex.clear_trace_counter()
+    sched = jax.jit(chex.assert_max_traces(lambda q: b.nu_schedule(q, **kw), n=1))
+    for p, nu in expected.items():
+        assert float(sched(jnp.float32(p))) == pytest.approx(nu, rel=1e-5)
+    assert float(b.resolve("tanh_sign", **kw)(jnp.float32(0.5), 0.4)) == pytest.approx(np.tanh(2.0), rel=1e-6)
+    with pytest.raises(ValueError, match="nu_start=-1"):
+        b.nu_schedule(0.5, nu_start=-1.0, start=0.5)
+
+
 # --------------------------------------------------------------- weight binarizers
 
 _RNG = np.random.default_rng(0)

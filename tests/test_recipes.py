@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from binax import recipes
+from binax import recipes, train
 from configs import recipe
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -52,6 +52,10 @@ def test_recipe_trains(spec, tmp_path):
         assert json.load(open(tmp_path / "recipe.json"))["agreement"] == summary["agreement"]
         # The recipe's nu_max makes the deployed sign + BinaryBN network the trained one.
         assert summary["agreement"] == 1.0
+    if spec in ("method=irnet", "method=sb"):
+        # A 3-step run still moves its schedule (per-step progress in short runs).
+        records = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
+        assert max(r.get("progress", 0.0) for r in records) > 0.5
     if "method=binaryduo" in spec:
         assert summary["decoupling_prediction_agreement"] == 1.0
         assert summary["decoupling_max_logit_diff"] < 1e-4
@@ -83,3 +87,21 @@ def test_binaryduo_is_one_command(tmp_path):
     assert out.returncode == 0, out.stderr[-3000:]
     assert "binaryduo: coupled (ternary)" in out.stdout
     assert json.load(open(tmp_path / "recipe.json"))["decoupling_prediction_agreement"] == 1.0
+
+
+def test_binaryduo_widths_follow_the_official_rule_and_match_the_binary_cost():
+    import binax
+
+    # The official tiny VGG-7 (tinyVGG7.lua 64-64-128-128-512-512 -> tinyVGG7_coupled.lua).
+    assert recipes.binaryduo_widths("vgg7_tiny", (32, 32, 3), widths=(64, 64, 128, 128), hidden_dense=(512, 512)) == {
+        "widths": (45, 45, 90, 90), "hidden_dense": (336, 512)}
+    for arch in ("mlp", "cnn"):
+        config = recipe.get_config(f"method=binaryduo,arch={arch}")
+        plain = recipe.get_config(f"method=duo_binary,arch={arch}")
+        coupled = binax.summary(train.create_model(config.model), (28, 28, 1)).binary_macs
+        base = binax.summary(train.create_model(plain.model), (28, 28, 1)).binary_macs
+        # Ternary counts as two binary activations: same binary-op count within rounding.
+        assert coupled == pytest.approx(base, rel=0.02), arch
+    assert recipe.get_config("method=binaryduo").model.widths == (362, 300, 512)
+    with pytest.raises(ValueError, match="width_multiplier=1"):
+        recipes.binaryduo_widths("bnn_mlp", (28, 28, 1), widths=(8, 8), width_multiplier=0.5)

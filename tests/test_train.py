@@ -162,6 +162,13 @@ def test_progress_per_epoch_and_per_step():
         train.progress_at(0, unit="batch", **kw)
 
 
+def test_one_epoch_of_per_epoch_progress_warns_that_schedules_stay_put():
+    with pytest.warns(UserWarning, match="progress stays 0"):
+        assert train.progress_at(9, steps_per_epoch=10, num_epochs=1, unit="epoch") == 0.0
+    # Per step, the same run's schedule moves.
+    assert train.progress_at(9, steps_per_epoch=10, num_epochs=1, unit="step") == pytest.approx(0.9)
+
+
 # ----------------------------------------------------------------------------- steps
 
 

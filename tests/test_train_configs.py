@@ -54,3 +54,17 @@ def test_parse_arg_types_and_rejects_unknown_words():
 def test_model_config_rejects_unknown_model_keys():
     with pytest.raises(ValueError, match="unknown key\\(s\\) \\['widht'\\] for model 'bnn_mlp'"):
         common.model_config("bnn_mlp", widht=(3,))
+
+
+def test_short_runs_read_per_step_progress():
+    from configs import default, recipe
+
+    # Per-epoch progress would hold a 1-epoch run's schedules at 0 and stop a 5-epoch
+    # run's EDE at t = 4 of 10; from 10 epochs on, the official per-epoch stepping is kept.
+    assert common.progress_unit(1) == common.progress_unit(9) == "step"
+    assert common.progress_unit(10) == "epoch"
+    assert default.get_config().progress_unit == "epoch"  # 15 epochs
+    assert default.get_config("quick").progress_unit == "step"
+    assert recipe.get_config("method=irnet").progress_unit == "step"  # 5 epochs
+    assert recipe.get_config("method=irnet,epochs=20").progress_unit == "epoch"
+    assert recipe.get_config("method=irnet,epochs=20,quick").progress_unit == "step"
