@@ -242,10 +242,11 @@ def write_table(path: str, arch: str, epochs: int, seeds: int, rows: list[dict],
         mean, half = t_interval([100 * a for a in r["accuracies"]])
         gap = "—" if fp_mean is None or r["spec"] == "method=fp" else f"{mean - 100 * fp_mean:+.2f}"
         t = statistics.fmean(r["times"]) if r["times"] else float("nan")
-        interval = f"± {half:.2f}" if not math.isnan(half) else "(n=1)"
+        interval = "" if math.isnan(half) else f" ± {half:.2f}"
+        macs = f"{r['binary_macs'] / 1e6:.3f} M" if r["binary_macs"] else "0"
         lines.append(
-            f"| {r['label']} | {mean:.2f} {interval} (n={len(r['accuracies'])}) | {gap} | "
-            f"{r['binary_macs'] / 1e6:.3f} M | {r['packed'] / 1024:.0f} KiB | {r['float32'] / 1024:.0f} KiB | {t:.0f} s |"
+            f"| {r['label']} | {mean:.2f}{interval} (n={len(r['accuracies'])}) | {gap} | "
+            f"{macs} | {r['packed'] / 1024:.0f} KiB | {r['float32'] / 1024:.0f} KiB | {t:.0f} s |"
         )
     for r in rows:
         if r.get("extra"):
