@@ -6,7 +6,7 @@ the first layer (pixels in) and the classifier stay full precision. EDE's t goes
 t_min to t_max once per epoch, as IR-Net's code does (15 epochs; shorter runs, e.g.
 ``:quick``, step it per update: ``configs.common.progress_unit``).
 
-Measured (`bash dev.sh run`, i.e. GLIBC_TUNABLES set, 2 CPU cores shared with other jobs,
+Measured (what `bash dev.sh run` runs: experiments.run with its GLIBC_TUNABLES; 2 CPU cores shared with other jobs,
 load average 6-8): 89.50% test accuracy; 11 min 57 s wall time, 4 min 27 s of CPU time
 (user + sys, all threads). Without the hardtanh (before the recipe audit, docs/recipes.md)
 the same config reached 88.67%.
