@@ -318,10 +318,12 @@ def _add_run(row: dict, seed: int, summary: dict) -> None:
         )
     if "coupled_test_accuracy" in summary:
         row["coupled"].append(summary["coupled_test_accuracy"])
+        differing = round(summary.get("decoupling_differing_fraction", 0.0) * 10000)
+        rounding = f"; logits moved on {differing} of 10,000 images by float rounding at a threshold" if differing else ""
         row["extra"].append(
             f"seed {seed}: coupled ternary {100 * summary['coupled_test_accuracy']:.2f}%, decoupled "
             f"{100 * summary['decoupled_test_accuracy']:.2f}% (max |logit diff| "
-            f"{summary['decoupling_max_logit_diff']:.1e}), fine-tuned {100 * summary['test_accuracy']:.2f}%"
+            f"{summary['decoupling_max_logit_diff']:.1e}{rounding}), fine-tuned {100 * summary['test_accuracy']:.2f}%"
         )
 
 
