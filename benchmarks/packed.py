@@ -7,7 +7,7 @@ One run times, interleaved and repeated (median after warm-up), on the same mach
   its word-ops/s turn each packed kernel's work (``M·K/32·N`` word-ops) into a lower
   bound on its time. Printed next to the paper estimate cores × lanes × clock / cycles;
 * dense ``M×K×N`` (including 128×4096×4096): float32 ``jnp.dot`` vs ``packed_dense``
-  for each formulation in ``binax.export.METHODS``;
+  for each formulation in ``binax.packed.METHODS``;
 * the VGG-small 3×3 SAME convolutions at batch ``--batch``: float32
   ``lax.conv_general_dilated`` vs ``packed_conv``, alone and followed by
   ``threshold_to_bits`` (BatchNorm + sign into the next layer's bits, what a packed
@@ -49,7 +49,7 @@ from jax import lax
 if __package__ in (None, ""):  # run as a script from a checkout without installing binax
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from binax.export import (  # noqa: E402
+from binax.packed import (  # noqa: E402
     CPU_COMPILER_OPTIONS,
     METHODS,
     pack_bits,
@@ -58,7 +58,7 @@ from binax.export import (  # noqa: E402
     packed_size_bytes,
     threshold_to_bits,
 )
-from binax.export import kernels as _kernels  # noqa: E402
+from binax.packed import geometry  # noqa: E402
 
 SWEEP_GROUP_WORDS = (4, 8, 16, 32)
 
@@ -257,7 +257,7 @@ def bench_conv(batch: int, hw: int, cin: int, cout: int, reps: int, limit: dict,
                     (xp, wp),
                 )
         # The kernel alone on precomputed patches, to separate im2col from the reduction.
-        patches = _kernels._im2col(jnp.pad(xp, ((0, 0), (1, 1), (1, 1), (0, 0))), (3, 3), (1, 1), (hw, hw))
+        patches = geometry.im2col(jnp.pad(xp, ((0, 0), (1, 1), (1, 1), (0, 0))), (3, 3), (1, 1), (hw, hw))
         cands["xor_popcount_patches_given"] = (
             jit_cpu(lambda p, w: packed_dense(p, w, 32 * kw)),
             (patches, wp.reshape(-1, cout)),

@@ -27,6 +27,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from binax import binarizers, ops
+from binax.packed import geometry
 
 Array = jax.Array
 Spec = Any  # str | Callable | None: a binarizer registry name, a callable, or no quantization.
@@ -144,68 +145,6 @@ def default_pad_value(pad_values: float | None, input_quantizer: Spec) -> float:
 # --------------------------------------------------------------------- convolution
 
 
-def _tuple(v, n: int, what: str) -> tuple[int, ...]:
-    if isinstance(v, int):
-        return (v,) * n
-    v = tuple(v)
-    if len(v) != n:
-        raise ValueError(f"{what} must be an int or a sequence of {n} ints; got {v!r}.")
-    return v
-
-
-def _padding_pairs(padding, in_spatial, window, strides, dilation) -> list[tuple[int, int]]:
-    """Explicit (low, high) padding per spatial axis, as ``lax`` computes it for SAME/VALID."""
-    nd = len(window)
-    if isinstance(padding, str):
-        mode = padding.upper()
-        if mode not in ("SAME", "VALID"):
-            raise ValueError(f"padding must be 'SAME', 'VALID', an int or (low, high) pairs; got {padding!r}.")
-        effective = [(k - 1) * d + 1 for k, d in zip(window, dilation)]
-        return [tuple(p) for p in lax.padtype_to_pads(in_spatial, effective, strides, mode)]
-    if isinstance(padding, int):
-        return [(padding, padding)] * nd
-    pairs = []
-    for p in padding:
-        pairs.append((p, p) if isinstance(p, int) else tuple(p))
-    if len(pairs) != nd or any(len(p) != 2 for p in pairs):
-        raise ValueError(f"padding {padding!r} must give one int or (low, high) pair per spatial axis ({nd}).")
-    return pairs
-
-
-def _conv(x: Array, kernel: Array, strides, pads, dilation, groups: int) -> Array:
-    """N-d channels-last convolution with explicit padding already decided."""
-    nd = kernel.ndim - 2
-    spatial = "DHW"[-nd:] if nd <= 3 else None
-    if spatial is None:
-        raise ValueError(f"Convolutions of {nd} spatial dimensions are not supported (1 to 3 are).")
-    dn = ("N" + spatial + "C", spatial + "IO", "N" + spatial + "C")
-    return lax.conv_general_dilated(
-        x,
-        kernel.astype(x.dtype),
-        window_strides=strides,
-        padding=pads,
-        rhs_dilation=dilation,
-        dimension_numbers=dn,
-        feature_group_count=groups,
-    )
-
-
-def _padded_conv(x, kernel, strides, padding, dilation, groups, pad_value) -> Array:
-    """Pad ``x`` with ``pad_value`` (after any input quantization), then a VALID conv.
-
-    ``pad_value`` may be a traced array (ABC-Net pads with ``Σβ_n * p``).
-    """
-    nd = kernel.ndim - 2
-    pads = _padding_pairs(padding, x.shape[1:-1], kernel.shape[:nd], strides, dilation)
-    if isinstance(pad_value, (int, float)) and pad_value == 0:
-        return _conv(x, kernel, strides, pads, dilation, groups)
-    widths = [(0, 0)] + list(pads) + [(0, 0)]
-    if any(lo < 0 or hi < 0 for lo, hi in pads):
-        raise ValueError(f"negative padding {pads} is not supported with a pad value.")
-    x = jnp.pad(x, widths, mode="constant", constant_values=jnp.asarray(pad_value, x.dtype))
-    return _conv(x, kernel, strides, [(0, 0)] * nd, dilation, groups)
-
-
 def _check_conv_input(x: Array, nd: int, layer: str) -> None:
     if x.ndim != nd + 2:
         raise ValueError(
@@ -313,17 +252,17 @@ class BinaryConv(_ConvGeometry, nn.Module):
     def __call__(self, x: Array, progress: float | Array = 1.0) -> Array:
         nd = len(self.window)
         _check_conv_input(x, nd, type(self).__name__)
-        strides = _tuple(self.strides, nd, "strides")
-        dilation = _tuple(self.kernel_dilation, nd, "kernel_dilation")
+        strides = geometry.ntuple(self.strides, nd, "strides")
+        dilation = geometry.ntuple(self.kernel_dilation, nd, "kernel_dilation")
         x = _quantize(self.input_quantizer, self.input_quantizer_kwargs, x, progress)
         name = "latent_kernel" if self.kernel_quantizer is not None else "kernel"
         kernel = self.param(name, self.kernel_init, self._kernel_shape(x.shape[-1]))
         kernel = _quantize(self.kernel_quantizer, self.kernel_quantizer_kwargs, kernel, progress)
         if self._fast_path(nd, dilation):
-            pads = _padding_pairs(self.padding, x.shape[1:-1], self.window, strides, dilation)
+            pads = geometry.padding_pairs(self.padding, x.shape[1:-1], self.window, strides, dilation)
             y = ops.binary_conv2d(x, kernel, strides, pads, self.pad_value)
         else:
-            y = _padded_conv(x, kernel, strides, self.padding, dilation, self.feature_group_count, self.pad_value)
+            y = geometry.padded_conv(x, kernel, strides, self.padding, dilation, self.feature_group_count, self.pad_value)
         if self.use_bias:
             y = y + self.param("bias", self.bias_init, (self.features,)).astype(y.dtype)
         return y
@@ -362,12 +301,12 @@ class BinaryDepthwiseConv(_ConvGeometry, nn.Module):
         name = "latent_kernel" if self.kernel_quantizer is not None else "kernel"
         kernel = self.param(name, self.kernel_init, self.window + (1, features))
         kernel = _quantize(self.kernel_quantizer, self.kernel_quantizer_kwargs, kernel, progress)
-        y = _padded_conv(
+        y = geometry.padded_conv(
             x,
             kernel,
-            _tuple(self.strides, nd, "strides"),
+            geometry.ntuple(self.strides, nd, "strides"),
             self.padding,
-            _tuple(self.kernel_dilation, nd, "kernel_dilation"),
+            geometry.ntuple(self.kernel_dilation, nd, "kernel_dilation"),
             channels,
             self.pad_value,
         )
@@ -435,10 +374,14 @@ class ABCDense(nn.Module):
         a = binarizers.abc_activation(x, shifts, betas)
         latent = self.param("latent_kernel", self.kernel_init, (x.shape[-1], self.features))
         w = binarizers.abc_weight(latent, self.m)
+        bias = self.param("bias", self.bias_init, (self.features,)) if self.use_bias else None
+        return self.combine(a, w, betas, bias)
+
+    def combine(self, a: Array, w: Array, betas: Array, bias: Array | None = None) -> Array:
+        """``a @ w (+ bias)`` for the combined activation and kernel (see :class:`ABCConv`)."""
+        del betas  # a dense layer has no padding
         y = lax.dot_general(a, w.astype(a.dtype), (((a.ndim - 1,), (0,)), ((), ())))
-        if self.use_bias:
-            y = y + self.param("bias", self.bias_init, (self.features,)).astype(y.dtype)
-        return y
+        return y if bias is None else y + bias.astype(y.dtype)
 
 
 class ABCConv(_ConvGeometry, nn.Module):
@@ -479,19 +422,23 @@ class ABCConv(_ConvGeometry, nn.Module):
         a = binarizers.abc_activation(x, shifts, betas)
         latent = self.param("latent_kernel", self.kernel_init, self.window + (x.shape[-1], self.features))
         w = binarizers.abc_weight(latent, self.m)
-        pad = self.pad_value * jnp.sum(betas) if self.pad_value != 0 else 0.0
-        y = _padded_conv(
+        bias = self.param("bias", self.bias_init, (self.features,)) if self.use_bias else None
+        return self.combine(a, w, betas, bias)
+
+    def combine(self, a: Array, w: Array, betas: Array, bias: Array | None = None) -> Array:
+        """The layer's product of the combined activation ``a`` and kernel ``w = Σ α_m B_m``
+        (also the packed model's float form of an ABC convolution)."""
+        nd = len(self.window)
+        y = geometry.padded_conv(
             a,
             w,
-            _tuple(self.strides, nd, "strides"),
+            geometry.ntuple(self.strides, nd, "strides"),
             self.padding,
-            _tuple(self.kernel_dilation, nd, "kernel_dilation"),
+            geometry.ntuple(self.kernel_dilation, nd, "kernel_dilation"),
             1,
-            pad,
+            self.pad_value * jnp.sum(betas) if self.pad_value != 0 else 0.0,
         )
-        if self.use_bias:
-            y = y + self.param("bias", self.bias_init, (self.features,)).astype(y.dtype)
-        return y
+        return y if bias is None else y + bias.astype(y.dtype)
 
 
 # ------------------------------------------------------------ BinaryBN and ReActNet

@@ -28,7 +28,7 @@ import binax.data
 import binax.export as bx
 from binax import layers as L
 from binax.export import inference as inf
-from binax.export import packing
+from binax.packed import bits as packing
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -388,13 +388,6 @@ def test_packed_layers_equal_the_layers_eval_forward():
             np.testing.assert_allclose(got, ref, rtol=2e-6, atol=2e-6 * float(np.abs(ref).max()), err_msg=repr(module))
 
 
-def test_pack_np_is_pack_bits():
-    rng = np.random.default_rng(1)
-    for shape, axis in [((3, 70), 1), ((33, 5), 0), ((2, 3, 64, 4), 2)]:
-        b = rng.random(shape) < 0.5
-        np.testing.assert_array_equal(inf.pack_np(b, axis), packing.pack_bits(jnp.asarray(b), axis=axis))
-
-
 # ------------------------------------------------------------------------- the file
 
 
@@ -527,13 +520,3 @@ def test_export_command_packs_the_best_checkpoint_of_a_workdir(tmp_path, capsys)
     with pytest.raises(ValueError, match="no checkpoint at step 7"):
         train.restore_variables(str(tmp_path), "7")
     assert train.restore_variables(str(tmp_path), "latest")[3] == 20
-
-
-@pytest.mark.parametrize("n", [32, 64, 40])
-def test_pack_np_matches_pack_bits_on_any_layout(n):
-    """Export-time packing equals binax.export.pack_bits, also when no padding is needed
-    and the packed axis is not the last (a dense kernel (in, out) packs along axis 0)."""
-    from binax.export import inference, pack_bits
-
-    bits = np.random.default_rng(0).random((n, 7)) > 0.5
-    np.testing.assert_array_equal(inference.pack_np(bits, 0), np.asarray(pack_bits(jnp.asarray(bits), axis=0)))

@@ -173,15 +173,6 @@ def test_fast_path_supported_only_for_sign_valued_quantizers():
     assert not ops.fast_path_supported(jnp.sign, "ste_sign")  # a callable's values are unknown
 
 
-def test_kernel_packing_matches_export_packing():
-    from binax.export import pack_bits
-
-    for shape, axis in [((70, 5), 0), ((3, 3, 40, 7), 2), ((2, 2, 32, 3), 2)]:
-        w = jax.random.normal(jax.random.key(6), shape)
-        ours, theirs = jax.jit(lambda w: (ops_binary._pack_kernel(w, axis), pack_bits(w, axis=axis)))(w)
-        np.testing.assert_array_equal(np.asarray(ours), np.asarray(theirs))
-
-
 def test_model_training_gradients_same_through_layers(monkeypatch):
     """BinaryConv/BinaryDense route through binax.ops: same logits and gradients as the
     plain formulation (what a user's training step computes)."""

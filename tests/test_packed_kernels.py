@@ -10,11 +10,13 @@ import numpy as np
 import pytest
 from jax import lax
 
-from binax.export import (
+from binax.packed import (
     METHODS,
     PAD_BIT,
     bn_sign_thresholds,
+    column_sums,
     pack_bits,
+    pack_bits_np,
     packed_conv,
     packed_dense,
     packed_size_bytes,
@@ -89,6 +91,20 @@ def test_unpack_inverts_pack_for_any_length(n):
     # The padding positions hold PAD_BIT.
     padded = unpack(words, n=32 * words.shape[1], axis=1)
     assert np.all(np.asarray(padded)[:, n:, :] == bool(PAD_BIT))
+
+
+@pytest.mark.parametrize("shape,axis", [((3, 70), 1), ((33, 5), 0), ((2, 3, 64, 4), 2), ((32, 7), 0), ((64, 7), 0), ((40, 7), 0)])
+def test_pack_bits_np_is_pack_bits(shape, axis):
+    """Export-time packing equals pack_bits, also when no padding is needed and the packed
+    axis is not the last (a dense kernel (in, out) packs along axis 0)."""
+    b = np.random.default_rng(1).random(shape) < 0.5
+    np.testing.assert_array_equal(pack_bits_np(b, axis), np.asarray(pack_bits(jnp.asarray(b), axis=axis)))
+
+
+def test_column_sums_count_plus_minus_one_per_output_channel():
+    w = pm1(np.random.default_rng(2), (3, 3, 40, 5))  # 40 channels: 2 words, 24 padding bits
+    packed = pack_bits_np(w >= 0, 2)
+    np.testing.assert_array_equal(column_sums(packed, 3 * 3 * 40), w.reshape(-1, 5).sum(0).astype(np.int32))
 
 
 def test_pack_and_unpack_are_jittable():

@@ -7,7 +7,7 @@ function of ONE integer per output channel: the accumulator ``a`` of the first l
 the next layer is therefore a boolean function of ``a``, per channel; when it is monotone
 it is ``(a >= t_c) XOR flip_c`` (BinaryBN: ``sign(BN(x)) = sign(γ)·sign(x − τ)``), and the
 next layer's packed bits come straight from the int32 accumulators
-(:func:`binax.export.threshold_to_bits`), with no float activation in between.
+(:func:`binax.packed.threshold_to_bits`), with no float activation in between.
 
 The thresholds are not derived from the BatchNorm formula but read off the float
 computation itself: the block (the model's own BatchNorm/BinaryBatchNorm, activation and
@@ -42,15 +42,15 @@ from jax import lax
 
 from binax import layers as L
 from binax.export.inference import PackedLayer
-from binax.export.kernels import threshold_to_bits
-from binax.export.packing import pack_bits
 from binax.models import alexnet, common, mlp, vgg
+from binax.packed.bits import pack_bits
+from binax.packed.kernels import threshold_to_bits
 
 Array = jax.Array
 
 __all__ = ["PLANNERS", "ChainPlan", "plan_ops", "map_shapes", "compile_thresholds", "chain_forward"]
 
-# Thresholds beyond ±2**30 act as ±inf (kernels._INT_INF).
+# Thresholds beyond ±2**30 act as ±inf (binax.packed.kernels._INT_INF).
 _INT_INF = 2**30
 # Booleans per jitted evaluation of a block while searching thresholds.
 _EVAL_CHUNK = 1 << 22

@@ -51,8 +51,9 @@ import numpy as np
 
 from binax import binarizers
 from binax import layers as L
-from binax.export.kernels import packed_conv, packed_dense
-from binax.export.packing import PAD_BIT, WORD_BITS, pack_bits, unpack_bits
+from binax.packed import geometry
+from binax.packed.bits import column_sums, pack_bits, pack_bits_np, unpack_bits
+from binax.packed.kernels import packed_conv, packed_dense
 
 Array = jax.Array
 
@@ -70,8 +71,6 @@ __all__ = [
     "EXPORTED_TYPES",
     "PackedLayer",
     "derived_arrays",
-    "pack_np",
-    "column_sums",
 ]
 
 #: Quantizers whose inference forward is ``sign(x)`` (0 -> +1); ``tanh_sign`` is exported as sign.
@@ -248,33 +247,6 @@ def decompose_kernel(q: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
     return q >= 0, alpha.astype(np.float32)
 
 
-def pack_np(bits: np.ndarray, axis: int) -> np.ndarray:
-    """:func:`binax.export.pack_bits` of host booleans in NumPy (export time, no compilation).
-
-    Same layout: 32 bits per word along ``axis``, LSB first, padded with ``PAD_BIT``.
-    """
-    bits = np.moveaxis(np.asarray(bits, bool), axis, -1)
-    pad = -bits.shape[-1] % WORD_BITS
-    if pad:
-        fill = np.full(bits.shape[:-1] + (pad,), bool(PAD_BIT))
-        bits = np.concatenate([bits, fill], axis=-1)
-    # packbits keeps the moved axis' strides; the 4-byte view needs a contiguous last axis
-    # (without padding, e.g. 128 inputs, nothing above made a copy).
-    words = np.ascontiguousarray(np.packbits(bits, axis=-1, bitorder="little")).view("<u4").astype(np.uint32)
-    return np.moveaxis(words, -1, axis)
-
-
-def column_sums(bits_packed: np.ndarray, n: int, axis: int) -> np.ndarray:
-    """``S_b = Σ b`` per output channel (last axis) of a kernel packed along ``axis``.
-
-    Padding bits are ``PAD_BIT = 0`` and add nothing to the popcount; ``n`` is the number
-    of true values summed per output channel.
-    """
-    ones = np.unpackbits(np.ascontiguousarray(bits_packed).view(np.uint8)).reshape(*bits_packed.shape, 32)
-    per_out = ones.sum(axis=-1).reshape(-1, bits_packed.shape[-1]).sum(axis=0)
-    return (2 * per_out.astype(np.int64) - n).astype(np.int32)
-
-
 # ----------------------------------------------------------------- one layer
 
 
@@ -378,7 +350,7 @@ def export_layer(
     if reason is not None:
         axis = q.ndim - 1 if depthwise else q.ndim - 2
         info.update(pack_axis=axis)
-        return LayerExport("float_input", {"bits": pack_np(bits, axis), "alpha": alpha, **extra}, info, reason)
+        return LayerExport("float_input", {"bits": pack_bits_np(bits, axis), "alpha": alpha, **extra}, info, reason)
 
     if isinstance(module, L.BinaryDense) and map_shape is not None:
         h, w, c = map_shape
@@ -387,7 +359,7 @@ def export_layer(
     else:
         info.update(layout="conv" if isinstance(module, L.BinaryConv) else "dense")
     axis = bits.ndim - 2
-    packed = pack_np(bits, axis)
+    packed = pack_bits_np(bits, axis)
     n_in = int(math.prod(bits.shape[:-1]))
     info.update(
         pack_axis=axis,
@@ -417,7 +389,7 @@ def _export_abc(module, params, map_shape, quantized) -> LayerExport:
     if reason is not None:
         axis = latent.ndim - 1
         info.update(pack_axis=axis)
-        packed = np.stack([pack_np(b >= 0, axis) for b in bases])
+        packed = np.stack([pack_bits_np(b >= 0, axis) for b in bases])
         return LayerExport("float_input", {"bits": packed, **extra}, info, reason)
     b = bases >= 0  # (M, ..., C, O)
     if isinstance(module, L.ABCDense) and map_shape is not None:
@@ -431,7 +403,7 @@ def _export_abc(module, params, map_shape, quantized) -> LayerExport:
     b = b.reshape(*b.shape[:-2], -1)
     axis = b.ndim - 2
     info.update(pack_axis=axis, in_channels=int(b.shape[axis]))
-    return LayerExport("abc", {"bits": pack_np(b, axis), **extra}, info)
+    return LayerExport("abc", {"bits": pack_bits_np(b, axis), **extra}, info)
 
 
 # ----------------------------------------------------------------- packed compute
@@ -507,8 +479,8 @@ class PackedLayer:
                     planes = planes.reshape(p, planes.shape[1], h, w, -1)
                 strides, pads = (1, 1), ((0, 0), (0, 0))
             else:
-                strides = L._tuple(self.module.strides, 2, "strides")
-                pads = L._padding_pairs(self.module.padding, planes.shape[2:4], bits.shape[:2], strides, (1, 1))
+                strides = geometry.ntuple(self.module.strides, 2, "strides")
+                pads = geometry.padding_pairs(self.module.padding, planes.shape[2:4], bits.shape[:2], strides)
             acc = self._conv_planes(planes, bits, c, strides, pads)
             if layout == "map":
                 acc = acc.reshape(p, acc.shape[1], -1)
@@ -565,7 +537,7 @@ class PackedLayer:
             bases = unpack_bits(arrays["bits"], n, axis=axis + 1, dtype=jnp.float32)
             kernel = jnp.tensordot(arrays["alphas"], bases, axes=1)
             a = binarizers.abc_activation(x, arrays["shifts"], arrays["betas"])
-            return _abc_float(module, a, kernel, arrays)
+            return module.combine(a, kernel, arrays["betas"], arrays.get("bias"))
         if self.kind == "float":
             kernel = arrays["kernel"]
         else:
@@ -575,27 +547,6 @@ class PackedLayer:
         in_q, in_kw = inference_quantizer(module.input_quantizer, module.input_quantizer_kwargs)
         layer = module.clone(parent=None, kernel_quantizer=None, input_quantizer=in_q, input_quantizer_kwargs=in_kw)
         return layer.apply({"params": {"kernel": kernel, **params}}, x, progress)
-
-
-def _abc_float(module, a: Array, kernel: Array, arrays) -> Array:
-    """ABC-Net's float math on the combined activation ``a`` and kernel ``Σ α_m B_m``."""
-    if isinstance(module, L.ABCDense):
-        y = jax.lax.dot_general(a, kernel.astype(a.dtype), (((a.ndim - 1,), (0,)), ((), ())))
-    else:
-        nd = len(module.window)
-        pad = module.pad_value * jnp.sum(arrays["betas"]) if module.pad_value != 0 else 0.0
-        y = L._padded_conv(
-            a,
-            kernel,
-            L._tuple(module.strides, nd, "strides"),
-            module.padding,
-            L._tuple(module.kernel_dilation, nd, "kernel_dilation"),
-            1,
-            pad,
-        )
-    if "bias" in arrays:
-        y = y + arrays["bias"]
-    return y
 
 
 def derived_arrays(export: LayerExport) -> dict[str, np.ndarray]:
@@ -608,7 +559,7 @@ def derived_arrays(export: LayerExport) -> dict[str, np.ndarray]:
             out["scale"] = (np.asarray(export.arrays["alpha"], np.float32) * half_step).astype(np.float32)
         c0 = ActivationCode(code["quantizer"], (), code["low"], code["step"], code["planes"]).offset
         if c0:
-            out["column_sums"] = column_sums(export.arrays["bits"], export.info["column_sums_n"], export.info["pack_axis"])
+            out["column_sums"] = column_sums(export.arrays["bits"], export.info["column_sums_n"])
     return out
 
 

@@ -60,7 +60,7 @@ from binax.export.inference import (
     kernel_request,
     quantize_kernels,
 )
-from binax.export.kernels import CPU_COMPILER_OPTIONS
+from binax.packed.kernels import CPU_COMPILER_OPTIONS
 
 Array = jax.Array
 

@@ -5,7 +5,7 @@ A binary layer multiplies an input ``x ∈ {−1, +1}`` by a kernel ``k = α ⊙
 a power of two for IR-Net's Libra-PB). The scale factors out of the product,
 ``conv(x, α·sign w) = α · conv(x, sign w)``, leaving an integer product of ±1 values that
 is computed EXACTLY as ``K − 2·popcount(x XOR w)`` on bit-packed operands
-(:mod:`binax.export.kernels`). The backward is the plain product's:
+(:mod:`binax.packed`). The backward is the plain product's:
 
 * ``∂x = g ⋆ k`` (the transposed convolution / ``g·kᵀ``) and
 * ``∂k = im2col(x)ᵀ · g`` (``xᵀ·g``), a float32 GEMM whose ±1 operand is rebuilt from
