@@ -18,7 +18,6 @@ the trainer calls :func:`clip_latent_weights` on the parameter tree after each u
 
 from __future__ import annotations
 
-import dataclasses
 from typing import Any, Callable, Mapping, Sequence
 
 import flax.linen as nn
@@ -33,8 +32,6 @@ Array = jax.Array
 Spec = Any  # str | Callable | None: a binarizer registry name, a callable, or no quantization.
 
 __all__ = [
-    "QuantInfo",
-    "quant_info",
     "default_pad_value",
     "BinaryDense",
     "BinaryConv",
@@ -49,74 +46,6 @@ __all__ = [
     "latent_kernel_mask",
     "is_latent_kernel_path",
 ]
-
-
-# ------------------------------------------------------------------ quantizer facts
-
-
-@dataclasses.dataclass(frozen=True)
-class QuantInfo:
-    """What a quantizer produces at inference, for memory and MAC accounting.
-
-    ``bits``: storage bits per value (32 for no quantization).
-    ``planes``: how many binary planes the value decomposes into (1 for a binarizer,
-    M for ABC-Net's M weight bases, 2 for BinaryDuo's ternary activation, which
-    decouples into two binary activations), or ``None`` when it is not a sum of binary
-    planes (float, DoReFa k > 1, ternary weights). A MAC is binary only when both of its
-    operands have planes; it then costs ``planes_in * planes_kernel`` binary MACs.
-    """
-
-    bits: int
-    planes: int | None
-
-
-# Quantizers whose inference value set has two elements ({-1, +1}, {0, 1}, or a scaled
-# {-a, +a}). tanh_sign is counted here because Self-Binarizing networks replace it with
-# sign for inference (binax.transforms).
-_BINARY_VALUED = frozenset(
-    {
-        "sign",
-        "ste_sign",
-        "approx_sign",
-        "swish_sign",
-        "ede_sign",
-        "tanh_sign",
-        "ste_heaviside",
-        "duo_binary",
-        "xnor_weight",
-        "libra_pb",
-        "duo_weight",
-    }
-)
-
-
-def quant_info(spec: Spec, kwargs: Mapping[str, Any] | None = None) -> QuantInfo:
-    """Bits and binary planes of a quantizer spec (see :class:`QuantInfo`).
-
-    ``None`` -> 32-bit float. Registry names are classified by their forward value set;
-    a user callable may declare ``fn.bits`` (and ``fn.planes``), otherwise it is taken
-    to be a binarizer (1 bit, 1 plane), which is what binax layers expect.
-    """
-    kwargs = dict(kwargs or {})
-    if spec is None:
-        return QuantInfo(32, None)
-    if callable(spec):
-        bits = int(getattr(spec, "bits", 1))
-        return QuantInfo(bits, getattr(spec, "planes", 1 if bits == 1 else None))
-    binarizers.get(spec)  # unknown names raise a ValueError listing the valid ones
-    if spec in _BINARY_VALUED:
-        return QuantInfo(1, 1)
-    if spec == "duo_ternary":
-        return QuantInfo(2, 2)
-    if spec == "ste_tern":
-        return QuantInfo(2, None)
-    if spec == "dorefa":
-        k = int(kwargs.get("k_bit", 2))
-        return QuantInfo(k, 1 if k == 1 else None)
-    if spec == "abc_weight":
-        m = int(kwargs.get("m", 1))
-        return QuantInfo(m, m)
-    return QuantInfo(32, None)
 
 
 def _resolve(spec: Spec, kwargs: Mapping[str, Any] | None):

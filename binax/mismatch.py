@@ -43,7 +43,7 @@ import numpy as np
 import optax
 from flax import traverse_util
 
-from binax import layers, models
+from binax import binarizers, layers, models
 
 PyTree = Any
 
@@ -401,13 +401,6 @@ def group_similarities(estimate: jax.Array, group_grads: jax.Array) -> tuple[Sim
 
 # ------------------------------------------------------- estimators on a real model
 
-#: Activation binarizers whose forward is exactly ``sign`` (0 -> +1): they differ only in
-#: their backward, so they share one smoothed loss.
-SIGN_FORWARD = frozenset({"sign", "ste_sign", "approx_sign", "swish_sign", "ede_sign"})
-#: Soft forwards that are replaced by ``sign`` at inference (Self-Binarizing networks).
-DEPLOYED_AS_SIGN = frozenset({"tanh_sign"})
-
-
 def fixed_ede(t: float, **overrides) -> dict:
     """Model overrides for ``ede_sign`` frozen at ``t`` (``k = max(1/t, 1)``): t_min = t_max = t."""
     return {"input_quantizer": "ede_sign", "input_quantizer_kwargs": {"t_min": t, "t_max": t}, **overrides}
@@ -449,16 +442,20 @@ MULTILEVEL_ACTIVATIONS: dict[str, dict] = {
 def deployed_forward(overrides: dict, model_name: str) -> dict:
     """The model overrides whose loss an estimator is measured against.
 
-    Sign-forward estimators and ``tanh_sign`` (deployed as sign) map to the plain
-    ``sign`` network, so they all share one smoothed loss; any other quantizer is measured
-    against its own forward.
+    Each quantizer is taken in its deployed form (``binax.binarizers.deployed``:
+    ``tanh_sign`` is deployed as sign); every one whose (deployed) forward is ``"sign"``
+    (a sign-forward estimator, the built-in ones or a user's) maps to the plain ``sign``
+    network, so they all share one smoothed loss; any other quantizer is measured against
+    its own forward.
     """
     config = models.get_config(model_name)
     out = dict(overrides)
     for field in ("input_quantizer", "kernel_quantizer"):
-        name = out.get(field, config[field])
-        if isinstance(name, str) and name in SIGN_FORWARD | DEPLOYED_AS_SIGN:
+        spec, kwargs = binarizers.deployed(out.get(field, config[field]), out.get(field + "_kwargs"))
+        if spec is not None and binarizers.describe(spec).is_sign:
             out[field], out[field + "_kwargs"] = "sign", {}
+        elif spec != out.get(field, config[field]):
+            out[field], out[field + "_kwargs"] = spec, kwargs
     return out
 
 

@@ -8,8 +8,9 @@ totals. ``print(summary)`` prints the table.
 
 Accounting rules:
 
-* A quantized kernel (``latent_kernel``) is stored at its quantizer's bits: 1 for a
-  binarizer, M for ABC-Net's M weight bases. Every other variable (float kernels, biases,
+* A quantized kernel (``latent_kernel``) is stored at its quantizer's bits (its
+  ``binax.binarizers.describe(spec).bits``): 1 for a binarizer, M for ABC-Net's M weight
+  bases. Every other variable (float kernels, biases,
   batch-norm scale/bias AND statistics, shifts, slopes, thresholds) is a float parameter
   at its dtype's width (32 bits for float32); a ``BinaryBatchNorm``'s ``sign`` is 1 bit.
 * MACs of a dense or conv layer: ``prod(output spatial) * kernel.size`` per example. A
@@ -29,6 +30,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from binax import binarizers
 from binax import layers as L
 
 __all__ = ["summary", "ModelSummary", "LayerSummary", "Totals"]
@@ -199,19 +201,39 @@ def _flatten(variables: Mapping) -> list[tuple[tuple[str, ...], str, Any]]:
 _MAC_LAYERS = (L.BinaryDense, L.BinaryConv, L.BinaryDepthwiseConv, L.ABCDense, L.ABCConv, nn.Dense, nn.Conv)
 
 
-def _operand_info(module: nn.Module) -> tuple[L.QuantInfo, L.QuantInfo]:
+@dataclasses.dataclass(frozen=True)
+class _Operand:
+    """An operand of a MAC: storage bits per value, and binary planes (None: float)."""
+
+    bits: int
+    planes: int | None
+
+
+_FLOAT = _Operand(32, None)
+
+
+def _operand(spec, kwargs) -> _Operand:
+    """A quantizer spec's bits and planes, from its descriptor (``binax.binarizers.describe``)."""
+    q = binarizers.describe(spec)
+    if q is None:
+        return _FLOAT
+    kwargs = dict(kwargs or {})
+    return _Operand(q.bits_for(kwargs), q.planes_for(kwargs))
+
+
+def _operand_info(module: nn.Module) -> tuple[_Operand, _Operand]:
     """(input, kernel) quantization of a dense/conv layer."""
     if isinstance(module, (L.ABCDense, L.ABCConv)):
-        return L.QuantInfo(module.n, module.n), L.QuantInfo(module.m, module.m)
+        return _Operand(module.n, module.n), _Operand(module.m, module.m)
     if isinstance(module, (L.BinaryDense, L.BinaryConv, L.BinaryDepthwiseConv)):
         return (
-            L.quant_info(module.input_quantizer, module.input_quantizer_kwargs),
-            L.quant_info(module.kernel_quantizer, module.kernel_quantizer_kwargs),
+            _operand(module.input_quantizer, module.input_quantizer_kwargs),
+            _operand(module.kernel_quantizer, module.kernel_quantizer_kwargs),
         )
-    return L.QuantInfo(32, None), L.QuantInfo(32, None)
+    return _FLOAT, _FLOAT
 
 
-def _leaf_bits(module: nn.Module | None, name: str, leaf: Any, kernel: L.QuantInfo | None) -> tuple[int, bool]:
+def _leaf_bits(module: nn.Module | None, name: str, leaf: Any, kernel: _Operand | None) -> tuple[int, bool]:
     """(bits per value, is it a binary parameter)."""
     if name == "latent_kernel" and kernel is not None and kernel.bits < 32:
         return kernel.bits, kernel.planes is not None

@@ -22,11 +22,14 @@ import jax.numpy as jnp
 import numpy as np
 from flax.core import FrozenDict, unfreeze
 
+from binax import binarizers, models
+
 __all__ = [
     "fold_bn_sign",
     "binary_bn_paths",
     "fold_binary_bn_variables",
     "fold_binary_bn",
+    "inference_model",
     "tanh_to_sign",
     "self_binarizing_inference",
     "DUO_SHIFT",
@@ -313,8 +316,6 @@ def binaryduo_couplings(model: nn.Module) -> list[tuple[str, str, str]]:
     return [(p, b, c) for p, b, c in zip(layers, bns, consumers) if c is not None]
 
 
-# Weight binarizers for which halving the latent kernel halves the binarized kernel.
-_SCALE_EQUIVARIANT = ("duo_weight", "xnor_weight", None)
 # Activations that leave 1[y >= 0.25] and 1[y >= 0.75] unchanged.
 _DUO_SAFE_ACTIVATIONS = ("none", "hardtanh", "relu")
 
@@ -333,10 +334,12 @@ def decouple_binaryduo_model(model: nn.Module, variables: Mapping) -> tuple[nn.M
         raise ValueError(
             f"decoupling needs a coupled model with input_quantizer='duo_ternary'; got {model.input_quantizer!r}."
         )
-    if model.kernel_quantizer not in _SCALE_EQUIVARIANT:
+    kq = binarizers.describe(model.kernel_quantizer)
+    if kq is not None and not kq.scale_equivariant:
+        equivariant = [n for n in binarizers.names() if binarizers.describe(n).scale_equivariant]
         raise ValueError(
             f"decoupling halves the consumer's latent weights, which needs a scale-equivariant "
-            f"weight binarizer ({', '.join(map(str, _SCALE_EQUIVARIANT))}); got {model.kernel_quantizer!r}."
+            f"weight binarizer ({', '.join(equivariant)} or None); got {model.kernel_quantizer!r}."
         )
     if model.activation not in _DUO_SAFE_ACTIVATIONS or getattr(model, "binary_bn", False):
         raise ValueError(
@@ -368,24 +371,28 @@ def decouple_binaryduo_model(model: nn.Module, variables: Mapping) -> tuple[nn.M
     return model.clone(**frozen), new_vars, overrides
 
 
+def inference_model(model: nn.Module) -> nn.Module:
+    """``model`` with every quantizer in its deployed form (:func:`binax.models.inference_overrides`:
+    ``binax.binarizers.deployed``); the model itself when nothing changes."""
+    changes = models.inference_overrides(model)
+    return model.clone(**{k: models.common.freeze(v) for k, v in changes.items()}) if changes else model
+
+
 def tanh_to_sign(model: nn.Module) -> nn.Module:
-    """The Self-Binarizing inference model: every ``tanh_sign`` quantizer becomes ``sign``.
+    """The Self-Binarizing inference model: ``tanh_sign`` quantizers deployed as ``sign``.
 
     Lahoud & Achanta (2019) train with ``tanh(nu x)`` on weights and activations, nu
-    growing so tanh approaches sign, and deploy with ``sign``. Weights and activations
-    whose quantizer is not ``tanh_sign`` are left as they are.
+    growing so tanh approaches sign, and deploy with ``sign`` (``tanh_sign``'s descriptor
+    says so: ``inference="sign"``). :func:`inference_model`, for a model that has
+    something to deploy; otherwise a ``ValueError``.
     """
-    changes = {}
-    for field in ("input_quantizer", "kernel_quantizer"):
-        if getattr(model, field) == "tanh_sign":
-            changes[field] = "sign"
-            changes[field + "_kwargs"] = FrozenDict()
-    if not changes:
+    deployed = inference_model(model)
+    if deployed is model:
         raise ValueError(
-            f"{type(model).__name__} has no tanh_sign quantizer (input_quantizer="
+            f"{type(model).__name__} has no quantizer deployed in another form, such as tanh_sign (input_quantizer="
             f"{model.input_quantizer!r}, kernel_quantizer={model.kernel_quantizer!r})."
         )
-    return model.clone(**changes)
+    return deployed
 
 
 def self_binarizing_inference(

@@ -9,6 +9,10 @@ model against the training graph in eval mode on ``--check`` random images.
 
 The packed model takes what the training pipeline feeds the model (normalized float NHWC
 images): ``binax.export.load(path)(images) -> logits``.
+
+A run that used a binarizer of its own (docs/custom_binarizer.md) needs the module that
+registers it: ``--import mymodule`` (a config naming it as ``'mymodule:function'``
+imports it by itself). Loading the packed file needs it as well.
 """
 
 from __future__ import annotations
@@ -22,6 +26,8 @@ import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
 
+from binax import binarizers
+
 _WORKDIR = flags.DEFINE_string("workdir", None, "A training run's directory (config.json, checkpoints/).")
 _OUT = flags.DEFINE_string("out", None, "Output file (default: WORKDIR/packed_<model>.npz).")
 _STEP = flags.DEFINE_string("step", "best", "'best', 'latest' or a checkpoint step number.")
@@ -30,6 +36,10 @@ _INPUT_SHAPE = flags.DEFINE_string(
     "input_shape", None, "H,W,C of one image; default: the dataset's (binax.data registry)."
 )
 _CHECK = flags.DEFINE_integer("check", 16, "Random images to compare with the eval graph (0: skip).")
+_IMPORT = flags.DEFINE_multi_string(
+    "import", [], "Module(s) to import first, e.g. one that registers the run's own binarizers "
+    "(binax.binarizers.register); repeat the flag or separate names by commas."
+)
 
 
 def read_config(workdir: str) -> dict:
@@ -121,6 +131,7 @@ def main(argv):
     if not _WORKDIR.value:
         raise app.UsageError("--workdir is required")
     try:
+        binarizers.import_plugins(",".join(_IMPORT.value))
         run(_WORKDIR.value, _OUT.value, _STEP.value, _RUNTIME.value, _INPUT_SHAPE.value, _CHECK.value)
     except ValueError as e:
         raise SystemExit(f"error: {e}") from None

@@ -17,7 +17,7 @@ float per channel. The codes of binax's quantizers:
 ============================================  =====  ===  ===  ====
 quantizer (forward)                            low    Δ    P    c0
 ============================================  =====  ===  ===  ====
-sign, ste/approx/swish/ede_sign, tanh_sign→sign  −1     2    1    0
+forward "sign" (ste/approx/swish/ede_sign, …)   −1     2    1    0
 ste_heaviside, duo_binary ({0, 1})               0      1    1    1
 duo_ternary ({0, ½, 1})                          0      ½    2    2
 ste_tern ({−1, 0, 1})                            −1     1    2    0
@@ -28,8 +28,10 @@ For ``{0, 1}`` activations this is ``a·w = (s·w + Σw)/2`` (the issue's formul
 pixel of value ``v = L_j`` is the planes ``s_p = +1`` for ``p <= j``, ``−1`` above, so
 convolution borders stay exact (``S_b`` then runs over every tap, padded or not).
 
-``tanh_sign`` is exported as ``sign``: Self-Binarizing networks (Lahoud & Achanta 2019)
-replace ``tanh(ν·x)`` by its limit for inference.
+Each quantizer is exported in its deployed form (:func:`binax.binarizers.deployed`:
+Self-Binarizing's ``tanh_sign`` is registered with ``inference="sign"``), and its code
+is read from that form's descriptor: ``forward="sign"`` is the first row (a user's
+sign-forward binarizer too), ``forward="levels"`` gives ``(low, Δ, P)``.
 
 A kernel quantizer is exported by evaluating it on the latent weights and splitting the
 result into ``sign`` bits and ``α = |q|`` per output channel (``xnor_weight``: mean|W|;
@@ -58,10 +60,8 @@ from binax.packed.kernels import packed_conv, packed_dense
 Array = jax.Array
 
 __all__ = [
-    "SIGN_LIKE",
     "ActivationCode",
     "activation_code",
-    "inference_quantizer",
     "quantized_kernel",
     "quantize_kernels",
     "kernel_request",
@@ -73,19 +73,8 @@ __all__ = [
     "derived_arrays",
 ]
 
-#: Quantizers whose inference forward is ``sign(x)`` (0 -> +1); ``tanh_sign`` is exported as sign.
-SIGN_LIKE = frozenset({"sign", "ste_sign", "approx_sign", "swish_sign", "ede_sign", "tanh_sign"})
-
 #: Layer types the exporter replaces (when they quantize something).
 EXPORTED_TYPES = (L.BinaryDense, L.BinaryConv, L.BinaryDepthwiseConv, L.ABCDense, L.ABCConv)
-
-
-def inference_quantizer(spec, kwargs: Mapping[str, Any] | None) -> tuple[Any, dict]:
-    """The quantizer (and keywords) a layer uses at inference: ``tanh_sign`` becomes ``sign``."""
-    kwargs = dict(kwargs or {})
-    if spec == "tanh_sign":
-        return "sign", {}
-    return spec, kwargs
 
 
 # ----------------------------------------------------------------- activation codes
@@ -95,8 +84,8 @@ def inference_quantizer(spec, kwargs: Mapping[str, Any] | None) -> tuple[Any, di
 class ActivationCode:
     """Activations on the levels ``low + j·step`` (``j = 0..planes``) as binary planes.
 
-    ``quantizer``/``kwargs`` is the inference forward (a registry name); sign-like
-    quantizers are stored as ``"sign"``.
+    ``quantizer``/``kwargs`` is the inference forward (a registry name or
+    ``"module:attr"``); every ``forward="sign"`` quantizer is stored as ``"sign"``.
     """
 
     quantizer: str
@@ -158,23 +147,18 @@ class ActivationCode:
 
 
 def activation_code(spec, kwargs: Mapping[str, Any] | None = None) -> ActivationCode | None:
-    """The :class:`ActivationCode` of an input quantizer, or None (float, or no exact code)."""
-    if spec is None or not isinstance(spec, str):
+    """The :class:`ActivationCode` of an input quantizer at inference, or None (float, or
+    no exact code): read from its deployed form's descriptor (``forward`` ``"sign"`` or
+    ``"levels"``; :func:`binax.binarizers.deployed`, :meth:`binax.quantizer.Quantizer.levels_for`)."""
+    spec, kwargs = binarizers.deployed(spec, kwargs)
+    q = binarizers.describe(spec)
+    levels = None if q is None else q.levels_for(kwargs)
+    if levels is None:
         return None
-    spec, kwargs = inference_quantizer(spec, kwargs)
-    items = tuple(sorted(kwargs.items()))
-    if spec in SIGN_LIKE:
+    if q.is_sign:
         return ActivationCode("sign")
-    if spec in ("ste_heaviside", "duo_binary"):
-        return ActivationCode(spec, items, 0.0, 1.0, 1)
-    if spec == "duo_ternary":
-        return ActivationCode(spec, items, 0.0, 0.5, 2)
-    if spec == "ste_tern":
-        return ActivationCode(spec, items, -1.0, 1.0, 2)
-    if spec == "dorefa":
-        n = 2 ** int(kwargs.get("k_bit", 2)) - 1
-        return ActivationCode(spec, items, 0.0, 1.0 / n, n)
-    return None
+    low, step, planes = levels
+    return ActivationCode(spec if isinstance(spec, str) else q.name, tuple(sorted(kwargs.items())), low, step, planes)
 
 
 # ----------------------------------------------------------------- kernels
@@ -197,9 +181,9 @@ def quantize_kernels(kernels: Mapping[Any, tuple], progress: float = 1.0) -> dic
     """
     out, todo = {}, {}
     for key, (spec, kwargs, latent) in kernels.items():
-        spec, kwargs = inference_quantizer(spec, kwargs)
+        spec, kwargs = binarizers.deployed(spec, kwargs)
         latent = np.asarray(latent, np.float32)
-        if spec in SIGN_LIKE:
+        if binarizers.describe(spec).is_sign:
             out[key] = np.where(latent >= 0, 1.0, -1.0).astype(np.float32)
         else:
             todo[key] = (spec, kwargs, latent)
@@ -315,13 +299,13 @@ def export_layer(
         return None
     if module.input_quantizer is None and module.kernel_quantizer is None:
         return None
-    in_q, in_kw = inference_quantizer(module.input_quantizer, module.input_quantizer_kwargs)
+    in_q, in_kw = binarizers.deployed(module.input_quantizer, module.input_quantizer_kwargs)
     code = activation_code(in_q, in_kw)
     bias = params.get("bias")
     extra = {} if bias is None else {"bias": np.asarray(bias, np.float32)}
     info: dict[str, Any] = {
         "input_quantizer": in_q if isinstance(in_q, (str, type(None))) else repr(in_q),
-        "kernel_quantizer": inference_quantizer(module.kernel_quantizer, None)[0],
+        "kernel_quantizer": binarizers.deployed(module.kernel_quantizer)[0],
     }
     if module.kernel_quantizer is None:
         kernel = np.asarray(params["kernel"], np.float32)
@@ -544,7 +528,7 @@ class PackedLayer:
             axis = self.info["pack_axis"]
             n = self.info["shape"][axis]
             kernel = unpack_bits(arrays["bits"], n, axis=axis, dtype=jnp.float32) * arrays["alpha"]
-        in_q, in_kw = inference_quantizer(module.input_quantizer, module.input_quantizer_kwargs)
+        in_q, in_kw = binarizers.deployed(module.input_quantizer, module.input_quantizer_kwargs)
         layer = module.clone(parent=None, kernel_quantizer=None, input_quantizer=in_q, input_quantizer_kwargs=in_kw)
         return layer.apply({"params": {"kernel": kernel, **params}}, x, progress)
 

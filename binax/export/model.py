@@ -56,7 +56,6 @@ from binax.export.inference import (
     PackedLayer,
     derived_arrays,
     export_layer,
-    inference_quantizer,
     kernel_request,
     quantize_kernels,
 )
@@ -69,7 +68,6 @@ __all__ = ["FORMAT", "FORMAT_VERSION", "RUNTIMES", "PackedModel", "export", "loa
 FORMAT = "binax.export.packed_model"
 FORMAT_VERSION = 1
 RUNTIMES = ("auto", "chain", "generic")
-_QUANTIZER_KEYS = ("input_quantizer", "kernel_quantizer")
 
 
 # ------------------------------------------------------------------------- config
@@ -94,17 +92,9 @@ def _jsonable(value, where: str):
 
 
 def inference_config(config: Mapping[str, Any]) -> dict:
-    """The config a model runs at inference: ``tanh_sign`` quantizers become ``sign``.
-
-    (Self-Binarizing networks replace ``tanh(ν·x)`` by its limit ``sign`` for inference.)
-    """
-    out = dict(config)
-    for key in _QUANTIZER_KEYS:
-        if key in out:
-            spec, kwargs = inference_quantizer(out[key], out.get(key + "_kwargs"))
-            if spec != out[key]:
-                out[key], out[key + "_kwargs"] = spec, kwargs
-    return out
+    """The config a model runs at inference: ``config`` with
+    :func:`binax.models.inference_overrides` (e.g. ``tanh_sign`` quantizers become ``sign``)."""
+    return {**dict(config), **models.inference_overrides(config)}
 
 
 # ------------------------------------------------------------------------- trace

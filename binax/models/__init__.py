@@ -15,9 +15,10 @@ from typing import Any, Callable
 import flax.linen as nn
 import ml_collections
 
+from binax import binarizers
 from binax.models import alexnet, common, mlp, resnet, vgg
 
-__all__ = ["create", "names", "get_config", "register", "common"]
+__all__ = ["create", "names", "get_config", "register", "inference_overrides", "common"]
 
 _REGISTRY: dict[str, tuple[Callable[[], ml_collections.ConfigDict], type[nn.Module]]] = {}
 
@@ -78,6 +79,24 @@ def create(name: str, **overrides: Any) -> nn.Module:
     if hasattr(model_cls, "validate_config"):
         model_cls.validate_config(values)
     return model_cls(**values)
+
+
+def inference_overrides(config: Any) -> dict[str, Any]:
+    """The quantizer keys of a model config (or model) that change at inference.
+
+    Each of ``input_quantizer``/``kernel_quantizer`` is replaced by its deployed form
+    (:func:`binax.binarizers.deployed`, e.g. Self-Binarizing's ``tanh_sign`` by ``sign``),
+    with its ``*_kwargs``; ``{}`` when nothing changes. ``config`` is a mapping or a model
+    (its fields).
+    """
+    get = config.get if hasattr(config, "get") else lambda key, default=None: getattr(config, key, default)
+    out: dict[str, Any] = {}
+    for key in ("input_quantizer", "kernel_quantizer"):
+        spec = get(key)
+        new, kwargs = binarizers.deployed(spec, get(key + "_kwargs"))
+        if new != spec:
+            out[key], out[key + "_kwargs"] = new, kwargs
+    return out
 
 
 register("bnn_mlp", mlp.get_config, mlp.MLP)

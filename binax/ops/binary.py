@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from binax import binarizers
 from binax.packed import geometry
 from binax.packed.bits import pack_bits, unpack_bits
 from binax.packed.kernels import packed_conv, packed_dense
@@ -23,8 +24,6 @@ Array = jax.Array
 
 __all__ = [
     "IMPLS",
-    "SIGN_INPUT_QUANTIZERS",
-    "SCALED_SIGN_KERNEL_QUANTIZERS",
     "default_impl",
     "fast_path_supported",
     "binary_conv2d",
@@ -32,16 +31,6 @@ __all__ = [
 ]
 
 IMPLS = ("auto", "xnor", "xla")
-
-#: Input (activation) binarizers whose forward value is exactly ±1 during training
-#: (``sign(0) = +1``). ``tanh_sign`` (a soft tanh while training), the {0, 1} and ternary
-#: activations and DoReFa are not.
-SIGN_INPUT_QUANTIZERS = frozenset({"sign", "ste_sign", "approx_sign", "swish_sign", "ede_sign"})
-
-#: Kernel binarizers whose forward value is ``±α`` with one ``α ≥ 0`` per output channel
-#: (the ±1 estimators, XNOR-Net's ``mean|W|``, Libra-PB's power of two, BinaryDuo's single
-#: scale).
-SCALED_SIGN_KERNEL_QUANTIZERS = SIGN_INPUT_QUANTIZERS | frozenset({"xnor_weight", "libra_pb", "duo_weight"})
 
 # Pad values the packed forward represents: +1 and −1 as bits, 0 by a per-position correction.
 _PACKED_PAD_VALUES = (-1.0, 0.0, 1.0)
@@ -58,14 +47,14 @@ def default_impl(backend: str | None = None) -> str:
 def fast_path_supported(input_quantizer: Any, kernel_quantizer: Any) -> bool:
     """Whether a layer with these quantizer specs computes a product of ±1 and ±α values.
 
-    Only registry names are recognised: a callable's forward values are unknown.
+    Read from the quantizers' descriptors (``binax.binarizers.describe``): the input's
+    forward must be ``"sign"`` (exactly ±1 while training: not ``tanh_sign``, not {0, 1}),
+    the kernel's ``"sign"`` or ``"scaled_sign"`` (±α per output channel). An undeclared
+    callable's values are unknown, so it never qualifies.
     """
-    return (
-        isinstance(input_quantizer, str)
-        and isinstance(kernel_quantizer, str)
-        and input_quantizer in SIGN_INPUT_QUANTIZERS
-        and kernel_quantizer in SCALED_SIGN_KERNEL_QUANTIZERS
-    )
+    if input_quantizer is None or kernel_quantizer is None:
+        return False
+    return binarizers.describe(input_quantizer).is_sign and binarizers.describe(kernel_quantizer).is_scaled_sign
 
 
 def _resolve_impl(impl: str) -> str:
