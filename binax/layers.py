@@ -12,8 +12,9 @@ as Flax does. Kernels keep the output channel last (Dense ``(in, out)``, Conv
 ``(*window, in / groups, out)``).
 
 Latent-weight clipping (BNN's ``weight_clip``, Larq's ``kernel_constraint``) is a
-property of training, not of the forward pass: a layer records its ``kernel_clip`` and
-the trainer calls :func:`clip_latent_weights` on the parameter tree after each update.
+property of training, not of the forward pass: a model names its clip value
+(``latent_weight_clip``) and the trainer calls :func:`clip_latent_weights` on the
+parameter tree after each update; layers know nothing of it.
 """
 
 from __future__ import annotations
@@ -104,8 +105,8 @@ class BinaryDense(nn.Module):
     """Dense layer with optional input and kernel binarizers (BNN, XNOR-Net, IR-Net, ...).
 
     ``y = q_in(x) @ q_w(W) (+ b)``; ``W`` is ``latent_kernel`` when ``kernel_quantizer`` is
-    set, else ``kernel``. ``kernel_clip`` records the latent-weight clip value that the
-    trainer applies (``clip_latent_weights``); the layer itself never clips.
+    set, else ``kernel``. The layer never clips its latent weights; the trainer does
+    (``clip_latent_weights``).
     """
 
     features: int
@@ -114,7 +115,6 @@ class BinaryDense(nn.Module):
     input_quantizer_kwargs: Mapping[str, Any] | None = None
     kernel_quantizer: Spec = None
     kernel_quantizer_kwargs: Mapping[str, Any] | None = None
-    kernel_clip: float | None = None
     kernel_init: Callable = _glorot
     bias_init: Callable = nn.initializers.zeros
 
@@ -155,7 +155,6 @@ class BinaryConv(_ConvGeometry, nn.Module):
     input_quantizer_kwargs: Mapping[str, Any] | None = None
     kernel_quantizer: Spec = None
     kernel_quantizer_kwargs: Mapping[str, Any] | None = None
-    kernel_clip: float | None = None
     kernel_init: Callable = _glorot
     bias_init: Callable = nn.initializers.zeros
 
@@ -216,7 +215,6 @@ class BinaryDepthwiseConv(_ConvGeometry, nn.Module):
     input_quantizer_kwargs: Mapping[str, Any] | None = None
     kernel_quantizer: Spec = None
     kernel_quantizer_kwargs: Mapping[str, Any] | None = None
-    kernel_clip: float | None = None
     kernel_init: Callable = _glorot
     bias_init: Callable = nn.initializers.zeros
 
@@ -290,7 +288,6 @@ class ABCDense(nn.Module):
     m: int = 3
     n: int = 3
     use_bias: bool = False
-    kernel_clip: float | None = None
     kernel_init: Callable = _glorot
     bias_init: Callable = nn.initializers.zeros
 
@@ -331,7 +328,6 @@ class ABCConv(_ConvGeometry, nn.Module):
     n: int = 3
     pad_values: float | None = None
     use_bias: bool = False
-    kernel_clip: float | None = None
     kernel_init: Callable = _glorot
     bias_init: Callable = nn.initializers.zeros
 

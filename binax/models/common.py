@@ -140,7 +140,6 @@ class LayerSpec:
     abc_m: int = 3
     abc_n: int = 3
     pad_values: float | None = None
-    latent_weight_clip: float | None = None
     activation: str = "none"
     bn_momentum: float = 0.9
     bn_epsilon: float = 1e-5
@@ -168,7 +167,6 @@ class LayerSpec:
                 n=self.abc_n,
                 pad_values=self.pad_values,
                 use_bias=use_bias,
-                kernel_clip=self.latent_weight_clip,
                 name=name,
             )
         kq = self.kernel_quantizer if quantize_kernel else None
@@ -183,7 +181,6 @@ class LayerSpec:
             input_quantizer_kwargs=self.input_quantizer_kwargs,
             kernel_quantizer=kq,
             kernel_quantizer_kwargs=self.kernel_quantizer_kwargs,
-            kernel_clip=self.latent_weight_clip if kq is not None else None,
             kernel_init=L._glorot if kq is not None else nn.initializers.lecun_normal(),
             name=name,
         )
@@ -200,7 +197,7 @@ class LayerSpec:
         """A dense layer in this model's binary style (float when nothing is quantized)."""
         if quantize_input and quantize_kernel and self.layer_type == "abc":
             return L.ABCDense(
-                features, m=self.abc_m, n=self.abc_n, use_bias=use_bias, kernel_clip=self.latent_weight_clip, name=name
+                features, m=self.abc_m, n=self.abc_n, use_bias=use_bias, name=name
             )
         kq = self.kernel_quantizer if quantize_kernel else None
         return L.BinaryDense(
@@ -210,7 +207,6 @@ class LayerSpec:
             input_quantizer_kwargs=self.input_quantizer_kwargs,
             kernel_quantizer=kq,
             kernel_quantizer_kwargs=self.kernel_quantizer_kwargs,
-            kernel_clip=self.latent_weight_clip if kq is not None else None,
             kernel_init=L._glorot if kq is not None else nn.initializers.lecun_normal(),
             name=name,
         )
