@@ -320,24 +320,15 @@ def input_perturbation(module_path: str):
 
 
 def _first_input(apply_fn: Callable[[], Any], module_path: str, run: Callable) -> jax.Array:
-    inputs, called = [], []
-
-    def interceptor(next_fun, args, kwargs, context):
-        if context.method_name == "__call__":
-            path = "/".join(context.module.scope.path)
-            called.append(path)
-            if path == module_path and not inputs:
-                inputs.append(args[0])
-        return next_fun(*args, **kwargs)
-
     def wrapped():
-        with nn.intercept_methods(interceptor):
+        with models.record_calls(keep_inputs=True) as calls:
             apply_fn()
-        if not inputs:
-            raise ValueError(
-                f"No module at path {module_path!r} was called; called: {sorted(set(called))}."
-            )
-        return inputs[0]
+        for call in calls:
+            if "/".join(call.path) == module_path:
+                return call.input
+        raise ValueError(
+            f"No module at path {module_path!r} was called; called: {sorted({'/'.join(c.path) for c in calls})}."
+        )
 
     return run(wrapped)
 

@@ -1,8 +1,9 @@
 """Bit-aware model summary, like Larq's ``larq.models.summary``.
 
-``binax.summary(model, input_shape)`` traces ``model.init`` with ``jax.eval_shape`` (no
-array is allocated) under ``flax.linen.intercept_methods``, which records every module
-call with its input and output shapes. It returns a :class:`ModelSummary`: per layer the
+``binax.summary(model, input_shape)`` traces ``model.init`` with the model tracer
+(:func:`binax.models.trace`: ``jax.eval_shape``, so no array is allocated, under
+``flax.linen.intercept_methods``), which records every module call with its input and
+output shapes. It returns a :class:`ModelSummary`: per layer the
 output shape, parameters by bit-width, memory, and MACs split into binary and float; and
 totals. ``print(summary)`` prints the table.
 
@@ -30,7 +31,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from binax import binarizers
+from binax import binarizers, models
 from binax import layers as L
 
 __all__ = ["summary", "ModelSummary", "LayerSummary", "Totals"]
@@ -159,36 +160,6 @@ def _size(nbytes: float) -> str:
 # ---------------------------------------------------------------------- tracing
 
 
-@dataclasses.dataclass
-class _Call:
-    path: tuple[str, ...]
-    module: nn.Module
-    output_shape: tuple[int, ...]
-
-
-def _shape_of(out: Any) -> tuple[int, ...]:
-    leaves = jax.tree.leaves(out)
-    return tuple(leaves[0].shape) if leaves else ()
-
-
-def _trace(model: nn.Module, input_shape: tuple[int, ...], progress: float):
-    calls: list[_Call] = []
-
-    def interceptor(next_fun, args, kwargs, context):
-        out = next_fun(*args, **kwargs)
-        if context.method_name == "__call__":
-            calls.append(_Call(tuple(context.module.path), context.module, _shape_of(out)))
-        return out
-
-    def init(x):
-        with nn.intercept_methods(interceptor):
-            return model.init(jax.random.key(0), x, train=False, progress=progress)
-
-    x = jax.ShapeDtypeStruct((1, *input_shape), jnp.float32)
-    variables = jax.eval_shape(init, x)
-    return calls, variables
-
-
 def _flatten(variables: Mapping) -> list[tuple[tuple[str, ...], str, Any]]:
     """(module path, leaf name, leaf) for every variable, over all collections."""
     out = []
@@ -254,10 +225,10 @@ def summary(model: nn.Module, input_shape: Sequence[int], *, progress: float = 1
             f"input_shape must be a sequence of positive ints (one example, no batch axis); got {input_shape!r}."
         )
     input_shape = tuple(input_shape)
-    calls, variables = _trace(model, input_shape, progress)
+    calls, variables = models.trace(model, input_shape, progress=progress)
 
     # Each variable belongs to the deepest called module whose path prefixes it.
-    by_path: dict[tuple[str, ...], list[_Call]] = {}
+    by_path: dict[tuple[str, ...], list[models.Call]] = {}
     for c in calls:
         by_path.setdefault(c.path, []).append(c)
     owned: dict[tuple[str, ...], list[tuple[str, Any]]] = {}
@@ -289,7 +260,7 @@ def summary(model: nn.Module, input_shape: Sequence[int], *, progress: float = 1
         if is_mac_layer:
             kernel = dict(leaves).get("latent_kernel", dict(leaves).get("kernel"))
             for c in by_path[path]:
-                base = math.prod(c.output_shape[1:-1]) * math.prod(kernel.shape)
+                base = math.prod(c.out_shape[1:-1]) * math.prod(kernel.shape)
                 if in_info.planes is not None and k_info.planes is not None:
                     binary_macs += in_info.planes * k_info.planes * base
                 else:
@@ -298,7 +269,7 @@ def summary(model: nn.Module, input_shape: Sequence[int], *, progress: float = 1
             LayerSummary(
                 name="/".join(path) or type(module).__name__,
                 kind=type(module).__name__,
-                output_shape=first.output_shape[1:],
+                output_shape=first.out_shape[1:],
                 params_by_bits=params_by_bits,
                 binary_params=binary_params,
                 float_params=float_params,

@@ -100,32 +100,15 @@ def inference_config(config: Mapping[str, Any]) -> dict:
 # ------------------------------------------------------------------------- trace
 
 
-@dataclasses.dataclass(frozen=True)
-class Call:
-    module: nn.Module  # unbound clone
-    in_shape: tuple[int, ...]
-    out_shape: tuple[int, ...]
-
-
-def trace(model: nn.Module, input_shape: Sequence[int]) -> tuple[dict[tuple, Call], Any]:
-    """Every module ``__call__`` of ``model`` on one example (by path), and abstract variables."""
-    calls: dict[tuple, Call] = {}
-
-    def interceptor(next_fun, args, kwargs, context):
-        out = next_fun(*args, **kwargs)
-        path = tuple(context.module.path)
-        if context.method_name == "__call__" and path and path not in calls:
-            in_shape = tuple(args[0].shape) if args and hasattr(args[0], "shape") else ()
-            out_shape = tuple(out.shape) if hasattr(out, "shape") else ()
-            calls[path] = Call(context.module.clone(parent=None), in_shape, out_shape)
-        return out
-
-    def init(x):
-        with nn.intercept_methods(interceptor):
-            return model.init(jax.random.key(0), x, train=False, progress=1.0)
-
-    x = jax.ShapeDtypeStruct((1, *input_shape), jnp.float32)
-    return calls, jax.eval_shape(init, x)
+def trace(model: nn.Module, input_shape: Sequence[int]) -> tuple[dict[tuple, models.Call], Any]:
+    """The first call of every submodule of ``model`` by path, and the abstract variables
+    (:func:`binax.models.trace`)."""
+    calls, variables = models.trace(model, input_shape)
+    first: dict[tuple, models.Call] = {}
+    for call in calls:
+        if call.path and call.path not in first:
+            first[call.path] = call
+    return first, variables
 
 
 # ------------------------------------------------------------------------- trees
@@ -219,7 +202,7 @@ class PackedModel:
 
     def _make_plan(self) -> chain_lib.ChainPlan:
         ops = chain_lib.plan_ops(self.model)
-        blocks = {op[1]: chain_lib.make_block(self.model, op[1], self._calls) for op in ops if op[0] == "block"}
+        blocks = {op.path: chain_lib.make_block(self.model, op.path, self._calls) for op in ops if op.kind == "block"}
         fused = {tuple(k.split("/")): v for k, v in self.meta.get("fused", {}).items()}
         not_fused = {tuple(k.split("/")): v for k, v in self.meta.get("not_fused", {}).items()}
         modules = {p: c.module for p, c in self._calls.items()}
@@ -388,7 +371,7 @@ def export(
     model = models.create(model_name, **inference_config(config))
     ops = chain_lib.plan_ops(model)
     if runtime == "chain" and ops is None:
-        names = sorted({n for n in models.names() if type(models.create(n)) in chain_lib.PLANNERS})
+        names = [n for n in models.names() if chain_lib.plan_ops(models.create(n)) is not None]
         raise ValueError(f"{model_name} has no packed-chain plan (models with one: {names}); use runtime='generic'.")
     calls, abstract = trace(model, shape)
     variables = unfreeze(dict(variables))
@@ -428,7 +411,7 @@ def export(
     skip: set[tuple] = set(exports)  # modules whose float variables are not stored
     if use_chain:
         packed_layers = {p: PackedLayer(p, calls[p].module, e.kind, e.info) for p, e in exports.items()}
-        blocks = {op[1]: chain_lib.make_block(model, op[1], calls) for op in ops if op[0] == "block"}
+        blocks = {op.path: chain_lib.make_block(model, op.path, calls) for op in ops if op.kind == "block"}
         plan = chain_lib.ChainPlan(ops, packed_layers, blocks, {}, {}, {})
         layer_arrays = {p: {**e.arrays, **derived_arrays(e)} for p, e in exports.items()}
         thresholds = chain_lib.compile_thresholds(plan, layer_arrays, variables)

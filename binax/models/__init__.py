@@ -17,8 +17,19 @@ import ml_collections
 
 from binax import binarizers
 from binax.models import alexnet, common, mlp, resnet, vgg
+from binax.models.tracing import Call, record_calls, trace
 
-__all__ = ["create", "names", "get_config", "register", "inference_overrides", "common"]
+__all__ = [
+    "create",
+    "names",
+    "get_config",
+    "register",
+    "inference_overrides",
+    "common",
+    "Call",
+    "record_calls",
+    "trace",
+]
 
 _REGISTRY: dict[str, tuple[Callable[[], ml_collections.ConfigDict], type[nn.Module]]] = {}
 

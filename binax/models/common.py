@@ -220,6 +220,58 @@ class LayerSpec:
 _SPEC_FIELDS = tuple(f.name for f in dataclasses.fields(LayerSpec))
 
 
+@dataclasses.dataclass(frozen=True)
+class Step:
+    """One step of a sequential model's forward, as :meth:`BinaryModel.chain` lists them.
+
+    ``kind``:
+
+    * ``"layer"``: the dense or conv layer ``path``; ``width`` is the ``(config key,
+      index)`` of its output width (None: fixed, e.g. the classifier's classes) and
+      ``quantize_input`` whether its input goes through the model's input quantizer (as
+      the layer factories' argument: every layer but the first and a float classifier);
+    * ``"block"``: :func:`bn_sign_block` at ``path`` (BatchNorm then the model's
+      activation, or a BinaryBatchNorm);
+    * ``"max_pool"``: ``window``, ``strides``, ``padding``;
+    * ``"flatten"``: ``(N, ...) -> (N, -1)``;
+    * ``"activation"``: the activation ``activation`` (its module at ``path`` for
+      ``'rprelu'``).
+
+    The chain is what the packed exporter (``binax.export``) and model surgery
+    (``binax.transforms``: BinaryDuo decoupling) read; ``tests/test_models.py`` checks it
+    against the module calls of the model's ``__call__``.
+    """
+
+    kind: str
+    path: tuple[str, ...] = ()
+    width: tuple[str, int] | None = None
+    quantize_input: bool = False
+    window: tuple[int, ...] = ()
+    strides: tuple[int, ...] = ()
+    padding: str = "VALID"
+    activation: str = "none"
+
+    @staticmethod
+    def layer(name: str, width: tuple[str, int] | None = None, *, quantize_input: bool = True) -> "Step":
+        return Step("layer", (name,), width=width, quantize_input=quantize_input)
+
+    @staticmethod
+    def block(name: str) -> "Step":
+        return Step("block", (name,))
+
+    @staticmethod
+    def max_pool(window: tuple[int, int], strides: tuple[int, int], padding: str = "VALID") -> "Step":
+        return Step("max_pool", window=tuple(window), strides=tuple(strides), padding=padding)
+
+    @staticmethod
+    def flatten() -> "Step":
+        return Step("flatten")
+
+    @staticmethod
+    def apply_activation(name: str, module_name: str) -> "Step":
+        return Step("activation", (module_name,), activation=name)
+
+
 class BinaryModel(nn.Module):
     """Base of every binax model: the quantization fields every config has.
 
@@ -243,6 +295,11 @@ class BinaryModel(nn.Module):
     activation: str = "none"
     bn_momentum: float = 0.9
     bn_epsilon: float = 1e-5
+
+    def chain(self) -> list[Step] | None:
+        """The forward as a sequence of :class:`Step` (layer → [pool] → BN block → ...), or
+        None when the model is not one chain (residual networks)."""
+        return None
 
 
 def layer_spec(model: BinaryModel) -> LayerSpec:

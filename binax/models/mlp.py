@@ -49,3 +49,10 @@ class MLP(common.BinaryModel):
             )(x, progress)
             x = common.bn_sign_block(self, x, train, f"bn{i}", foldable)
         return common.classifier(self, x, progress)
+
+    def chain(self) -> list[common.Step]:
+        Step = common.Step
+        steps = [Step.flatten()]
+        for i, _ in enumerate(self.widths):
+            steps += [Step.layer(f"fc{i}", ("widths", i), quantize_input=i > 0), Step.block(f"bn{i}")]
+        return steps + [Step.layer("classifier", quantize_input=not self.last_layer_float)]

@@ -116,3 +116,17 @@ class VGG(common.BinaryModel):
             x = common.bn_sign_block(self, x, train, f"fc_bn{j}", foldable[len(widths) + j])
         x = common.apply_activation(self.classifier_activation, x, "classifier_act")
         return common.classifier(self, x, progress)
+
+    def chain(self) -> list[common.Step]:
+        Step = common.Step
+        steps = []
+        for i, _ in enumerate(self.widths):
+            steps.append(Step.layer(f"conv{i}", ("widths", i), quantize_input=i > 0))
+            if i + 1 in self.pool_after:
+                steps.append(Step.max_pool((2, 2), (2, 2)))
+            steps.append(Step.block(f"bn{i}"))
+        steps.append(Step.flatten())
+        for j, _ in enumerate(self.hidden_dense):
+            steps += [Step.layer(f"fc{j}", ("hidden_dense", j)), Step.block(f"fc_bn{j}")]
+        steps.append(Step.apply_activation(self.classifier_activation, "classifier_act"))
+        return steps + [Step.layer("classifier", quantize_input=not self.last_layer_float)]

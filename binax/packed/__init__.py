@@ -28,7 +28,6 @@ from binax.packed.bits import (
 from binax.packed.kernels import (
     CPU_COMPILER_OPTIONS,
     METHODS,
-    bn_sign_thresholds,
     default_method,
     packed_conv,
     packed_dense,
@@ -40,7 +39,6 @@ __all__ = [
     "METHODS",
     "PAD_BIT",
     "WORD_BITS",
-    "bn_sign_thresholds",
     "column_sums",
     "default_method",
     "geometry",

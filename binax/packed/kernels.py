@@ -44,7 +44,8 @@ below its own (im2col copies, weight streaming from L2, accumulator traffic).
 
 Between binary layers no float activation is needed: :func:`threshold_to_bits` turns the
 int32 accumulators into the next layer's packed bits with one integer compare per channel
-(BatchNorm followed by sign is ``sign(γ)·sign(x − τ)``; :func:`bn_sign_thresholds`).
+(BatchNorm followed by sign is ``sign(γ)·sign(x − τ)``; the thresholds come from
+:func:`binax.folding.scan_steps`, as the packed chain finds them).
 """
 
 from __future__ import annotations
@@ -71,7 +72,6 @@ __all__ = [
     "packed_dense",
     "packed_conv",
     "threshold_to_bits",
-    "bn_sign_thresholds",
 ]
 
 METHODS = ("xor_popcount", "xor_popcount_outer", "xor_popcount_broadcast", "int8_dot")
@@ -364,8 +364,9 @@ def packed_conv(
 def threshold_to_bits(acc, threshold, flip=None, axis: int = -1) -> Array:
     """Next layer's packed bits from int32 accumulators: ``bit = (acc >= threshold) XOR flip``.
 
-    With ``threshold``/``flip`` from :func:`bn_sign_thresholds` this is BatchNorm followed
-    by sign (``sign(γ)·sign(x − τ)``, BinaryBN), computed without float activations.
+    With ``threshold``/``flip`` of BatchNorm followed by sign (``sign(γ)·sign(x − τ)``,
+    BinaryBN; :func:`binax.folding.scan_steps`) this is that pair, computed without float
+    activations.
 
     Args:
       acc: integer accumulators, e.g. ``(..., C)`` from :func:`packed_dense`/:func:`packed_conv`.
@@ -390,37 +391,3 @@ def threshold_to_bits(acc, threshold, flip=None, axis: int = -1) -> Array:
     if flip is not None:
         bits = bits ^ jnp.asarray(flip, jnp.bool_)
     return pack_bits(bits, axis=axis)
-
-
-def bn_sign_thresholds(mean, var, gamma, beta, *, epsilon: float = 1e-5, scale=1.0):
-    """Integer thresholds for ``sign(BN(scale·acc))`` on integer accumulators (export time).
-
-    ``sign(γ(x − μ)/σ + β) = sign(γ)·sign(x − τ)`` with ``τ = μ − β·σ/γ``,
-    ``σ = sqrt(var + ε)`` (methods.md, BinaryBN). With ``x = scale·acc`` and ``scale > 0``
-    (the XNOR-Net ``α = mean|W|`` per output channel, times any input scale),
-    ``x >= τ  ⟺  acc >= ceil(τ / scale)``: the scale folds into the threshold. Then
-    the output is +1 iff ``(acc >= t) XOR (γ < 0)`` (``sign(0) = +1`` on both sides).
-    ``γ = 0`` gives the constant ``sign(β)``; ``scale = 0`` the constant ``sign(BN(0))``.
-
-    Computed in float64 NumPy, once, from concrete parameters (not traceable); float32 BN
-    in a model can differ only where ``BN(x)`` rounds to the other side of 0.
-
-    Returns:
-      ``(threshold, flip)``: int32 and bool NumPy arrays of the broadcast shape, for
-      :func:`threshold_to_bits`.
-    """
-    mean, var, gamma, beta, scale = (np.asarray(v, np.float64) for v in (mean, var, gamma, beta, scale))
-    if np.any(scale < 0) or not np.all(np.isfinite(scale)):
-        raise ValueError(f"scale must be finite and >= 0 (a magnitude such as mean|W|); got {scale}.")
-    if np.any(var + epsilon <= 0):
-        raise ValueError(f"var + epsilon must be > 0; got var={var}, epsilon={epsilon}.")
-    mean, var, gamma, beta, scale = np.broadcast_arrays(mean, var, gamma, beta, scale)
-    sigma = np.sqrt(var + epsilon)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        tau = mean - beta * sigma / gamma
-        t = np.ceil(tau / scale)
-    constant_bit = np.where(gamma == 0, beta >= 0, gamma * (0.0 - mean) / sigma + beta >= 0)
-    is_constant = (gamma == 0) | (scale == 0)
-    threshold = np.where(is_constant, -_INT_INF, np.clip(np.nan_to_num(t), -_INT_INF, _INT_INF))
-    flip = np.where(is_constant, ~constant_bit, gamma < 0)
-    return threshold.astype(np.int32), flip.astype(bool)
