@@ -25,8 +25,9 @@ Layers of the module:
 * ``make_loss``, ``estimator_grad``, ``compare_estimators``: the same on a
   ``binax.models`` network whose ``input_quantizer`` is swapped among estimators
   (``sign_estimators``, ``MULTILEVEL_ACTIVATIONS``, ``fixed_ede``, ``fixed_tanh``).
-* ``train_small``, ``load_fashion_mnist``, ``accuracy``: enough training to get a
-  network worth measuring (notebooks, ``experiments/mismatch.py``); see docs/mismatch.md.
+
+The study itself (training the networks with ``binax.train``, the data, the tables) is
+an experiment: ``experiments/mismatch.py`` and the notebooks; see docs/mismatch.md.
 """
 
 from __future__ import annotations
@@ -43,7 +44,7 @@ import numpy as np
 import optax
 from flax import traverse_util
 
-from binax import binarizers, layers, models
+from binax import binarizers, models
 
 PyTree = Any
 
@@ -660,90 +661,3 @@ def _describe(overrides: Mapping[str, Any]) -> str:
     name = overrides.get("input_quantizer", "?")
     kwargs = dict(overrides.get("input_quantizer_kwargs") or {})
     return name + (f"({', '.join(f'{k}={v}' for k, v in sorted(kwargs.items()))})" if kwargs else "")
-
-
-# ------------------------------------------------- small networks for the notebooks
-
-
-def load_fashion_mnist(split: str, limit: int | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """Fashion-MNIST ``(images, labels)``: float32 NHWC standardized as ``binax.data`` does."""
-    from binax import data  # data is optional for the estimators above
-
-    images, labels = data.load_arrays("fashion_mnist", split)
-    if limit is not None:
-        images, labels = images[:limit], labels[:limit]
-    spec = data.get_spec("fashion_mnist")
-    return data.normalize(images.astype(np.float32), spec, "mean_std"), np.asarray(labels, np.int32)
-
-
-@dataclasses.dataclass
-class TrainResult:
-    """``variables`` after training; ``snapshots[step]`` the variables after ``step``
-    updates (progress ``step / steps``); ``losses`` the training loss of every step."""
-
-    variables: PyTree
-    snapshots: dict[int, PyTree]
-    losses: np.ndarray
-
-
-def train_small(
-    model: nn.Module,
-    images: np.ndarray,
-    labels: np.ndarray,
-    *,
-    steps: int,
-    batch_size: int = 128,
-    learning_rate: float = 1e-3,
-    seed: int = 0,
-    latent_weight_clip: float | None = 1.0,
-    snapshot_steps: Sequence[int] = (),
-) -> TrainResult:
-    """A few Adam steps on an in-memory dataset: enough to get a network worth measuring.
-
-    Not ``binax.train`` (sharding, checkpoints, configs): a plain loop with
-    ``progress = step / steps`` fed to the model, so EDE and tanh schedules move as they
-    would over a full run, and BNN's latent-weight clip after every update.
-    """
-    if steps < 1 or batch_size < 1:
-        raise ValueError(f"steps and batch_size must be >= 1; got steps={steps}, batch_size={batch_size}.")
-    rng = np.random.default_rng(seed)
-    variables = model.init(jax.random.key(seed), jnp.asarray(images[:2]), train=False)
-    tx = optax.adam(learning_rate)
-    opt_state = tx.init(variables["params"])
-    mutable = [k for k in variables if k != "params"]
-
-    @jax.jit
-    def step(variables, opt_state, x, y, progress):
-        def loss_fn(params):
-            logits, updates = model.apply(
-                {**variables, "params": params}, x, train=True, progress=progress, mutable=mutable
-            )
-            return jnp.mean(cross_entropy(logits, y)), updates
-
-        (value, updates), grads = jax.value_and_grad(loss_fn, has_aux=True)(variables["params"])
-        upd, opt_state = tx.update(grads, opt_state, variables["params"])
-        params = layers.clip_latent_weights(optax.apply_updates(variables["params"], upd), latent_weight_clip)
-        return {**variables, **updates, "params": params}, opt_state, value
-
-    snapshots = {0: variables} if 0 in snapshot_steps else {}
-    losses = []
-    order = np.array([], np.int64)
-    for i in range(steps):
-        if len(order) < batch_size:
-            order = np.concatenate([order, rng.permutation(len(labels))])
-        idx, order = order[:batch_size], order[batch_size:]
-        variables, opt_state, value = step(
-            variables, opt_state, jnp.asarray(images[idx]), jnp.asarray(labels[idx]), jnp.float32(i / steps)
-        )
-        losses.append(value)
-        if i + 1 in snapshot_steps:
-            snapshots[i + 1] = variables
-    return TrainResult(variables, snapshots, np.asarray(jax.device_get(losses)))
-
-
-def accuracy(model: nn.Module, variables: PyTree, images, labels, progress: float = 1.0, batch_size: int = 1000) -> float:
-    """Top-1 accuracy in inference mode."""
-    apply = jax.jit(lambda x: jnp.argmax(model.apply(variables, x, train=False, progress=progress), -1))
-    hits = sum(int(jnp.sum(apply(jnp.asarray(images[i:i + batch_size])) == labels[i:i + batch_size]))
-               for i in range(0, len(labels), batch_size))
-    return hits / len(labels)

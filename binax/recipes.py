@@ -20,8 +20,6 @@ import json
 import os
 from typing import Any, Mapping
 
-import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
@@ -31,14 +29,11 @@ __all__ = ["run", "predict", "binaryduo", "self_binarizing"]
 
 
 def predict(model, variables: Mapping[str, Any], ds, batch_size: int = 1000, progress: float = 1.0):
-    """Logits and labels of every test example (eval mode), as numpy arrays."""
-    apply = jax.jit(lambda v, x: model.apply(v, x, train=False, progress=progress))
-    logits, labels = [], []
-    for batch in ds.eval_batches(batch_size):
-        keep = np.asarray(batch["mask"]) > 0
-        logits.append(np.asarray(apply(variables, jnp.asarray(batch["image"])))[keep])
-        labels.append(np.asarray(batch["label"])[keep])
-    return np.concatenate(logits), np.concatenate(labels)
+    """Logits and labels of every test example (eval mode), as numpy arrays (``binax.train.evaluate``)."""
+    from binax.train import evaluate
+
+    result = evaluate(model, variables, ds.eval_batches(batch_size), progress=progress, keep_logits=True)
+    return result.logits, result.labels
 
 
 def _dataset(config):

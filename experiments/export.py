@@ -22,7 +22,6 @@ import os
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
 
@@ -115,7 +114,7 @@ def run(workdir: str, out: str | None, step: str, runtime: str, shape_override: 
     if check:
         x = np.random.default_rng(0).standard_normal((check, *shape)).astype(np.float32)
         ref_model = binax.models.create(name, **bx.inference_config(model_cfg))
-        ref = np.asarray(jax.jit(lambda v, x: ref_model.apply(v, x, train=False, progress=1.0))(variables, jnp.asarray(x)))
+        ref = train.evaluate(ref_model, variables, train.array_batches(x), keep_logits=True).logits
         got = np.asarray(bx.load(out)(x))
         agree = float(np.mean(ref.argmax(-1) == got.argmax(-1)))
         print(

@@ -243,17 +243,22 @@ def test_compare_estimators_on_weights_gives_one_row_per_kernel():
     assert all(r["num_samples"] == 48 and -1 <= r["cosine"] <= 1 for r in rows)
 
 
-def test_train_small_learns_and_snapshots():
-    rng = np.random.default_rng(0)
-    x = rng.normal(size=(256, 4, 4, 1)).astype(np.float32)
-    y = (x.reshape(256, -1)[:, :3].sum(1) > 0).astype(np.int32)  # a linearly separable rule
-    model = models.create("bnn_mlp", widths=(16, 16), num_classes=2)
-    result = mismatch.train_small(model, x, y, steps=60, batch_size=32, learning_rate=1e-2, snapshot_steps=(0, 30))
+def test_experiment_trains_its_networks_with_the_training_system():
+    from experiments import mismatch as study
+
+    clipped = mismatch.sign_estimators()["clipped STE"]
+    result = study.train(clipped, widths=(32, 32), steps=60, snapshot_steps=(0, 30))
     assert sorted(result.snapshots) == [0, 30] and result.losses.shape == (60,)
-    assert result.losses[-10:].mean() < 0.7 * result.losses[:5].mean()
-    assert mismatch.accuracy(model, result.variables, x, y) > 0.8
+    assert result.losses[-10:].mean() < 0.5 * result.losses[:5].mean()
+    x, y = study.load_fashion_mnist("test", limit=2000)
+    assert study.accuracy(result.model, result.variables, x, y) > 0.6
     kernel = result.variables["params"]["fc1"]["latent_kernel"]
-    assert float(jnp.max(jnp.abs(kernel))) <= 1.0
+    assert float(jnp.max(jnp.abs(kernel))) <= 1.0  # bnn_mlp's latent-weight clip, applied by binax.train
+    config = study.train_config(clipped, widths=(32, 32), steps=60)
+    assert (config.num_epochs, config.max_steps_per_epoch, config.progress_unit) == (1, 60, "step")
+    assert study.train_config(clipped, widths=(32,), steps=2 * 468).num_epochs == 2
+    with pytest.raises(ValueError, match="whole epochs"):
+        study.train_config(clipped, widths=(32,), steps=500)
 
 
 def test_experiment_tables_and_verdict_read_the_rows():

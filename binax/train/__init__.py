@@ -4,10 +4,12 @@ checkpoints and metrics.
 ``train_and_evaluate(config, workdir)`` is the entry point (``experiments/run.py`` calls
 it); the pieces are public for notebooks and tests: ``train_step``/``eval_step`` are pure
 functions of explicit state, ``create_optimizer`` builds optax transformations from a
-config, ``bop`` is Larq's Bop as an optax ``GradientTransformation``.
+config, ``bop`` is Larq's Bop as an optax ``GradientTransformation``; ``evaluate`` is the
+one evaluation (eval-mode loss, accuracy, logits) every part of binax uses.
 """
 
 from binax.train.checkpoints import Checkpoints
+from binax.train.evaluation import Evaluation, array_batches, evaluate
 from binax.train.loop import (
     NonFiniteLossError,
     Trainer,
@@ -23,6 +25,7 @@ from binax.train.optimizers import bop, create_optimizer, default_config as opti
 from binax.train.steps import (
     TrainState,
     create_train_state,
+    eval_logits,
     eval_step,
     flip_ratio,
     latent_kernel_signs,
@@ -32,6 +35,9 @@ from binax.train.steps import (
 
 __all__ = [
     "Checkpoints",
+    "Evaluation",
+    "array_batches",
+    "evaluate",
     "MetricsWriter",
     "NonFiniteLossError",
     "ProgressReporter",
@@ -42,6 +48,7 @@ __all__ = [
     "create_model",
     "create_optimizer",
     "create_train_state",
+    "eval_logits",
     "eval_step",
     "flip_ratio",
     "latent_kernel_signs",

@@ -23,6 +23,8 @@ __all__ = [
     "TrainState",
     "create_train_state",
     "train_step",
+    "eval_logits",
+    "eval_sums",
     "eval_step",
     "progress_at",
     "latent_kernel_signs",
@@ -178,19 +180,38 @@ def eval_step(
     padded rows out of every sum; batch norm uses its running statistics. Accumulating
     inside the step keeps the whole evaluation to one compiled function.
     """
-    variables = {"params": _cast_floats(state.params, compute_dtype), "batch_stats": state.batch_stats}
-    logits = model.apply(variables, batch["image"].astype(compute_dtype), train=False, progress=progress)
-    logits = logits.astype(jnp.float32)
-    mask = batch["mask"].astype(jnp.float32)
-    loss = optax.softmax_cross_entropy_with_integer_labels(logits, batch["label"])
-    sums = {
-        "loss_sum": jnp.sum(loss * mask),
-        "correct": jnp.sum((jnp.argmax(logits, -1) == batch["label"]) * mask),
-        "count": jnp.sum(mask),
-    }
+    variables = {"params": state.params, "batch_stats": state.batch_stats}
+    logits = eval_logits(model, variables, batch["image"], progress, compute_dtype)
+    sums = eval_sums(logits, batch["label"], batch["mask"])
     if totals is None:
         return sums
     return {k: totals[k] + v for k, v in sums.items()}
+
+
+def eval_logits(model, variables, images: jax.Array, progress, compute_dtype=jnp.float32) -> jax.Array:
+    """The model's eval-mode logits (batch norm on running statistics), as float32.
+
+    The one definition of "the model at inference" that training evaluation, the recipes'
+    deployed-model checks, the mismatch experiment and the export check all use
+    (:func:`binax.train.evaluate`): parameters and images cast to ``compute_dtype``.
+    """
+    variables = {**variables, "params": _cast_floats(variables["params"], compute_dtype)}
+    logits = model.apply(variables, images.astype(compute_dtype), train=False, progress=progress)
+    return logits.astype(jnp.float32)
+
+
+def eval_sums(logits: jax.Array, labels: jax.Array | None, mask: jax.Array) -> dict[str, jax.Array]:
+    """``loss_sum``, ``correct`` and ``count`` over the rows where ``mask`` is 1 (only
+    ``count`` without labels)."""
+    mask = mask.astype(jnp.float32)
+    if labels is None:
+        return {"count": jnp.sum(mask)}
+    loss = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
+    return {
+        "loss_sum": jnp.sum(loss * mask),
+        "correct": jnp.sum((jnp.argmax(logits, -1) == labels) * mask),
+        "count": jnp.sum(mask),
+    }
 
 
 def zero_eval_totals() -> dict[str, np.ndarray]:
