@@ -181,7 +181,7 @@ class LayerSpec:
             input_quantizer_kwargs=self.input_quantizer_kwargs,
             kernel_quantizer=kq,
             kernel_quantizer_kwargs=self.kernel_quantizer_kwargs,
-            kernel_init=L._glorot if kq is not None else nn.initializers.lecun_normal(),
+            kernel_init=nn.initializers.glorot_uniform() if kq is not None else nn.initializers.lecun_normal(),
             name=name,
         )
 
@@ -207,7 +207,7 @@ class LayerSpec:
             input_quantizer_kwargs=self.input_quantizer_kwargs,
             kernel_quantizer=kq,
             kernel_quantizer_kwargs=self.kernel_quantizer_kwargs,
-            kernel_init=L._glorot if kq is not None else nn.initializers.lecun_normal(),
+            kernel_init=nn.initializers.glorot_uniform() if kq is not None else nn.initializers.lecun_normal(),
             name=name,
         )
 

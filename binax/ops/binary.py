@@ -243,9 +243,7 @@ def binary_conv2d(
         raise ValueError(f"x has {x.shape[3]} channels but the kernel expects {kernel.shape[2]}.")
     strides = geometry.ntuple(strides, 2, "strides")
     window = tuple(kernel.shape[:2])
-    pads = geometry.padding_pairs(padding, x.shape[1:3], window, strides)
-    if any(p < 0 for pair in pads for p in pair):
-        raise ValueError(f"padding must be non-negative (low, high) pairs; got {padding!r}.")
+    pads = geometry.padding_pairs(padding, x.shape[1:3], window, strides, nonnegative=True)
     if not isinstance(pad_value, numbers.Real) or not math.isfinite(pad_value):
         raise ValueError(f"pad_value must be a finite Python number; got {pad_value!r}.")
     pad_value = float(pad_value)

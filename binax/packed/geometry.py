@@ -47,15 +47,28 @@ def ntuple(value, n: int, what: str, minimum: int = 1) -> tuple[int, ...]:
 
 
 def padding_pairs(
-    padding: Any, in_spatial: Sequence[int], window: Sequence[int], strides: Sequence[int], dilation: Sequence[int] | None = None
+    padding: Any,
+    in_spatial: Sequence[int],
+    window: Sequence[int],
+    strides: Sequence[int],
+    dilation: Sequence[int] | None = None,
+    *,
+    nonnegative: bool = False,
 ) -> tuple[tuple[int, int], ...]:
     """Explicit ``(low, high)`` padding per spatial axis.
 
     ``'SAME'``/``'VALID'`` are resolved as ``lax`` does (``lax.padtype_to_pads`` on the
     dilated window ``(k − 1)·d + 1``); an int pads every side by it; a sequence gives one
-    int or ``(low, high)`` pair per axis. Negative pairs are returned as given (``lax``
-    crops); callers that pad with a value reject them.
+    int or ``(low, high)`` pair per axis. Negative pairs (``lax`` crops) are an error with
+    ``nonnegative=True``, as a padding with a value needs.
     """
+    pairs = _padding_pairs(padding, in_spatial, window, strides, dilation)
+    if nonnegative and any(p < 0 for pair in pairs for p in pair):
+        raise ValueError(f"padding must be non-negative (low, high) pairs here; got {padding!r}.")
+    return pairs
+
+
+def _padding_pairs(padding, in_spatial, window, strides, dilation) -> tuple[tuple[int, int], ...]:
     nd = len(window)
     dilation = (1,) * nd if dilation is None else tuple(dilation)
     bad = f"padding must be 'SAME', 'VALID', an int or one int or (low, high) pair per spatial axis ({nd}); got {padding!r}."
@@ -148,10 +161,9 @@ def padded_conv(x: Array, kernel: Array, strides, padding, dilation=None, groups
     nd = kernel.ndim - 2
     strides = tuple(strides)
     dilation = (1,) * nd if dilation is None else tuple(dilation)
-    pads = padding_pairs(padding, x.shape[1:-1], kernel.shape[:nd], strides, dilation)
-    if isinstance(pad_value, (int, float)) and pad_value == 0:
+    zero = isinstance(pad_value, (int, float)) and pad_value == 0
+    pads = padding_pairs(padding, x.shape[1:-1], kernel.shape[:nd], strides, dilation, nonnegative=not zero)
+    if zero:
         return conv(x, kernel, strides, pads, dilation, groups)
-    if any(lo < 0 or hi < 0 for lo, hi in pads):
-        raise ValueError(f"negative padding {pads} is not supported with a pad value.")
     x = jnp.pad(x, [(0, 0), *pads, (0, 0)], mode="constant", constant_values=jnp.asarray(pad_value, x.dtype))
     return conv(x, kernel, strides, ((0, 0),) * nd, dilation, groups)

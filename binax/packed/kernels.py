@@ -333,9 +333,7 @@ def packed_conv(
     strides = geometry.ntuple(strides, 2, "strides")
     window = (w.shape[0], w.shape[1])
     in_hw = (x.shape[1], x.shape[2])
-    pads = geometry.padding_pairs(padding, in_hw, window, strides)
-    if any(p < 0 for pair in pads for p in pair):
-        raise ValueError(f"padding must be non-negative (low, high) pairs; got {padding!r}.")
+    pads = geometry.padding_pairs(padding, in_hw, window, strides, nonnegative=True)
     out_hw = geometry.output_size(in_hw, window, strides, pads)
 
     if pad_value == 1 and any(lo or hi for lo, hi in pads):
