@@ -1,8 +1,10 @@
 """binax: binary neural networks in JAX/Flax.
 
-Submodules: ``binarizers`` (forward/backward estimators), ``layers``, ``models`` (registry),
-``summary`` (bit-aware model summary), ``data``, ``train``, ``transforms``, ``mismatch``,
-``export`` (bit-packed inference).
+Submodules: ``binarizers`` (forward/backward estimators, registered with their
+``quantizer`` descriptors), ``packed`` (bit packing, popcount kernels, conv geometry),
+``ops`` (training fast path), ``layers``, ``models`` (registry, layer chains, tracer),
+``summary`` (bit-aware model summary), ``folding`` (BN -> sign thresholds), ``data``,
+``train``, ``transforms``, ``mismatch``, ``export`` (bit-packed inference).
 """
 
 __version__ = "0.1.0"
