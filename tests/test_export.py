@@ -200,7 +200,10 @@ def exported(name: str, cfg: dict, runtime: str = "auto", ref_cfg: dict | None =
 # ------------------------------------------------------------------------- every model
 
 
-@pytest.mark.parametrize("name", binax.models.names())
+@pytest.mark.parametrize(
+    "name",
+    [pytest.param(n, marks=pytest.mark.slow) if n.startswith(("resnet", "reactnet", "vgg_small")) else n for n in binax.models.names()],
+)
 def test_every_registry_model_matches_its_eval_graph(name):
     packed, ref, x = exported(name, small_config(name))
     assert_same_logits(packed(x), ref)
@@ -345,6 +348,7 @@ def _layer_cases():
     return cases
 
 
+@pytest.mark.slow
 def test_packed_layers_equal_the_layers_eval_forward():
     """decode(accumulate(encode(x))) against the layer itself, for every code, kernel
     quantizer and padding mode; exact where the layer's scale is a power of two."""

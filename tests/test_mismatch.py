@@ -105,6 +105,7 @@ def _separable_problem(rows=16, d=5, seed=0):
     return a, b, c, per_example
 
 
+@pytest.mark.slow
 def test_separable_smoothed_grad_matches_closed_form_and_beats_the_joint_estimate():
     a, b, c, per_example = _separable_problem()
     rows, sigma = a.shape[0], 0.3
@@ -170,6 +171,7 @@ def _tiny_setup(overrides=None, n=32, seed=0):
     return model, {**variables, **upd}, x, y
 
 
+@pytest.mark.slow
 def test_activation_gradient_is_downstream_gradient_times_estimator_derivative():
     # d loss / d delta at the input of fc1 = (gradient reaching fc1's binarizer) * q'(x):
     # the perturbation must enter BEFORE the input binarizer.
@@ -191,6 +193,7 @@ def test_activation_gradient_is_downstream_gradient_times_estimator_derivative()
                                rtol=1e-4, atol=1e-8)
 
 
+@pytest.mark.slow
 def test_weight_subset_gradient_is_the_matching_columns_of_the_full_gradient():
     model, variables, x, y = _tiny_setup(n=8)
     full = mismatch.estimator_grad(model, variables, x, y, wrt="weights")
@@ -213,6 +216,7 @@ def test_deployed_forward_groups_sign_estimators_and_keeps_other_forwards():
     assert mismatch.deployed_forward(tern, "bnn_mlp")["input_quantizer"] == "duo_ternary"
 
 
+@pytest.mark.slow
 def test_compare_estimators_recovers_an_exact_gradient_of_a_smooth_loss():
     # tanh(ν x) with ν = 1 is smooth: measured against its OWN loss, its (exact) gradient
     # is ∇L_σ as σ -> 0, so the corrected cosine is ~1 while the raw one is shrunk by noise.
@@ -234,6 +238,7 @@ def test_compare_estimators_recovers_an_exact_gradient_of_a_smooth_loss():
         assert r["layer"] == "fc1 (input)" and r["sigma"] == 0.01 and r["wrt"] == "activations"
 
 
+@pytest.mark.slow
 def test_compare_estimators_on_weights_gives_one_row_per_kernel():
     model, variables, x, y = _tiny_setup(n=16)
     rows = mismatch.compare_estimators(
@@ -243,6 +248,7 @@ def test_compare_estimators_on_weights_gives_one_row_per_kernel():
     assert all(r["num_samples"] == 48 and -1 <= r["cosine"] <= 1 for r in rows)
 
 
+@pytest.mark.slow
 def test_experiment_trains_its_networks_with_the_training_system():
     from experiments import mismatch as study
 

@@ -204,7 +204,13 @@ def test_hand_counts_of_the_papers_architectures():
     )
 
 
-@pytest.mark.parametrize("name", EXPECTED_NAMES)
+# The residual networks, AlexNet and VGG-small take longest: the fast tier
+# (-m "not slow") runs the others.
+HEAVY = ("reactnet18", "resnet18_cifar", "resnet34", "resnet18", "resnet20", "alexnet", "vgg_small")
+BY_COST = [pytest.param(n, marks=pytest.mark.slow) if n in HEAVY else n for n in EXPECTED_NAMES]
+
+
+@pytest.mark.parametrize("name", BY_COST)
 def test_forward_backward_and_one_trace_over_progress(name):
     shape, overrides = SMALL[name]
     model = models.create(name, num_classes=7, **overrides)
@@ -417,9 +423,10 @@ def _trained_like(model, x, rng):
     [
         ("bnn_mlp", dict(widths=(32, 32))),
         # IR-Net style: EDE sign after hardtanh, and a binarized classifier input.
-        (
+        pytest.param(
             "cnn_small",
             dict(widths=(8, 8, 16, 16), input_quantizer="ede_sign", activation="hardtanh", last_layer_float=False),
+            marks=pytest.mark.slow,
         ),
     ],
 )

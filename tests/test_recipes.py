@@ -43,6 +43,7 @@ def test_every_method_has_a_spec_here():
     assert {s.split(",")[0][len("method="):] for s in SPECS} == set(recipe.METHODS)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("spec", SPECS)
 def test_recipe_trains(spec, tmp_path):
     summary = recipes.run(_tiny(spec), str(tmp_path))
@@ -74,6 +75,7 @@ def test_recipe_arguments_are_checked():
     assert recipe.get_config("method=bireal,dataset=imagenet2012").model.name == "resnet18"
 
 
+@pytest.mark.slow
 def test_binaryduo_is_one_command(tmp_path):
     out = subprocess.run(
         [sys.executable, "-m", "experiments.run", "--config", "configs/recipe.py:method=binaryduo,quick",

@@ -41,6 +41,7 @@ def _consumer_inputs(model, variables, x):
 DUO = dict(input_quantizer="duo_ternary", kernel_quantizer="duo_weight", latent_weight_clip=None)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "name, overrides, shape",
     [
@@ -98,6 +99,7 @@ def test_decouple_binaryduo_param_rules():
     assert variables["params"]["a"]["kernel"].shape == (2, 3)
 
 
+@pytest.mark.slow
 def test_decoupling_rejects_what_it_cannot_keep_exact():
     x = jnp.zeros((1, 28, 28, 1))
     m = models.create("bnn_mlp", widths=(8, 8), input_quantizer="duo_ternary", kernel_quantizer="ste_sign")
