@@ -2,13 +2,15 @@
 checkpoints and metrics.
 
 ``train_and_evaluate(config, workdir)`` is the entry point (``experiments/run.py`` calls
-it); the pieces are public for notebooks and tests: ``train_step``/``eval_step`` are pure
+it) and ``restore_variables(workdir)`` reads a trained run back; the pieces are public for
+notebooks and tests: ``train_step``/``eval_step`` are pure
 functions of explicit state, ``create_optimizer`` builds optax transformations from a
 config, ``bop`` is Larq's Bop as an optax ``GradientTransformation``.
 """
 
-from binax.train.checkpoints import Checkpoints
+from binax.train.checkpoints import Checkpoints, DamagedCheckpoint
 from binax.train.loop import (
+    NonFiniteError,
     NonFiniteLossError,
     Trainer,
     build_trainer,
@@ -28,11 +30,15 @@ from binax.train.steps import (
     latent_kernel_signs,
     progress_at,
     train_step,
+    update_flip_ratios,
 )
+from binax.train.workdir import lock_workdir
 
 __all__ = [
     "Checkpoints",
     "MetricsWriter",
+    "DamagedCheckpoint",
+    "NonFiniteError",
     "NonFiniteLossError",
     "ProgressReporter",
     "TrainState",
@@ -56,4 +62,6 @@ __all__ = [
     "restore_variables",
     "train_and_evaluate",
     "train_step",
+    "update_flip_ratios",
+    "lock_workdir",
 ]
