@@ -24,6 +24,7 @@ import ml_collections
 import numpy as np
 
 from binax import transforms
+from binax.errors import ConfigError
 
 __all__ = ["run", "predict", "binaryduo", "self_binarizing"]
 
@@ -125,14 +126,25 @@ def binaryduo(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
 
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
-    """Run ``config``'s recipe (see the module docstring); returns its summary."""
-    procedure = config.get("recipe", {}).get("procedure", "train")
-    if procedure == "train":
-        from binax import train
+    """Run ``config``'s recipe (see the module docstring); returns its summary.
 
-        return train.train_and_evaluate(config, workdir)
-    if procedure == "self_binarizing":
-        return self_binarizing(config, workdir)
-    if procedure == "binaryduo":
-        return binaryduo(config, workdir)
-    raise ValueError(f"unknown recipe procedure {procedure!r}; valid: train, self_binarizing, binaryduo")
+    The workdir is locked for the whole recipe, every stage included.
+    """
+    from binax import train
+    from binax.train.workdir import lock_workdir
+
+    procedure = config.get("recipe", {}).get("procedure", "train")
+    if procedure not in PROCEDURES:
+        raise ConfigError(f"unknown recipe procedure {procedure!r}; valid: {', '.join(PROCEDURES)}")
+    train.maybe_initialize_distributed(config.get("distributed"))
+    with lock_workdir(workdir, enabled=jax.process_index() == 0):
+        return PROCEDURES[procedure](config, workdir)
+
+
+def _train(config: ml_collections.ConfigDict, workdir: str) -> dict:
+    from binax import train
+
+    return train.train_and_evaluate(config, workdir)
+
+
+PROCEDURES = {"train": _train, "self_binarizing": self_binarizing, "binaryduo": binaryduo}

@@ -16,6 +16,7 @@ import flax.linen as nn
 import ml_collections
 
 from binax import binarizers
+from binax.errors import ConfigError
 from binax.models import alexnet, common, mlp, resnet, vgg
 from binax.models.tracing import Call, record_calls, trace
 
@@ -37,11 +38,11 @@ _REGISTRY: dict[str, tuple[Callable[[], ml_collections.ConfigDict], type[nn.Modu
 def register(name: str, config_fn: Callable[[], ml_collections.ConfigDict], model_cls: type[nn.Module]) -> None:
     """Register ``model_cls`` under ``name`` with default config ``config_fn()``."""
     if name in _REGISTRY:
-        raise ValueError(f"A model named {name!r} is already registered.")
+        raise ConfigError(f"A model named {name!r} is already registered.")
     fields = {f.name for f in dataclasses.fields(model_cls)} - {"parent", "name"}
     unknown = set(config_fn().keys()) - fields
     if unknown:
-        raise ValueError(f"config keys {sorted(unknown)} of model {name!r} are not fields of {model_cls.__name__}.")
+        raise ConfigError(f"config keys {sorted(unknown)} of model {name!r} are not fields of {model_cls.__name__}.")
     _REGISTRY[name] = (config_fn, model_cls)
 
 
@@ -54,7 +55,7 @@ def _entry(name: str):
     try:
         return _REGISTRY[name]
     except (KeyError, TypeError):
-        raise ValueError(f"Unknown model {name!r}; valid names are: {', '.join(names())}.") from None
+        raise ConfigError(f"Unknown model {name!r}; valid names are: {', '.join(names())}.") from None
 
 
 def get_config(name: str) -> ml_collections.ConfigDict:
@@ -76,7 +77,7 @@ def create(name: str, **overrides: Any) -> nn.Module:
     values = config_fn().to_dict()
     unknown = sorted(set(overrides) - set(values))
     if unknown:
-        raise ValueError(
+        raise ConfigError(
             f"Unknown config key(s) {unknown} for model {name!r}; valid keys: {', '.join(sorted(values))}."
         )
     # Keyword arguments belong to their binarizer: a new binarizer without new keywords

@@ -15,6 +15,7 @@ import flax.linen as nn
 import jax
 import ml_collections
 
+from binax.errors import ConfigError
 from binax.models import common
 
 Array = jax.Array
@@ -44,7 +45,7 @@ class AlexNet(common.BinaryModel):
     @staticmethod
     def validate_config(cfg) -> None:
         if len(cfg["conv_widths"]) != len(_CONVS):
-            raise ValueError(f"AlexNet has {len(_CONVS)} convolutions; got conv_widths={cfg['conv_widths']}.")
+            raise ConfigError(f"AlexNet has {len(_CONVS)} convolutions; got conv_widths={cfg['conv_widths']}.")
 
     @nn.compact
     def __call__(self, x: Array, train: bool = False, progress: float | Array = 1.0) -> Array:

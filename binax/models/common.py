@@ -19,6 +19,7 @@ from flax.core import FrozenDict
 
 from binax import binarizers
 from binax import layers as L
+from binax.errors import ConfigError
 
 Array = jax.Array
 
@@ -78,7 +79,7 @@ def activation_fn(name: str | None) -> Callable[[Array], Array] | None:
     """Parameter-free activations by name; None for 'none' (and for 'rprelu', a module)."""
     name = "none" if name is None else name
     if name not in ACTIVATIONS:
-        raise ValueError(f"Unknown activation {name!r}; valid: {', '.join(ACTIVATIONS)}.")
+        raise ConfigError(f"Unknown activation {name!r}; valid: {', '.join(ACTIVATIONS)}.")
     return {
         "none": None,
         "hardtanh": lambda x: jnp.clip(x, -1.0, 1.0),
@@ -99,13 +100,13 @@ def apply_activation(name: str | None, x: Array, module_name: str) -> Array:
 def check_image_input(x: Array, model: str, min_size: int) -> None:
     """CNNs take NHWC batches whose spatial size survives their downsampling."""
     if x.ndim != 4:
-        raise ValueError(
+        raise ConfigError(
             f"{model} expects NHWC input of rank 4 (batch, height, width, channels); "
             f"got shape {tuple(x.shape)} (rank {x.ndim})."
         )
     h, w = x.shape[1], x.shape[2]
     if h < min_size or w < min_size:
-        raise ValueError(
+        raise ConfigError(
             f"{model} needs inputs of at least {min_size}x{min_size} pixels to survive its "
             f"downsampling; got {h}x{w} (input shape {tuple(x.shape)})."
         )
@@ -116,12 +117,12 @@ def validate_common(cfg: Mapping[str, Any], model: str) -> None:
     for key in ("input_quantizer", "kernel_quantizer"):
         binarizers.resolve(cfg[key], **dict(cfg[key + "_kwargs"] or {}))
     if cfg["layer_type"] not in LAYER_TYPES:
-        raise ValueError(f"{model}: unknown layer_type {cfg['layer_type']!r}; valid: {', '.join(LAYER_TYPES)}.")
+        raise ConfigError(f"{model}: unknown layer_type {cfg['layer_type']!r}; valid: {', '.join(LAYER_TYPES)}.")
     for key in ("activation", "stem_activation", "classifier_activation"):
         if key in cfg:
             activation_fn(cfg[key])
     if cfg["width_multiplier"] <= 0:
-        raise ValueError(f"{model}: width_multiplier must be > 0; got {cfg['width_multiplier']!r}.")
+        raise ConfigError(f"{model}: width_multiplier must be > 0; got {cfg['width_multiplier']!r}.")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -321,7 +322,7 @@ def bn_sign_block(model: BinaryModel, x: Array, train: bool, name: str, binary_b
     ``binax.transforms.fold_binary_bn``)."""
     if binary_bn:
         if train:
-            raise ValueError(
+            raise ConfigError(
                 "binary_bn=True models are for inference (BinaryBatchNorm has no statistics "
                 "or gradient); train the model with binary_bn=False and fold its batch norms."
             )

@@ -13,6 +13,7 @@ import flax.linen as nn
 import jax
 import ml_collections
 
+from binax.errors import ConfigError
 from binax.models import common
 
 Array = jax.Array
@@ -36,7 +37,7 @@ class MLP(common.BinaryModel):
     @nn.compact
     def __call__(self, x: Array, train: bool = False, progress: float | Array = 1.0) -> Array:
         if x.ndim < 2:
-            raise ValueError(f"MLP expects a batch (N, ...) of rank >= 2; got shape {tuple(x.shape)}.")
+            raise ConfigError(f"MLP expects a batch (N, ...) of rank >= 2; got shape {tuple(x.shape)}.")
         x = x.reshape(x.shape[0], -1)
         spec = common.layer_spec(self)
         widths = common.scaled(self.widths, self.width_multiplier)

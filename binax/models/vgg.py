@@ -23,6 +23,7 @@ import jax
 import ml_collections
 
 from binax import ops
+from binax.errors import ConfigError
 from binax.models import common
 
 Array = jax.Array
@@ -81,7 +82,7 @@ class VGG(common.BinaryModel):
     def validate_config(cfg) -> None:
         bad = [i for i in cfg["pool_after"] if not 1 <= i <= len(cfg["widths"])]
         if bad:
-            raise ValueError(
+            raise ConfigError(
                 f"pool_after {cfg['pool_after']} names convolutions {bad} that do not exist "
                 f"(1..{len(cfg['widths'])} for widths {cfg['widths']})."
             )

@@ -29,6 +29,7 @@ __all__ = [
     "progress_at",
     "latent_kernel_signs",
     "flip_ratio",
+    "update_flip_ratios",
     "COMPUTE_DTYPES",
 ]
 
@@ -108,6 +109,29 @@ def flip_ratio(old_signs: dict[str, np.ndarray], new_signs: dict[str, np.ndarray
     return flips / max(total, 1)
 
 
+def update_flip_ratios(old_params, new_params) -> dict[str, jax.Array]:
+    """The share of binary weights whose sign (0 counts as +1) one update changed.
+
+    ``{'flip_ratio': over all latent kernels, 'flip_ratio/<layer>': per latent kernel}``
+    (empty without latent kernels). Larq's ``FlipRatio`` callback watches the same
+    quantity (Helwegen et al. 2019): how often binary weights still change sign; it falls
+    towards 0 as training settles. Computed inside the jitted step, so averaging it over
+    a metric record's updates gives the same number however the run was interrupted.
+    """
+    out, flipped, total = {}, 0, 0
+    leaves = jax.tree_util.tree_leaves_with_path(old_params)
+    for (path, old), new in zip(leaves, jax.tree.leaves(new_params)):
+        if not layers.is_latent_kernel_path(path):
+            continue
+        n = jnp.sum((old >= 0) != (new >= 0), dtype=jnp.int32)
+        layer = "/".join(str(getattr(k, "key", k)) for k in path[:-1])
+        out[f"flip_ratio/{layer}"] = n.astype(jnp.float32) / old.size
+        flipped, total = flipped + n, total + old.size
+    if total:
+        out["flip_ratio"] = flipped.astype(jnp.float32) / total
+    return out
+
+
 def _cast_floats(tree, dtype):
     return jax.tree.map(lambda x: x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x, tree)
 
@@ -133,7 +157,8 @@ def train_step(
     binary kernels are clipped to ``[-latent_weight_clip, latent_weight_clip]`` if given.
     ``progress`` reaches every binarizer schedule as a traced scalar, so changing it never
     recompiles. Metrics: ``loss``, ``accuracy``, ``grad_norm``, ``update_norm``,
-    ``param_norm`` (global L2 norms over the whole tree).
+    ``param_norm`` (global L2 norms over the whole tree) and the update's flip ratios
+    (:func:`update_flip_ratios`).
     """
     labels = batch["label"]
     images = batch["image"].astype(compute_dtype)
@@ -160,6 +185,7 @@ def train_step(
         "grad_norm": optax.tree.norm(grads),
         "update_norm": optax.tree.norm(updates),
         "param_norm": optax.tree.norm(params),
+        **update_flip_ratios(state.params, params),
     }
     new_state = state.replace(step=state.step + 1, params=params, batch_stats=batch_stats, opt_state=opt_state)
     return new_state, metrics

@@ -1,0 +1,102 @@
+"""Training curves of one or several runs: ``python -m experiments.plot WORKDIR [WORKDIR ...]``.
+
+Reads each run's ``metrics.jsonl`` and draws one panel per metric (default: train loss,
+test accuracy, flip ratio) against the training step, one line per run, into a PNG
+(``--out``; default ``WORKDIR/curves.png`` for one run, ``curves.png`` for several).
+
+    python -m experiments.plot runs/default
+    python -m experiments.plot runs/irnet runs/bnn --metrics train/loss,test/accuracy --out cmp.png
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+from absl import app, flags
+
+_OUT = flags.DEFINE_string("out", None, "PNG file to write (default: WORKDIR/curves.png, or curves.png for several runs).")
+_METRICS = flags.DEFINE_list(
+    "metrics", ["train/loss", "test/accuracy", "flip_ratio"], "Metric record keys to draw, one panel each."
+)
+_DEBUG = flags.DEFINE_bool("debug", False, "Show the traceback of an error in the arguments.")
+
+
+def series(records: list[dict], key: str) -> tuple[list[int], list[float]]:
+    """``(steps, values)`` of ``key`` over the records that have it."""
+    pairs = [(r["step"], r[key]) for r in records if key in r]
+    return [s for s, _ in pairs], [v for _, v in pairs]
+
+
+def plot(workdirs: list[str], out: str, metrics: list[str]) -> str:
+    """Draws ``metrics`` of every run in ``workdirs`` into ``out``; returns ``out``.
+
+    Raises ``ConfigError`` for a workdir without records or a metric no run has (the
+    message lists the ones there are).
+    """
+    from binax.errors import ConfigError, MissingDependencyError
+    from binax.train import read_metrics
+
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise MissingDependencyError("plotting needs matplotlib: `pip install 'binax[plot]'`") from None
+
+    runs = {}
+    for workdir in workdirs:
+        records = read_metrics(os.path.join(workdir, "metrics.jsonl"))
+        if not records:
+            raise ConfigError(f"{workdir} has no metric records (metrics.jsonl); is it a training run's --workdir?")
+        runs[workdir] = records
+    available = sorted({k for records in runs.values() for r in records for k in r if k != "step"})
+    missing = [m for m in metrics if m not in available]
+    if missing:
+        raise ConfigError(f"no run has the metric(s) {missing}; available: {', '.join(available)}")
+
+    labels = _labels(workdirs)
+    fig, axes = plt.subplots(1, len(metrics), figsize=(4.5 * len(metrics), 3.4), squeeze=False)
+    for ax, metric in zip(axes[0], metrics):
+        for workdir, records in runs.items():
+            steps, values = series(records, metric)
+            if steps:
+                ax.plot(steps, values, marker="o" if len(steps) < 20 else None, markersize=3, label=labels[workdir])
+        ax.set_title(metric)
+        ax.set_xlabel("step")
+        ax.grid(alpha=0.3)
+        if metric.startswith("flip_ratio"):
+            ax.set_yscale("log")
+    axes[0][0].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out
+
+
+def _labels(workdirs: list[str]) -> dict[str, str]:
+    """Each run's shortest distinguishing name: its directory name, or its path if names repeat."""
+    names = [os.path.basename(os.path.normpath(w)) for w in workdirs]
+    if len(set(names)) == len(names):
+        return dict(zip(workdirs, names))
+    return {w: os.path.normpath(w) for w in workdirs}
+
+
+def main(argv):
+    workdirs = argv[1:]
+    if not workdirs:
+        raise app.UsageError("name at least one workdir: python -m experiments.plot WORKDIR [WORKDIR ...]")
+    out = _OUT.value or (os.path.join(workdirs[0], "curves.png") if len(workdirs) == 1 else "curves.png")
+    from binax.errors import BinaxError
+
+    try:
+        print(plot(workdirs, out, _METRICS.value))
+    except BinaxError as e:
+        if _DEBUG.value:
+            raise
+        sys.exit(f"error: {e}")
+
+
+if __name__ == "__main__":
+    app.run(main)
