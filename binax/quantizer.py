@@ -32,6 +32,8 @@ from typing import Any, Callable, Iterable, Mapping
 
 import jax
 
+from binax.errors import ConfigError
+
 Array = jax.Array
 
 __all__ = [
@@ -106,23 +108,23 @@ class Quantizer:
 
     def __post_init__(self):
         if not isinstance(self.name, str) or not self.name or ":" in self.name:
-            raise ValueError(f"a quantizer name must be a non-empty string without ':'; got {self.name!r}.")
+            raise ConfigError(f"a quantizer name must be a non-empty string without ':'; got {self.name!r}.")
         if not callable(self.fn):
-            raise ValueError(f"quantizer {self.name!r}: fn must be callable; got {self.fn!r}.")
+            raise ConfigError(f"quantizer {self.name!r}: fn must be callable; got {self.fn!r}.")
         if not callable(self.bits) and (isinstance(self.bits, bool) or not isinstance(self.bits, int) or self.bits < 1):
-            raise ValueError(
+            raise ConfigError(
                 f"quantizer {self.name!r}: bits must be an int >= 1 (bits per value at inference) or a "
                 f"function of the keyword arguments; got {self.bits!r}."
             )
         if self.forward not in FORWARDS:
-            raise ValueError(f"quantizer {self.name!r}: forward={self.forward!r} is not one of {FORWARDS}.")
+            raise ConfigError(f"quantizer {self.name!r}: forward={self.forward!r} is not one of {FORWARDS}.")
         if (self.forward == "levels") != (self.levels is not None):
-            raise ValueError(
+            raise ConfigError(
                 f"quantizer {self.name!r}: levels=(low, step, P) goes with forward='levels' and only with it; "
                 f"got forward={self.forward!r}, levels={self.levels!r}."
             )
         if self.schedule_outputs and self.schedule is None:
-            raise ValueError(f"quantizer {self.name!r}: schedule_outputs {self.schedule_outputs} without a schedule.")
+            raise ConfigError(f"quantizer {self.name!r}: schedule_outputs {self.schedule_outputs} without a schedule.")
         object.__setattr__(self, "schedule_outputs", tuple(self.schedule_outputs))
 
     # ---- facts that depend on the keyword arguments
@@ -203,13 +205,13 @@ def register(
     if inference is not None:
         target = _REGISTRY.get(inference)
         if target is None or target.inference is not None or inference == name:
-            raise ValueError(
+            raise ConfigError(
                 f"quantizer {name!r}: inference={inference!r} must name another registered quantizer that is "
                 f"deployed as itself; registered: {', '.join(names())}."
             )
     old = _REGISTRY.get(name)
     if old is not None and old != q and not overwrite:
-        raise ValueError(
+        raise ConfigError(
             f"A quantizer named {name!r} is already registered ({old.fn!r}); pass overwrite=True to replace it."
         )
     _REGISTRY[name] = q
@@ -222,15 +224,15 @@ def _import_reference(ref: str) -> Any:
     try:
         module = importlib.import_module(module_name)
     except ImportError as e:
-        raise ValueError(f"quantizer {ref!r}: cannot import module {module_name!r} ({e}).") from None
+        raise ConfigError(f"quantizer {ref!r}: cannot import module {module_name!r} ({e}).") from None
     try:
         return getattr(module, attr)
     except AttributeError:
-        raise ValueError(f"quantizer {ref!r}: module {module_name!r} has no attribute {attr!r}.") from None
+        raise ConfigError(f"quantizer {ref!r}: module {module_name!r} has no attribute {attr!r}.") from None
 
 
-def _unknown(spec) -> ValueError:
-    return ValueError(
+def _unknown(spec) -> ConfigError:
+    return ConfigError(
         f"Unknown binarizer {spec!r}; valid names are: {', '.join(names())} "
         f"(or 'package.module:function', or --import a module that registers it)."
     )
@@ -259,7 +261,7 @@ def _lookup(spec) -> tuple[Quantizer, bool]:
 def describe(spec) -> Quantizer | None:
     """The :class:`Quantizer` of a spec (see the module docstring); None for ``None``.
 
-    Unknown names raise a ``ValueError`` listing the registered ones.
+    Unknown names raise a ``ConfigError`` (a ``ValueError``) listing the registered ones.
     """
     return None if spec is None else _lookup(spec)[0]
 
@@ -296,7 +298,7 @@ def _split_kwargs(q: Quantizer, kwargs: Mapping[str, Any]):
     allowed = (fn_params - computed) | sched_params
     unknown = set(kwargs) - allowed
     if unknown:
-        raise ValueError(
+        raise ConfigError(
             f"Unknown keyword argument(s) {sorted(unknown)} for binarizer {q.name!r}; allowed: {sorted(allowed)}."
         )
     # Fail at configuration time, not at the first forward pass inside a trace.
@@ -305,7 +307,7 @@ def _split_kwargs(q: Quantizer, kwargs: Mapping[str, Any]):
     }
     missing = required - set(kwargs)
     if missing:
-        raise ValueError(f"Binarizer {q.name!r} needs the keyword argument(s) {sorted(missing)}.")
+        raise ConfigError(f"Binarizer {q.name!r} needs the keyword argument(s) {sorted(missing)}.")
     return (
         {k: v for k, v in kwargs.items() if k in fn_params},
         {k: v for k, v in kwargs.items() if k in sched_params},
@@ -318,7 +320,7 @@ def resolve(spec, **kwargs) -> Callable[[Array, Any], Array] | None:
     For a quantizer with a ``schedule`` the schedule keywords (``t_min``/``t_max`` for
     EDE, ``nu_0``/``nu_max`` for tanh) are split off, and ``t, k`` or ``nu`` are computed
     from ``progress`` (a traced scalar) on every call; unknown or missing keywords raise
-    a ``ValueError`` here, at configuration time. A registered function passed as itself
+    a ``ConfigError`` (a ``ValueError``) here, at configuration time. A registered function passed as itself
     (``resolve(ede_sign)``) is its descriptor, so it keeps its schedule. An undeclared
     callable is called as ``fn(x, **kwargs)``, with ``progress`` too when it takes one.
     ``None`` resolves to ``None`` (no quantization).
@@ -346,7 +348,7 @@ def import_plugins(modules: Iterable[str] | str | None) -> list[ModuleType]:
     """Import modules that register quantizers (the ``--import`` flag of the commands).
 
     ``modules``: module names (``"mypackage.binarizers"``), or one comma-separated
-    string. A module that cannot be imported is a ``ValueError`` naming it.
+    string. A module that cannot be imported is a ``ConfigError`` naming it.
     """
     if modules is None:
         return []
@@ -360,5 +362,5 @@ def import_plugins(modules: Iterable[str] | str | None) -> list[ModuleType]:
         try:
             out.append(importlib.import_module(name))
         except ImportError as e:
-            raise ValueError(f"cannot import plugin module {name!r} ({e}); is it on PYTHONPATH?") from None
+            raise ConfigError(f"cannot import plugin module {name!r} ({e}); is it on PYTHONPATH?") from None
     return out

@@ -20,6 +20,7 @@ import json
 import os
 from typing import Any, Mapping
 
+import jax
 import ml_collections
 import numpy as np
 

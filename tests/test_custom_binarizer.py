@@ -191,18 +191,21 @@ def _workdir(path: Path, input_quantizer: str) -> None:
     ckpts.close()
 
 
-def test_export_command_finds_a_module_attribute_quantizer(plugin, tmp_path, capsys):
-    from experiments import export as export_cli
+def test_a_trained_run_naming_module_attribute_restores_and_exports(plugin, tmp_path):
+    """What the export command does with a workdir whose config names ``my_binarizers:poly_sign``."""
+    from binax import train
 
     _workdir(tmp_path, "my_binarizers:poly_sign")
-    out = export_cli.run(str(tmp_path), None, "best", "auto", None, check=4)
-    printed = capsys.readouterr().out
-    assert "2 of 2 quantized layers run on XOR-popcount." in printed and "predictions agree 100%" in printed
-    assert bx.load(out).meta["config"]["input_quantizer"] == "my_binarizers:poly_sign"
+    model, variables, config, step = train.restore_variables(str(tmp_path))
+    assert step == 5 and binarizers.describe(model.input_quantizer).name == "poly_sign"
+    overrides = {k: v for k, v in config.model.to_dict().items() if k != "name"}
+    packed = bx.export("bnn_mlp", overrides, jax.tree.map(np.asarray, variables), (28, 28, 1))
+    assert all(layer.packed for layer in packed.layers.values())
+    assert packed.meta["config"]["input_quantizer"] == "my_binarizers:poly_sign"
 
 
 @pytest.mark.slow
-def test_export_command_imports_the_module_that_registers_it(plugin, tmp_path):
+def test_export_command_imports_the_module_or_the_module_attribute(plugin, tmp_path):
     directory, _ = plugin
     _workdir(tmp_path, "poly_sign")
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(directory), str(ROOT), os.environ.get("PYTHONPATH", "")])}
@@ -213,3 +216,10 @@ def test_export_command_imports_the_module_that_registers_it(plugin, tmp_path):
     assert done.returncode == 0, done.stderr[-2000:]
     assert "2 of 2 quantized layers run on XOR-popcount." in done.stdout
     assert "predictions agree 100%" in done.stdout
+    # A config naming "module:function" needs no flag: the module is imported by the name.
+    by_name = tmp_path / "by_name"
+    _workdir(by_name, "my_binarizers:poly_sign")
+    command[command.index(str(tmp_path))] = str(by_name)
+    done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "2 of 2 quantized layers run on XOR-popcount." in done.stdout
