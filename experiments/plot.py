@@ -10,16 +10,11 @@ test accuracy, flip ratio) against the training step, one line per run, into a P
 
 from __future__ import annotations
 
+import argparse
 import os
 import sys
 
-from absl import app, flags
-
-_OUT = flags.DEFINE_string("out", None, "PNG file to write (default: WORKDIR/curves.png, or curves.png for several runs).")
-_METRICS = flags.DEFINE_list(
-    "metrics", ["train/loss", "test/accuracy", "flip_ratio"], "Metric record keys to draw, one panel each."
-)
-_DEBUG = flags.DEFINE_bool("debug", False, "Show the traceback of an error in the arguments.")
+DEFAULT_METRICS = ("train/loss", "test/accuracy", "flip_ratio")
 
 
 def series(records: list[dict], key: str) -> tuple[list[int], list[float]]:
@@ -83,20 +78,30 @@ def _labels(workdirs: list[str]) -> dict[str, str]:
     return {w: os.path.normpath(w) for w in workdirs}
 
 
-def main(argv):
-    workdirs = argv[1:]
-    if not workdirs:
-        raise app.UsageError("name at least one workdir: python -m experiments.plot WORKDIR [WORKDIR ...]")
-    out = _OUT.value or (os.path.join(workdirs[0], "curves.png") if len(workdirs) == 1 else "curves.png")
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    # argparse, not absl flags: importing this module (tests, notebooks) defines no global flag.
+    parser = argparse.ArgumentParser(prog="python -m experiments.plot", description=__doc__.splitlines()[0])
+    parser.add_argument("workdirs", nargs="+", metavar="WORKDIR", help="training runs' --workdir")
+    parser.add_argument("--out", help="PNG file to write (default: WORKDIR/curves.png, or curves.png for several runs)")
+    parser.add_argument(
+        "--metrics", default=",".join(DEFAULT_METRICS), help="comma-separated metric record keys, one panel each"
+    )
+    parser.add_argument("--debug", action="store_true", help="show the traceback of an error in the arguments")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    out = args.out or (os.path.join(args.workdirs[0], "curves.png") if len(args.workdirs) == 1 else "curves.png")
     from binax.errors import BinaxError
 
     try:
-        print(plot(workdirs, out, _METRICS.value))
+        print(plot(args.workdirs, out, [m for m in args.metrics.split(",") if m]))
     except BinaxError as e:
-        if _DEBUG.value:
+        if args.debug:
             raise
         sys.exit(f"error: {e}")
 
 
 if __name__ == "__main__":
-    app.run(main)
+    main()

@@ -32,6 +32,12 @@ _CONFIG = config_flags.DEFINE_config_file(
 _WORKDIR = flags.DEFINE_string(
     "workdir", None, "Directory for checkpoints, metrics and the final summary (resumed if it exists)."
 )
+_IMPORT = flags.DEFINE_multi_string(
+    "import",
+    [],
+    "Python module(s) to import before the config is used, e.g. one that registers a binarizer "
+    "with binax.binarizers.register (repeatable; 'a,b' also works).",
+)
 _DEBUG = flags.DEFINE_bool(
     "debug", False, "Show the traceback of an error in the config, data or workdir (a bug's is always shown)."
 )
@@ -106,7 +112,7 @@ def _parse_flags(argv: list[str]) -> list[str]:
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    from binax import recipes, train
+    from binax import binarizers, recipes, train
     from binax.errors import BinaxError
 
     train.quiet_checkpoint_logs()
@@ -118,6 +124,7 @@ def main(argv):
         )
     workdir = _WORKDIR.value or default_workdir(config_flags.get_config_filename(flags.FLAGS["config"]))
     try:
+        binarizers.import_plugins(_IMPORT.value)
         # A plain config is one training run; a recipe config may have stages (BinaryDuo's
         # couple -> decouple -> fine-tune, Self-Binarizing's sign + BinaryBN evaluation).
         recipes.run(_CONFIG.value, workdir)

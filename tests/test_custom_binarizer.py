@@ -4,6 +4,7 @@ snippet are the page's own code blocks, so the page cannot rot."""
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import subprocess
@@ -223,3 +224,20 @@ def test_export_command_imports_the_module_or_the_module_attribute(plugin, tmp_p
     done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-2000:]
     assert "2 of 2 quantized layers run on XOR-popcount." in done.stdout
+
+
+@pytest.mark.slow
+def test_run_command_imports_the_module_that_registers_the_binarizer(plugin, tmp_path):
+    directory, _ = plugin
+    env = {**os.environ, "JAX_PLATFORMS": "cpu",
+           "PYTHONPATH": os.pathsep.join([str(directory), str(ROOT), os.environ.get("PYTHONPATH", "")])}
+    command = [sys.executable, "-m", "experiments.run", "--config", str(ROOT / "configs" / "recipe.py") + ":method=bnn,quick",
+               "--workdir", str(tmp_path / "w"), "--config.model.input_quantizer=poly_sign",
+               "--config.data.name=digits", "--config.max_steps_per_epoch=3", "--config.eval_batch_size=297"]
+    missing = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True)
+    assert missing.returncode == 1 and "Traceback" not in missing.stderr
+    assert missing.stderr.strip().splitlines()[-1].startswith("error: Unknown binarizer 'poly_sign'")
+    done = subprocess.run(command + ["--import", "my_binarizers"], cwd=ROOT, env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+    with open(tmp_path / "w" / "config.json") as f:
+        assert json.load(f)["model"]["input_quantizer"] == "poly_sign"

@@ -78,6 +78,7 @@ def test_bop_follows_the_formula_elementwise():
     assert int(new_state.count) == 1
 
 
+@pytest.mark.slow
 def test_bop_group_updates_only_latent_kernels():
     model = tiny_model()
     tx, schedules = train.create_optimizer(
@@ -209,6 +210,7 @@ def test_latent_weight_clip_clips_only_latent_kernels():
     assert any(beyond)  # the float layers were not clipped
 
 
+@pytest.mark.slow
 def test_bfloat16_compute_keeps_float32_master_weights():
     model = tiny_model()
     tx = optax.adam(1e-3)
@@ -298,6 +300,7 @@ def test_bad_batch_size_is_a_clear_error(tmp_path):
         train.train_and_evaluate(small_config(batch_size=0), str(tmp_path))
 
 
+@pytest.mark.slow
 def test_non_finite_parameters_stop_the_run_although_the_loss_is_finite(tmp_path):
     # A NaN learning rate makes every parameter NaN in update 0, whose loss (computed
     # before the update) is finite; a binary network's loss can stay finite on NaN
@@ -312,6 +315,7 @@ def test_non_finite_parameters_stop_the_run_although_the_loss_is_finite(tmp_path
     assert not (tmp_path / "checkpoints").exists() or not os.listdir(tmp_path / "checkpoints")
 
 
+@pytest.mark.slow
 def test_non_finite_loss_stops_with_step_and_checkpoint(tmp_path):
     # Checkpoints every 2 steps; the learning rate jumps to inf at step 3 (warm-up
     # schedules don't do that, a bad config can): the checkpoint to go back to is step 2.
@@ -332,6 +336,7 @@ def test_non_finite_loss_stops_with_step_and_checkpoint(tmp_path):
     assert train.read_metrics(str(tmp_path / "metrics.jsonl")) == []  # the record at step 3 was not written
 
 
+@pytest.mark.slow
 def test_short_run_writes_records_summary_and_best_checkpoint(tmp_path):
     config = small_config(num_epochs=2, log_every_steps=2)
     summary = train.train_and_evaluate(config, str(tmp_path))
@@ -352,6 +357,7 @@ def test_short_run_writes_records_summary_and_best_checkpoint(tmp_path):
     best.close()
 
 
+@pytest.mark.slow
 def test_ctrl_c_saves_a_checkpoint_and_a_rerun_resumes_there(tmp_path):
     import signal
     import threading
@@ -386,6 +392,7 @@ def logged_run(tmp_path_factory):
     return workdir
 
 
+@pytest.mark.slow
 def test_tensorboard_holds_the_config_hparams_flip_ratios_and_latent_weight_histograms(logged_run):
     from tensorboard.backend.event_processing import event_accumulator
 
@@ -405,6 +412,7 @@ def test_tensorboard_holds_the_config_hparams_flip_ratios_and_latent_weight_hist
     assert b"optimizer.learning_rate" in plugins["_hparams_/session_start_info"]
 
 
+@pytest.mark.slow
 def test_per_layer_flip_ratios_average_to_the_total(logged_run):
     record = train.read_metrics(str(logged_run / "metrics.jsonl"))[0]
     layers_ = {k: v for k, v in record.items() if k.startswith("flip_ratio/")}
@@ -424,6 +432,7 @@ def test_update_flip_ratios_count_sign_changes_per_layer():
     assert "flip_ratio/c" not in ratios  # a float kernel
 
 
+@pytest.mark.slow
 def test_plot_draws_every_run_and_names_missing_metrics(logged_run, tmp_path):
     import matplotlib.image
 

@@ -152,6 +152,7 @@ def test_a_checkpoint_of_another_model_is_not_mistaken_for_damage(finished_run, 
     assert not os.path.exists(str(workdir / "checkpoints") + ".damaged")
 
 
+@pytest.mark.slow
 def test_restore_variables_names_a_damaged_checkpoint_and_the_intact_ones(finished_run, tmp_path):
     workdir = copy_of(finished_run, tmp_path)
     steps = ckpt_lib.Checkpoints(str(workdir / "checkpoints")).all_steps()
@@ -214,6 +215,7 @@ def test_nested_locks_in_one_process_are_one_lock(tmp_path):
 # ------------------------------------------------------------------ full disk
 
 
+@pytest.mark.slow
 def test_a_full_disk_at_the_last_checkpoint_keeps_the_final_metrics(tmp_path, monkeypatch):
     config = small_config()
     save = ckpt_lib.Checkpoints.save

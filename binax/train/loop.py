@@ -53,6 +53,7 @@ from jax.sharding import PartitionSpec as P
 from binax import layers
 from binax.errors import CheckpointError, ConfigError, DiskFullError, NonFiniteError
 from binax.train import checkpoints as ckpt_lib
+from binax.train import evaluation
 from binax.train import metrics as metrics_lib
 from binax.train import optimizers, steps
 from binax.train.workdir import lock_workdir
@@ -220,7 +221,6 @@ class Trainer:
       init: ``() -> TrainState`` from ``config.seed``.
       train_fn: ``(state, batch) -> (state, metrics)``; the update's key
         ``fold_in(state.rng, state.step)`` and its progress both come from ``state.step``.
-      eval_fn: ``(state, batch, totals) -> totals`` (see ``steps.eval_step``).
       schedules: name -> optax schedule, for logging.
     """
 
@@ -231,7 +231,6 @@ class Trainer:
     progress_fn: Callable
     init: Callable
     train_fn: Callable
-    eval_fn: Callable
 
 
 def build_trainer(config: ml_collections.ConfigDict, ds) -> Trainer:
@@ -279,9 +278,6 @@ def build_trainer(config: ml_collections.ConfigDict, ds) -> Trainer:
             label_smoothing=config.get("label_smoothing", 0.0),
         )
 
-    def eval_fn(state, batch, totals):
-        return steps.eval_step(state, batch, progress_fn(state.step), totals, model=model, compute_dtype=compute_dtype)
-
     abstract_state = jax.eval_shape(init)
     logits = jax.eval_shape(
         lambda s: model.apply(
@@ -294,7 +290,7 @@ def build_trainer(config: ml_collections.ConfigDict, ds) -> Trainer:
             f"model {config.model.name!r} outputs {logits.shape[-1]} classes but dataset "
             f"{config.data.name!r} has {ds.num_classes}; set config.model.num_classes"
         )
-    return Trainer(model, tx, schedules, steps_per_epoch, progress_fn, init, train_fn, eval_fn)
+    return Trainer(model, tx, schedules, steps_per_epoch, progress_fn, init, train_fn)
 
 
 def _start_from(state: steps.TrainState, variables: Mapping[str, Any], tx, sharding) -> steps.TrainState:
@@ -473,10 +469,10 @@ class _Run:
         self.replicated = NamedSharding(mesh, P())
         self.data_sharding = NamedSharding(mesh, P("data"))
         schedules = self.trainer.schedules
-        # Three compilations in all: the init, one train step, one eval step (+ the
-        # schedules for logging, which would otherwise compile op by op).
+        # Three compilations in all: the init, one train step, one eval step (in
+        # binax.train.evaluate; + the schedules for logging, which would otherwise compile
+        # op by op).
         self.p_train = jax.jit(self.trainer.train_fn, out_shardings=self.replicated, donate_argnums=0)
-        self.p_eval = jax.jit(self.trainer.eval_fn, out_shardings=self.replicated)
         self.p_learning_rates = jax.jit(lambda step: {name: fn(step) for name, fn in schedules.items()})
 
     # ------------------------------------------------------------------ 3. resume or init
@@ -571,14 +567,18 @@ class _Run:
         self.ckpts.save(self.step, self.state, accuracy=accuracy, loop_state={"window": window})
 
     def _evaluate(self) -> dict[str, float]:
-        totals = jax.tree.map(
-            lambda x: jax.make_array_from_process_local_data(self.replicated, x), steps.zero_eval_totals()
+        """Test loss and accuracy of the current state: ``binax.train.evaluate`` on the
+        sharded global batches, at the progress the next update would read."""
+        variables = {"params": self.state.params, "batch_stats": self.state.batch_stats}
+        result = evaluation.evaluate(
+            self.trainer.model,
+            variables,
+            self.ds.eval_batches(self.config.eval_batch_size),
+            progress=self.trainer.progress_fn(self.step),
+            compute_dtype=self.config.compute_dtype,
+            put=self._to_global,
         )
-        for local in self.ds.eval_batches(self.config.eval_batch_size):
-            totals = self.p_eval(self.state, self._to_global(local), totals)
-        totals = jax.device_get(totals)
-        count = float(totals["count"])
-        return {"test/loss": float(totals["loss_sum"]) / count, "test/accuracy": float(totals["correct"]) / count}
+        return result.metrics("test/")
 
     def _train_epoch(self, epoch: int, stop: "_StopRequest") -> None:
         config = self.config
