@@ -131,7 +131,7 @@ def test_exports_packed_and_equals_the_training_graph(plugin, tmp_path):
     model = models.create("bnn_mlp", **config)
     x = jnp.asarray(np.random.default_rng(2).normal(size=(16, 28, 28, 1)).astype(np.float32))
     variables = _trained_like(model, x)
-    packed = bx.export("bnn_mlp", config, variables, (28, 28, 1))
+    packed = bx.export(model, variables, preprocessing=None, input_shape=(28, 28, 1))
     assert all(layer.packed for layer in packed.layers.values()) and len(packed.layers) == 2  # fc1, fc2
     want = jax.jit(lambda v, x: model.apply(v, x, train=False))(variables, x)
     np.testing.assert_allclose(packed(x), want, rtol=1e-5, atol=1e-5 * float(jnp.abs(want).max()))
@@ -199,10 +199,10 @@ def test_a_trained_run_naming_module_attribute_restores_and_exports(plugin, tmp_
     _workdir(tmp_path, "my_binarizers:poly_sign")
     model, variables, config, step = train.restore_variables(str(tmp_path))
     assert step == 5 and binarizers.describe(model.input_quantizer).name == "poly_sign"
-    overrides = {k: v for k, v in config.model.to_dict().items() if k != "name"}
-    packed = bx.export("bnn_mlp", overrides, jax.tree.map(np.asarray, variables), (28, 28, 1))
+    packed = bx.export(model, variables, preprocessing=bx.Preprocessing.from_config(config))
     assert all(layer.packed for layer in packed.layers.values())
     assert packed.meta["config"]["input_quantizer"] == "my_binarizers:poly_sign"
+    assert packed.preprocessing.dataset == "fashion_mnist"
 
 
 @pytest.mark.slow

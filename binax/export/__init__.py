@@ -1,23 +1,42 @@
 """Bit-packed export and inference: the packed model file and its runtimes.
 
-* ``model``: ``export(name, config, variables, input_shape)`` -> :class:`PackedModel`
-  (``model(images) -> logits``, ``.report()``, ``.save(path)``) and ``load(path)``: every
-  registry model, packed weights in one ``.npz`` file, packed inference (``chain`` /
-  ``generic`` runtimes).
+* ``model``: ``export(model, variables, preprocessing=...)`` -> :class:`PackedModel`
+  (``packed(raw_images) -> logits``, ``.forward(inputs)``, ``.report()``,
+  ``.save(path)``, ``.save_portable(path)``) and ``load(path)``: every registry model,
+  packed weights in one ``.npz`` file (format: docs/export.md), packed inference
+  (``chain`` / ``generic`` runtimes), and a ``jax.export`` artifact that runs with jax
+  alone.
+* ``preprocessing``: :class:`Preprocessing`, what the training pipeline did to raw images.
 * ``inference``: a quantized layer in inference form (activation codes, packed kernels).
 * ``chain``: sequential models whose binary layers pass packed bits to each other.
 
 The packing and the XNOR-popcount kernels they run on are :mod:`binax.packed`, shared
-with the training fast path (:mod:`binax.ops`).
+with the training fast path (:mod:`binax.ops`). From a training run's workdir::
+
+    model, variables, config, step = binax.train.restore_variables("runs/vgg")
+    packed = binax.export.export(model, variables, preprocessing=Preprocessing.from_config(config))
 """
 
-from binax.export.model import FORMAT_VERSION, PackedModel, export, inference_config, load, save
+from binax.export.model import (
+    FORMAT_VERSION,
+    PackedModel,
+    export,
+    inference_config,
+    inference_model,
+    load,
+    read_meta,
+    save,
+)
+from binax.export.preprocessing import Preprocessing
 
 __all__ = [
     "FORMAT_VERSION",
     "export",
     "inference_config",
+    "inference_model",
     "load",
     "PackedModel",
+    "Preprocessing",
+    "read_meta",
     "save",
 ]
