@@ -14,6 +14,7 @@ import dataclasses
 import functools
 import json
 import os
+import re
 import subprocess
 import sys
 import zipfile
@@ -726,3 +727,39 @@ def test_export_command_packs_the_best_checkpoint_of_a_workdir(tmp_path, capsys)
     with pytest.raises(ValueError, match="no checkpoint at step 7"):
         train.restore_variables(str(tmp_path), "7")
     assert train.restore_variables(str(tmp_path), "latest")[3] == 20
+
+
+# ------------------------------------------------------------------------- docs/export.md
+
+
+def doc_reader() -> str:
+    """The numpy reader of docs/export.md (its python block that defines ``predict``)."""
+    text = open(os.path.join(ROOT, "docs", "export.md")).read()
+    (block,) = [b for b in re.findall(r"```python\n(.*?)```", text, re.S) if "def predict(" in b]
+    return block
+
+
+def test_the_docs_numpy_reader_reproduces_the_packed_predictions(tmp_path):
+    """The page's reader, run on an exported bnn_mlp (two fused thresholds, float first
+    layer, BatchNorms and classifier), against binax's packed runtime."""
+    reader = doc_reader()
+    assert len(reader.strip().splitlines()) <= 60
+    imports = [line for line in reader.splitlines() if line.startswith(("import ", "from "))]
+    assert imports == ["import json", "import numpy as np"]
+    namespace: dict = {}
+    exec(compile(reader, "docs/export.md", "exec"), namespace)
+
+    raw = binax.data.load_arrays("fashion_mnist", "test")[0][:200]
+    cfg = {"widths": (72, 40, 36, 34)}
+    model = binax.models.create("bnn_mlp", **cfg)
+    spec = binax.data.get_spec("fashion_mnist")
+    variables, _, _ = calibrated(model, binax.data.normalize(raw[:64].astype(np.float32), spec, "mean_std"))
+    packed = bx.export(model, variables, preprocessing="fashion_mnist")
+    assert sorted(packed.meta["fused"]) == ["bn1", "bn2"]
+    packed.save(tmp_path / "mlp.npz")
+
+    got = namespace["predict"](str(tmp_path / "mlp.npz"), raw)
+    want = np.asarray(packed(raw))
+    np.testing.assert_array_equal(got.argmax(-1), want.argmax(-1))
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * float(np.abs(want).max()))
+    assert np.ptp(want, axis=0).max() > 0
