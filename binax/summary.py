@@ -66,8 +66,29 @@ __all__ = ["summary", "ModelSummary", "LayerSummary", "Totals"]
 FLOAT_BITS = 32
 
 
+class _Counts:
+    """Parameter and MAC splits shared by a row and the totals (from ``params``,
+    ``params_by_bits``, ``trainable_params``, ``macs`` and ``binary_macs``)."""
+
+    @property
+    def non_trainable_params(self) -> int:
+        return self.params - self.trainable_params
+
+    @property
+    def binary_params(self) -> int:
+        return self.params_by_bits.get(1, 0)
+
+    @property
+    def float_params(self) -> int:
+        return sum(n for b, n in self.params_by_bits.items() if b >= 16)
+
+    @property
+    def float_macs(self) -> int:
+        return self.macs - self.binary_macs
+
+
 @dataclasses.dataclass(frozen=True)
-class LayerSummary:
+class LayerSummary(_Counts):
     """One row of a summary: a layer (module) or a pooling / shortcut operation."""
 
     name: str  # module path, '/'-joined (an operation: its module's path + '/max_pool' ...)
@@ -86,22 +107,6 @@ class LayerSummary:
     @property
     def params(self) -> int:
         return sum(self.params_by_bits.values())
-
-    @property
-    def non_trainable_params(self) -> int:
-        return self.params - self.trainable_params
-
-    @property
-    def binary_params(self) -> int:
-        return self.params_by_bits.get(1, 0)
-
-    @property
-    def float_params(self) -> int:
-        return sum(n for b, n in self.params_by_bits.items() if b >= 16)
-
-    @property
-    def float_macs(self) -> int:
-        return self.macs - self.binary_macs
 
     def to_dict(self) -> dict:
         return {
@@ -124,7 +129,7 @@ class LayerSummary:
 
 
 @dataclasses.dataclass(frozen=True)
-class Totals:
+class Totals(_Counts):
     """Whole-model totals (sums of the rows). Sizes are in bytes."""
 
     params: int
@@ -137,18 +142,6 @@ class Totals:
     binary_ops: int
 
     @property
-    def non_trainable_params(self) -> int:
-        return self.params - self.trainable_params
-
-    @property
-    def binary_params(self) -> int:
-        return self.params_by_bits.get(1, 0)
-
-    @property
-    def float_params(self) -> int:
-        return sum(n for b, n in self.params_by_bits.items() if b >= 16)
-
-    @property
     def compression_ratio(self) -> float:
         """float32 size / packed size."""
         return self.float32_bytes / self.memory_bytes if self.memory_bytes else float("nan")
@@ -156,10 +149,6 @@ class Totals:
     @property
     def macs(self) -> int:
         return sum(self.macs_by_bits.values())
-
-    @property
-    def float_macs(self) -> int:
-        return self.macs - self.binary_macs
 
     @property
     def binary_mac_fraction(self) -> float:

@@ -37,7 +37,8 @@ _OUT = flags.DEFINE_string("out", None, "Output file (default: WORKDIR/packed_<m
 _STEP = flags.DEFINE_string("step", "best", "'best', 'latest' or a checkpoint step number.")
 _RUNTIME = flags.DEFINE_enum("runtime", "auto", ["auto", "chain", "generic"], "Packed runtime (binax.export.export).")
 _INPUT_SHAPE = flags.DEFINE_string(
-    "input_shape", None, "H,W,C of one image; default: the dataset's (binax.data registry)."
+    "input_shape", None, "H,W,C of one image, for a dataset without a fixed image shape (a generic tfds "
+    "dataset); default: the dataset's (binax.data registry)."
 )
 _CHECK = flags.DEFINE_integer("check", 16, "Random raw images to compare with the eval graph (0: skip).")
 _PORTABLE = flags.DEFINE_bool(

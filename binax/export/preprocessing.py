@@ -126,11 +126,6 @@ class Preprocessing:
         raw = np.broadcast_to(np.arange(self.max_value + 1, dtype=np.float32)[:, None], (self.max_value + 1, channels))
         return np.ascontiguousarray(normalize(np.array(raw), spec, self.normalize).astype(np.float32).T)
 
-    def input_range(self, channels: int) -> tuple[np.ndarray, np.ndarray]:
-        """Per-channel ``(low, high)`` of the model inputs this preprocessing produces."""
-        t = self.table(channels)
-        return t.min(axis=1), t.max(axis=1)
-
     def describe(self) -> str:
         if not self.takes_raw:
             return "none: float inputs as given"
