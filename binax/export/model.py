@@ -384,7 +384,7 @@ class PackedModel:
             )
         self._check_shape(images, "raw images")
         if np.size(images):
-            lo, hi = int(jnp.min(images)), int(jnp.max(images))
+            lo, hi = int(np.min(images)), int(np.max(images))  # on the host: no int32 wrap-around
             if lo < 0 or hi > pre.max_value:
                 raise ConfigError(
                     f"raw pixel values must lie in [0, {pre.max_value}] for {self.name} "
