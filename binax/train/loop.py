@@ -151,24 +151,14 @@ def _validate(config: ml_collections.ConfigDict, num_devices: int) -> None:
         raise ConfigError(f"eval_every_epochs={config.eval_every_epochs} must be >= 0 (0: at the end only)")
 
 
-def _flatten(d: dict, prefix: str = "") -> dict:
-    out = {}
-    for k, v in d.items():
-        if isinstance(v, dict):
-            out.update(_flatten(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = v
-    return out
-
-
 def _record_config(config: ml_collections.ConfigDict, workdir: str, resuming: bool) -> None:
     """Writes ``workdir/config.json``; a resumed run warns about keys that changed."""
     path = os.path.join(workdir, "config.json")
     new = json.loads(config.to_json_best_effort())
     if resuming and os.path.exists(path):
         with open(path) as f:
-            old = _flatten(json.load(f))
-        flat = _flatten(new)
+            old = metrics_lib.flatten(json.load(f))
+        flat = metrics_lib.flatten(new)
         changed = sorted(k for k in set(old) | set(flat) if old.get(k) != flat.get(k))
         if changed:
             logging.warning(

@@ -171,7 +171,7 @@ class MetricsWriter:
 
         text = json.dumps(config, indent=2, sort_keys=True, default=str)
         self._tb.add_text("config", "```\n" + text + "\n```", 0)
-        flat = {k: _hparam_value(v) for k, v in _flatten(config).items()}
+        flat = {k: _hparam_value(v) for k, v in flatten(config).items()}
         writer = self._tb._get_file_writer()
         for summary in hparams(flat, {m: 0.0 for m in metrics}):
             writer.add_summary(summary)
@@ -217,11 +217,12 @@ def _abandon_tensorboard(tb) -> None:
         event_writer._closed = True
 
 
-def _flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+def flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """``{'optimizer.learning_rate': 0.1, ...}``: a nested mapping's leaves under dotted names."""
     out = {}
     for key, value in tree.items():
         if isinstance(value, Mapping):
-            out.update(_flatten(value, f"{prefix}{key}."))
+            out.update(flatten(value, f"{prefix}{key}."))
         else:
             out[f"{prefix}{key}"] = value
     return out
