@@ -763,3 +763,33 @@ def test_the_docs_numpy_reader_reproduces_the_packed_predictions(tmp_path):
     np.testing.assert_array_equal(got.argmax(-1), want.argmax(-1))
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * float(np.abs(want).max()))
     assert np.ptp(want, axis=0).max() > 0
+
+
+@pytest.mark.slow
+def test_the_docs_python_example_runs_on_a_trained_run(tmp_path):
+    """docs/export.md's first example, on the README's digits run (trained here, quick)."""
+    text = open(os.path.join(ROOT, "docs", "export.md")).read()
+    example = re.findall(r"```python\n(.*?)```", text, re.S)[0]
+    assert 'restore_variables("runs/digits")' in example
+    code = (
+        "from binax import train\nfrom configs import digits_mlp\n"
+        "train.train_and_evaluate(digits_mlp.get_config('quick'), 'runs/digits')\n" + example
+    )
+    env = {**os.environ, "PYTHONPATH": ROOT, "JAX_PLATFORMS": "cpu"}
+    out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "1 of 1 quantized layers run on XOR-popcount." in out.stdout  # widths (256, 256): fc1
+    packed_acc, trained_acc = re.search(r"packed (\S+)%, trained (\S+)%", out.stdout).groups()
+    assert packed_acc == trained_acc  # the packed model on raw pixels = the trained model on its inputs
+    # The artifact's example, in a process without binax.
+    np.save(tmp_path / "raw.npy", binax.data.load_arrays("digits", "test")[0])
+    portable = re.findall(r"```python\n(.*?)```", text, re.S)[-1]
+    assert "jax.export.deserialize" in portable
+    code = (
+        "import sys\nimport numpy as np\nimages = np.load('raw.npy')\n" + portable
+        + "\nassert not [m for m in sys.modules if m.startswith('binax')]\nprint(logits.shape)\n"
+    )
+    env = {k: v for k, v in env.items() if k != "PYTHONPATH"}
+    out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stdout.splitlines() == ["(ShapedArray(uint8[batch,8,8,1]),) (ShapedArray(float32[batch,10]),)", "(297, 10)"]
