@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # binax developer entry point: `bash dev.sh run` trains the default config,
-# `bash dev.sh test` runs the whole test suite. Both set up everything first:
-# Debian's Fashion-MNIST package and a virtual environment at .venv/.
+# `bash dev.sh test` runs the whole test suite (what CI runs), `bash dev.sh test-fast`
+# the tests not marked slow. All set up everything first: Debian's Fashion-MNIST package
+# and a virtual environment at .venv/.
 set -euo pipefail
 cd "$(dirname "$0")"
 
@@ -47,18 +48,21 @@ case "$cmd" in
     export GLIBC_TUNABLES=${GLIBC_TUNABLES:-glibc.malloc.arena_max=1:glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=68719476736}
     exec .venv/bin/python -m experiments.run "$@"
     ;;
-  test)
+  test | test-fast)
     setup
+    # test-fast: the tier without end-to-end runs (pytest -m "not slow"), for edit-test loops.
+    fast=()
+    if [ "$cmd" = test-fast ]; then fast=(-m "not slow"); fi
     # -n 2: one worker per core; pytest's exit 5 (no tests collected) is a failure.
     set +e
-    .venv/bin/python -m pytest -n 2 --durations=15 "$@"
+    .venv/bin/python -m pytest -n 2 --durations=15 "${fast[@]}" "$@"
     rc=$?
     set -e
     if [ "$rc" -eq 5 ]; then echo "pytest collected no tests: failing" >&2; exit 1; fi
     exit "$rc"
     ;;
   *)
-    echo "usage: bash dev.sh {setup|run [flags for experiments.run]|test [pytest args]}" >&2
+    echo "usage: bash dev.sh {setup|run [flags for experiments.run]|test|test-fast [pytest args]}" >&2
     exit 2
     ;;
 esac

@@ -1,35 +1,38 @@
-"""Packed XNOR-popcount kernels vs float32 XLA on this machine (issue 6).
+"""Packed XNOR-popcount kernels and packed models vs float32 XLA on this machine.
 
 One run times, interleaved and repeated (median after warm-up), on the same machine:
 
 * the XOR+popcount limit of the CPU as XLA compiles it: a compute-bound loop of
   ``acc += popcount(x ^ c)`` (32 words of ``c`` per loaded word of ``x``, data in L2);
-  its word-ops/s turn each packed kernel's work (``M·K/32·N`` word-ops) into a lower
-  bound on its time. Printed next to the paper estimate cores × lanes × clock / cycles;
+  its word-ops/s (one word-op = 32 binary MACs) turn each packed kernel's work
+  (``M·K/32·N`` word-ops) into a lower bound on its time;
 * dense ``M×K×N`` (including 128×4096×4096): float32 ``jnp.dot`` vs ``packed_dense``
-  for each formulation in ``binax.export.METHODS``;
+  for each formulation in ``binax.packed.METHODS``; the float32 GMAC/s of the dot;
 * the VGG-small 3×3 SAME convolutions at batch ``--batch``: float32
   ``lax.conv_general_dilated`` vs ``packed_conv``, alone and followed by
   ``threshold_to_bits`` (BatchNorm + sign into the next layer's bits, what a packed
   network runs per layer; the float side is timed without its BatchNorm, which
   flatters float slightly);
 * the weight file-size ratio float32 / packed per shape;
-* ``--model vgg_small``: the whole network at batch ``--batch`` (32×32×3 Fashion-MNIST
-  images, padded and tiled to 3 channels): the training graph in eval mode, jitted, with
-  its binary layers as float32 XLA convolutions (``binax.ops`` forced to ``impl="xla"``;
-  on CPU the training graph otherwise runs them through XNOR-popcount, timed as
-  ``train_graph_auto``) against ``binax.export`` packed inference; plus the file sizes
-  (float32 = every parameter and batch statistic at 4 bytes, and the packed ``.npz``).
+* the whole ``--model`` (default ``vgg_small``) at batch ``--batch`` (32×32×3
+  Fashion-MNIST images, padded and tiled to 3 channels): the training graph in eval mode,
+  jitted, with its binary layers as float32 XLA convolutions (``binax.ops`` forced to
+  ``impl="xla"``; on CPU the training graph otherwise runs them through XNOR-popcount,
+  timed as ``train_graph_auto``) against ``binax.export`` packed inference; plus the file
+  sizes (float32 = every parameter and batch statistic at 4 bytes, the packed ``.npz``
+  and its ``jax.export`` artifact).
 
-Every line of output is one JSON object. Packed timings start from packed activations
-(what a packed network passes between binary layers); ``pack_bits`` of a float input is
-timed separately. Ratios are medians of per-round ratios (float time / packed time in the
-same round), which the load of other processes distorts less than ratios of medians;
-``cpu_*`` fields use this process's CPU time (all threads), which hardly grows when
-other processes share the cores, and are the steadier figure on a busy machine.
+Every line of output is one JSON object (the last, ``kind="table"``, gathers the figures
+of docs/performance.md's packed-inference table). Packed timings start from packed
+activations (what a packed network passes between binary layers); ``pack_bits`` of a
+float input is timed separately. Ratios are medians of per-round ratios (float time /
+packed time in the same round), which the load of other processes distorts less than
+ratios of medians; ``cpu_*`` fields use this process's CPU time (all threads), which
+hardly grows when other processes share the cores, and are the steadier figure on a busy
+machine.
 
 Usage: ``python benchmarks/packed.py [--batch 128] [--reps 7] [--quick] [--sweep]
-[--model vgg_small]`` (``--model`` runs only the whole-model section).
+[--model vgg_small | --model ''] [--model-only]``.
 """
 
 from __future__ import annotations
@@ -49,7 +52,7 @@ from jax import lax
 if __package__ in (None, ""):  # run as a script from a checkout without installing binax
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from binax.export import (  # noqa: E402
+from binax.packed import (  # noqa: E402
     CPU_COMPILER_OPTIONS,
     METHODS,
     pack_bits,
@@ -58,7 +61,7 @@ from binax.export import (  # noqa: E402
     packed_size_bytes,
     threshold_to_bits,
 )
-from binax.export import kernels as _kernels  # noqa: E402
+from binax.packed import geometry  # noqa: E402
 
 SWEEP_GROUP_WORDS = (4, 8, 16, 32)
 
@@ -133,6 +136,19 @@ def pm1(rng, shape):
 # ----------------------------------------------------------------------------- limit
 
 
+def cpu_model() -> str:
+    """The CPU's model name and flags that matter here (from /proc/cpuinfo on Linux)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            info = f.read()
+    except OSError:
+        return platform.processor() or platform.machine()
+    field = lambda key: next((ln.split(":", 1)[1].strip() for ln in info.splitlines() if ln.startswith(key)), "?")  # noqa: E731
+    flags = field("flags").split()
+    have = [f for f in ("avx512f", "avx512_vpopcntdq", "avx512_bf16", "amx_tile") if f in flags]
+    return f"{field('model name')} (family {field('cpu family')}, model {field('model')}; {', '.join(have)})"
+
+
 def measure_limit(reps: int) -> dict:
     """Peak word-ops/s (one op = xor + popcount + add of a uint32) of an XLA-compiled loop."""
     rng = np.random.default_rng(0)
@@ -149,16 +165,14 @@ def measure_limit(reps: int) -> dict:
     rec = {n: round(ops / float(np.min(wall)) / 1e9, 2) for n, (wall, _) in times.items()}
     # Per CPU-second: what the cores do while this process has them.
     rec_cpu = {n: round(ops / float(np.min(cpu)) / 1e9, 2) for n, (_, cpu) in times.items()}
-    cores = os.cpu_count() or 1
     emit(
         kind="xor_popcount_limit",
         measured_gwordops_per_s=rec,
         measured_gwordops_per_cpu_s=rec_cpu,
-        estimate=(
-            f"{cores} cores x 16 uint32 lanes (AVX-512) / 1.5 cycles per word (vpxord+vpaddd on the "
-            f"fused port 0, vpopcntd on port 5) x clock; at 2.3 GHz = {cores * 16 / 1.5 * 2.3:.1f} G word-ops/s"
-        ),
-        note="measured = best of the streaming loop (min time); the limits below use the best of each",
+        binary_gmacs_per_s=round(32 * max(rec.values()), 1),
+        binary_gmacs_per_cpu_s=round(32 * max(rec_cpu.values()), 1),
+        cpu=cpu_model(),
+        note="best of the streaming loop (min time); one word-op = xor + popcount + add of 32 bits",
     )
     return {"gwordops": max(rec.values()), "gwordops_per_cpu_s": max(rec_cpu.values())}
 
@@ -182,7 +196,7 @@ def add_limit(res: dict, baseline: str, word_ops: int, limit: dict) -> dict:
 # ----------------------------------------------------------------------------- dense
 
 
-def bench_dense(m: int, k: int, n: int, reps: int, limit: dict, sweep: bool) -> None:
+def bench_dense(m: int, k: int, n: int, reps: int, limit: dict, sweep: bool) -> dict:
     rng = np.random.default_rng(1)
     a, w = pm1(rng, (m, k)), pm1(rng, (k, n))
     ap, wp = pack_bits(a), pack_bits(w, axis=0)
@@ -212,13 +226,16 @@ def bench_dense(m: int, k: int, n: int, reps: int, limit: dict, sweep: bool) -> 
         **add_limit(res, "float32_dot", m * (k // 32) * n, limit),
         weight_bytes={"float32": 4 * k * n, "packed": packed_size_bytes((k, n), axis=0)},
         weight_size_ratio=round(4 * k * n / packed_size_bytes((k, n), axis=0), 2),
+        float32_gmacs_per_s=round(m * k * n / (res["float32_dot"]["median_ms"] * 1e6), 1),
+        float32_gmacs_per_cpu_s=round(m * k * n / (res["float32_dot"]["cpu_median_ms"] * 1e6), 1),
     )
+    return res
 
 
 # ------------------------------------------------------------------------------ conv
 
 
-def bench_conv(batch: int, hw: int, cin: int, cout: int, reps: int, limit: dict, sweep: bool) -> None:
+def bench_conv(batch: int, hw: int, cin: int, cout: int, reps: int, limit: dict, sweep: bool) -> dict:
     rng = np.random.default_rng(2)
     x, w = pm1(rng, (batch, hw, hw, cin)), pm1(rng, (3, 3, cin, cout))
     xp, wp = pack_bits(x), pack_bits(w, axis=2)
@@ -257,7 +274,7 @@ def bench_conv(batch: int, hw: int, cin: int, cout: int, reps: int, limit: dict,
                     (xp, wp),
                 )
         # The kernel alone on precomputed patches, to separate im2col from the reduction.
-        patches = _kernels._im2col(jnp.pad(xp, ((0, 0), (1, 1), (1, 1), (0, 0))), (3, 3), (1, 1), (hw, hw))
+        patches = geometry.im2col(jnp.pad(xp, ((0, 0), (1, 1), (1, 1), (0, 0))), (3, 3), (1, 1), (hw, hw))
         cands["xor_popcount_patches_given"] = (
             jit_cpu(lambda p, w: packed_dense(p, w, 32 * kw)),
             (patches, wp.reshape(-1, cout)),
@@ -278,6 +295,7 @@ def bench_conv(batch: int, hw: int, cin: int, cout: int, reps: int, limit: dict,
         weight_bytes={"float32": 4 * int(np.prod(wshape)), "packed": packed_size_bytes(wshape, axis=2)},
         weight_size_ratio=round(4 * int(np.prod(wshape)) / packed_size_bytes(wshape, axis=2), 2),
     )
+    return res
 
 
 def bench_pack(batch: int, reps: int) -> None:
@@ -357,7 +375,7 @@ def trained_like_variables(model, x: np.ndarray, seed: int = 0) -> dict:
     return {"params": params, "batch_stats": stats}
 
 
-def bench_model(name: str, batch: int, reps: int) -> None:
+def bench_model(name: str, batch: int, reps: int, limit: dict) -> dict:
     """Whole-model float32 XLA vs packed inference, and the file sizes."""
     import tempfile
 
@@ -388,10 +406,10 @@ def bench_model(name: str, batch: int, reps: int) -> None:
     float_fn, auto_fn = float_fn.compile(), auto_fn.compile()
 
     t0 = time.process_time()
-    packed = bx.export(name, {}, variables, shape)
+    packed = bx.export(model, variables, preprocessing=None, input_shape=shape)
     export_cpu_s = time.process_time() - t0
     ref = np.asarray(float_fn(variables, x))
-    got = np.asarray(packed(x))
+    got = np.asarray(packed.forward(x))
     if not np.array_equal(ref.argmax(-1), got.argmax(-1)) or not np.allclose(got, ref, rtol=1e-5, atol=1e-5 * np.abs(ref).max()):
         raise AssertionError(f"packed {name} differs from its eval graph: max |diff| {np.abs(got - ref).max()}")
 
@@ -408,15 +426,15 @@ def bench_model(name: str, batch: int, reps: int) -> None:
         bits = packed.arrays()["layers/" + "/".join(path) + "/bits"]
         out_shape = packed._calls[path].out_shape
         word_ops += batch * int(np.prod(out_shape[1:-1])) * int(np.prod(bits.shape))
-    limit = measure_limit(reps)
     packed_limit = add_limit({"float32_xla": res["float32_xla"], "packed": dict(res["packed"])}, "float32_xla", word_ops, limit)
 
     n_values = sum(int(np.size(a)) for a in jax.tree.leaves(variables))
     float32_bytes = 4 * n_values
     with tempfile.TemporaryDirectory() as tmp:
         file_bytes = packed.save(os.path.join(tmp, f"{name}.npz"))
+        portable_bytes = packed.save_portable(os.path.join(tmp, f"{name}.jaxexport"))
     summary = binax.summary(model, shape)
-    emit(
+    record = dict(
         kind="model",
         model=name,
         batch=batch,
@@ -430,9 +448,11 @@ def bench_model(name: str, batch: int, reps: int) -> None:
             "float32_bytes": float32_bytes,
             "packed_file_bytes": file_bytes,
             "packed_array_bytes": packed.nbytes,
+            "portable_artifact_bytes": portable_bytes,
             "summary_packed_bytes": round(summary.totals.memory_bytes),
             "file_ratio": round(float32_bytes / file_bytes, 2),
             "array_ratio": round(float32_bytes / packed.nbytes, 2),
+            "portable_ratio": round(float32_bytes / portable_bytes, 2),
         },
         popcount_word_ops=word_ops,
         popcount_limit_ms=packed_limit["limit_ms"],
@@ -442,40 +462,75 @@ def bench_model(name: str, batch: int, reps: int) -> None:
         fused_blocks=sorted(packed.meta.get("fused", {})),
         export_cpu_s=round(export_cpu_s, 2),
     )
+    emit(**record)
+    return record
+
+
+def table(limit: dict, dense: dict, model: dict | None) -> dict:
+    """The figures of docs/performance.md's packed-inference table, from this run."""
+    out = {
+        "xor_popcount_limit_gwordops_per_s": limit["gwordops"],
+        "xor_popcount_limit_gwordops_per_cpu_s": limit["gwordops_per_cpu_s"],
+        "binary_gmacs_per_cpu_s_at_limit": round(32 * limit["gwordops_per_cpu_s"], 1),
+    }
+    for (m, k, n), res in dense.items():
+        key = f"dense_{m}x{k}x{n}"
+        out[key] = {
+            "float32_cpu_ms": res["float32_dot"]["cpu_median_ms"],
+            "packed_cpu_ms": res["xor_popcount"]["cpu_median_ms"],
+            "speedup_wall": res["xor_popcount"]["speedup_vs_float"],
+            "speedup_cpu": res["xor_popcount"]["cpu_speedup_vs_float"],
+            "cpu_fraction_of_limit": res["xor_popcount"].get("cpu_fraction_of_limit"),
+            "float32_gmacs_per_cpu_s": round(m * k * n / (res["float32_dot"]["cpu_median_ms"] * 1e6), 1),
+        }
+    if model:
+        r = model["results"]
+        out[f"model_{model['model']}_batch{model['batch']}"] = {
+            "float32_cpu_ms": r["float32_xla"]["cpu_median_ms"],
+            "train_graph_auto_cpu_ms": r["train_graph_auto"]["cpu_median_ms"],
+            "packed_cpu_ms": r["packed"]["cpu_median_ms"],
+            "speedup_wall": r["packed"]["speedup_vs_float"],
+            "speedup_cpu": r["packed"]["cpu_speedup_vs_float"],
+            "cpu_fraction_of_limit": model["packed_cpu_fraction_of_popcount_limit"],
+            **model["sizes"],
+        }
+    emit(kind="table", **out)
+    return out
 
 
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--batch", type=int, default=128, help="batch of the VGG-small convolutions")
+    p.add_argument("--batch", type=int, default=128, help="batch of the VGG-small convolutions and the whole model")
     p.add_argument("--reps", type=int, default=7, help="timed rounds after one warm-up round")
     p.add_argument("--quick", action="store_true", help="smaller shapes for a smoke run")
     p.add_argument("--sweep", action="store_true", help="also time kernel tuning knobs")
-    p.add_argument("--model", default=None, help="time this whole registry model instead (e.g. vgg_small)")
+    p.add_argument("--model", default="vgg_small", help="whole registry model to time ('' for none)")
+    p.add_argument("--model-only", action="store_true", help="only the limit and the whole model")
     args = p.parse_args()
     emit(
         kind="machine",
         backend=jax.default_backend(),
         devices=[str(d) for d in jax.devices()],
         cpu_count=os.cpu_count(),
-        processor=platform.processor() or platform.machine(),
+        processor=cpu_model(),
         jax=jax.__version__,
         load_average=list(os.getloadavg()),
         compiler_options=CPU_COMPILER_OPTIONS if jax.default_backend() == "cpu" else None,
     )
-    if args.model:
-        bench_model(args.model, args.batch, args.reps)
-        emit(kind="done", load_average=list(os.getloadavg()))
-        return
     limit = measure_limit(args.reps)
-    dense_shapes = [(128, 4096, 4096), (128, 1024, 1024), (16, 4096, 4096)]
-    if args.quick:
-        dense_shapes = [(128, 1024, 1024)]
-    for m, k, n in dense_shapes:
-        bench_dense(m, k, n, args.reps, limit, args.sweep)
-    convs = VGG_SMALL_CONVS[::2] if args.quick else VGG_SMALL_CONVS
-    for hw, cin, cout in convs:
-        bench_conv(args.batch, hw, cin, cout, args.reps, limit, args.sweep)
-    bench_pack(args.batch, args.reps)
+    dense = {}
+    if not args.model_only:
+        dense_shapes = [(128, 4096, 4096), (128, 1024, 1024), (16, 4096, 4096)]
+        if args.quick:
+            dense_shapes = [(128, 1024, 1024)]
+        for m, k, n in dense_shapes:
+            dense[(m, k, n)] = bench_dense(m, k, n, args.reps, limit, args.sweep)
+        convs = VGG_SMALL_CONVS[::2] if args.quick else VGG_SMALL_CONVS
+        for hw, cin, cout in convs:
+            bench_conv(args.batch, hw, cin, cout, args.reps, limit, args.sweep)
+        bench_pack(args.batch, args.reps)
+    model = bench_model(args.model, args.batch, args.reps, limit) if args.model else None
+    table(limit, dense, model)
     emit(kind="done", load_average=list(os.getloadavg()))
 
 

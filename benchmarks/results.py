@@ -13,7 +13,7 @@ table can be built in parts. Prints one JSON line per run; the markdown table is
 rewritten after every run from everything finished so far.
 
 Each row gives the mean test accuracy with its 95% t-interval over seeds and the binary
-MACs of the deployed network (``binax.summary``). The verdicts compare rows with Welch's
+operations of the deployed network (``binax.summary``'s ``binary_ops``). The verdicts compare rows with Welch's
 t-test (``scipy.stats.ttest_ind(equal_var=False)``, two-sided, ALPHA = 0.05 per
 comparison): a claim "A > B" is *reproduced* when A's mean is higher and p < ALPHA, *not
 reproduced* when B's is higher and p < ALPHA, and *not resolved* otherwise; a chain
@@ -107,8 +107,9 @@ def run_one(arch: str, spec: str, seed: int, epochs: int, root: str, quick: bool
 
 
 def deployed_cost(arch: str, spec: str) -> tuple[float, float, int]:
-    """(packed bytes, float32 bytes, binary MACs per image) of the recipe's deployed model
-    (``binax.summary``; BinaryDuo: the decoupled network, Self-Binarizing: sign)."""
+    """(packed bytes, float32 bytes, binary operations per image) of the recipe's deployed
+    model (``binax.summary``; BinaryDuo: the decoupled network, Self-Binarizing: sign).
+    Binary operations are binary MACs times their planes (ABC-Net M·N)."""
     import binax
     from binax import train, transforms
     from configs import recipe
@@ -125,7 +126,7 @@ def deployed_cost(arch: str, spec: str) -> tuple[float, float, int]:
     if config.recipe.procedure == "self_binarizing":
         model = transforms.tanh_to_sign(model)
     totals = binax.summary(model, (28, 28, 1)).totals
-    return totals.memory_bytes, totals.float32_bytes, totals.binary_macs
+    return totals.memory_bytes, totals.float32_bytes, totals.binary_ops
 
 
 def t_interval(values: list[float], level: float = 0.95) -> tuple[float, float]:
@@ -231,9 +232,10 @@ def write_table(path: str, arch: str, epochs: int, seeds: int, rows: list[dict],
         f"{seeds_text}; first layer and classifier full precision. BinaryDuo trains its coupled ternary "
         f"network for the same {epochs} epochs, then fine-tunes the decoupled network for {finetune} more "
         "(its paper's procedure). Test accuracy on the 10,000 test images: mean ± half-width of the 95% "
-        "t-interval over seeds. Binary MACs per image of the deployed network (`binax.summary`).",
+        "t-interval over seeds. Binary ops: 1-bit products per image of the deployed network "
+        "(`binax.summary`'s binary MACs times their planes; ABC-Net M·N).",
         "",
-        "| method | test accuracy (%) | gap to FP (points) | binary MACs | packed size | float32 size | train time / run |",
+        "| method | test accuracy (%) | gap to FP (points) | binary ops | packed size | float32 size | train time / run |",
         "|---|---|---|---|---|---|---|",
     ]
     for r in rows:
@@ -243,10 +245,10 @@ def write_table(path: str, arch: str, epochs: int, seeds: int, rows: list[dict],
         gap = "—" if fp_mean is None or r["spec"] == "method=fp" else f"{mean - 100 * fp_mean:+.2f}"
         t = statistics.fmean(r["times"]) if r["times"] else float("nan")
         interval = "" if math.isnan(half) else f" ± {half:.2f}"
-        macs = f"{r['binary_macs'] / 1e6:.3f} M" if r["binary_macs"] else "0"
+        ops = f"{r['binary_ops'] / 1e6:.3f} M" if r["binary_ops"] else "0"
         lines.append(
             f"| {r['label']} | {mean:.2f}{interval} (n={len(r['accuracies'])}) | {gap} | "
-            f"{macs} | {r['packed'] / 1024:.0f} KiB | {r['float32'] / 1024:.0f} KiB | {t:.0f} s |"
+            f"{ops} | {r['packed'] / 1024:.0f} KiB | {r['float32'] / 1024:.0f} KiB | {t:.0f} s |"
         )
     for r in rows:
         if r.get("extra"):
@@ -284,10 +286,10 @@ def main() -> None:
     rows = []
     wall = 0.0
     for label, spec in SWEEP:
-        packed, float32, binary_macs = deployed_cost(args.arch, spec)
+        packed, float32, binary_ops = deployed_cost(args.arch, spec)
         run = not args.table_only and (not wanted or _method(spec) in wanted)
         rows.append(dict(label=label, spec=spec, run=run, accuracies=[], times=[], packed=packed, float32=float32,
-                         binary_macs=binary_macs, extra=[], agreements=[], coupled=[]))
+                         binary_ops=binary_ops, extra=[], agreements=[], coupled=[]))
     # Seed-major order: the first pass gives a whole (one-seed) table early. Rows left out
     # by --methods keep their finished runs in the table (they are read, not trained).
     for seed in range(args.seeds):

@@ -15,23 +15,25 @@ quantizer, the backward the paper's surrogate gradient. Formulas follow
 * Outputs keep the input's dtype (float32, bfloat16, ...). Schedule arithmetic runs in
   float32 and is cast once.
 
-Names are a public contract (configs and outside code call them by these names); the
-registry ``get(name)`` maps config strings to the functions, and ``resolve(spec, **kw)``
-turns a name or callable into a ``fn(x, progress)`` that derives schedule values from
-training progress.
+Names are a public contract (configs and outside code call them by these names). Each
+binarizer is registered with its :class:`~binax.quantizer.Quantizer` descriptor (bits,
+forward value set, schedule, inference form) at the end of this module; the registry
+functions of :mod:`binax.quantizer` are re-exported here: ``get(name)`` maps config strings
+to the functions, ``describe(spec)`` to the descriptors, ``register(name, fn, *, bits, ...)``
+adds one, and ``resolve(spec, **kw)`` turns a spec into a ``fn(x, progress)`` that derives
+schedule values from training progress.
 """
 
 from __future__ import annotations
 
 import functools
-import inspect
 import math
-from typing import Any, Callable, Mapping
 
 import jax
 import jax.numpy as jnp
 
 from binax._checks import static_int
+from binax.quantizer import Quantizer, deployed, describe, get, import_plugins, names, register, resolve
 
 Array = jax.Array
 
@@ -55,12 +57,14 @@ __all__ = [
     "abc_weight",
     "duo_weight",
     "abc_activation",
+    "Quantizer",
+    "deployed",
+    "describe",
     "get",
+    "import_plugins",
     "names",
     "register",
     "resolve",
-    "SCHEDULES",
-    "SCHEDULE_OUTPUTS",
 ]
 
 
@@ -701,24 +705,6 @@ def abc_activation(x: Array, shifts: Array, betas: Array) -> Array:
 
 # ------------------------------------------------------------------------ registry
 
-_REGISTRY: dict[str, Callable[..., Array]] = {
-    "sign": sign,
-    "ste_sign": ste_sign,
-    "approx_sign": approx_sign,
-    "swish_sign": swish_sign,
-    "ede_sign": ede_sign,
-    "tanh_sign": tanh_sign,
-    "ste_heaviside": ste_heaviside,
-    "duo_binary": duo_binary,
-    "duo_ternary": duo_ternary,
-    "ste_tern": ste_tern,
-    "dorefa": dorefa,
-    "xnor_weight": xnor_weight,
-    "libra_pb": libra_pb,
-    "abc_weight": abc_weight,
-    "duo_weight": duo_weight,
-}
-
 
 def _ede_schedule(progress, t_min: float = 0.1, t_max: float = 10.0) -> dict[str, Array]:
     t, k = ede_params(progress, t_min=t_min, t_max=t_max)
@@ -731,112 +717,29 @@ def _nu_schedule(
     return {"nu": nu_schedule(progress, nu_0=nu_0, nu_max=nu_max, start=start, nu_start=nu_start)}
 
 
-#: Binarizers whose arguments are functions of training progress: name -> schedule
-#: function ``(progress, **schedule_kwargs) -> {arg: value}``.
-SCHEDULES: dict[str, Callable[..., dict[str, Array]]] = {
-    "ede_sign": _ede_schedule,
-    "libra_pb": _ede_schedule,
-    "tanh_sign": _nu_schedule,
-}
-
-#: The arguments each schedule supplies (not settable through ``resolve``).
-SCHEDULE_OUTPUTS: dict[str, tuple[str, ...]] = {
-    "ede_sign": ("t", "k"),
-    "libra_pb": ("t", "k"),
-    "tanh_sign": ("nu",),
-}
+def _dorefa_levels(k_bit: int = 2) -> tuple[float, float, int]:
+    n = 2 ** static_int(k_bit, "k_bit") - 1
+    return 0.0, 1.0 / n, n
 
 
-def names() -> list[str]:
-    """Registered binarizer names, sorted."""
-    return sorted(_REGISTRY)
-
-
-def get(name: str) -> Callable[..., Array]:
-    """The binarizer function registered under ``name`` (e.g. ``get("ede_sign")``)."""
-    if callable(name):
-        return name
-    try:
-        return _REGISTRY[name]
-    except (KeyError, TypeError):
-        raise ValueError(
-            f"Unknown binarizer {name!r}; valid names are: {', '.join(names())}."
-        ) from None
-
-
-def register(
-    name: str,
-    fn: Callable[..., Array],
-    schedule: Callable[..., dict] | None = None,
-    schedule_outputs: tuple[str, ...] = (),
-) -> None:
-    """Add a binarizer (and optionally its progress schedule) to the registry.
-
-    ``schedule(progress, **kw)`` returns the keyword arguments named in
-    ``schedule_outputs`` (e.g. ``{"t": ..., "k": ...}``).
-    """
-    if name in _REGISTRY:
-        raise ValueError(f"A binarizer named {name!r} is already registered.")
-    _REGISTRY[name] = fn
-    if schedule is not None:
-        SCHEDULES[name] = schedule
-        SCHEDULE_OUTPUTS[name] = tuple(schedule_outputs)
-
-
-def _split_kwargs(fn: Callable, schedule: Callable | None, kwargs: Mapping[str, Any], label: str):
-    """Split ``kwargs`` into the binarizer's own and its schedule's; reject unknown keys."""
-    signature = inspect.signature(fn).parameters
-    fn_params = set(signature) - {"x", "w"}
-    sched_params = set(inspect.signature(schedule).parameters) - {"progress"} if schedule else set()
-    # Values the schedule computes (t, k, nu) are not user settings.
-    computed = set(SCHEDULE_OUTPUTS.get(label, ()))
-    allowed = (fn_params - computed) | sched_params
-    unknown = set(kwargs) - allowed
-    if unknown:
-        raise ValueError(
-            f"Unknown keyword argument(s) {sorted(unknown)} for binarizer {label!r}; "
-            f"allowed: {sorted(allowed)}."
-        )
-    # Fail at configuration time, not at the first forward pass inside a trace.
-    required = {
-        name for name in fn_params - computed
-        if signature[name].default is inspect.Parameter.empty
-    }
-    missing = required - set(kwargs)
-    if missing:
-        raise ValueError(f"Binarizer {label!r} needs the keyword argument(s) {sorted(missing)}.")
-    return (
-        {k: v for k, v in kwargs.items() if k in fn_params},
-        {k: v for k, v in kwargs.items() if k in sched_params},
-    )
-
-
-def resolve(spec: str | Callable | None, **kwargs) -> Callable[[Array, Any], Array] | None:
-    """Bind a binarizer name (or callable) and its keyword arguments to ``fn(x, progress)``.
-
-    For names in ``SCHEDULES`` the schedule keywords (``t_min``/``t_max`` for EDE,
-    ``nu_0``/``nu_max`` for tanh) are split off, and ``t, k`` or ``nu`` are computed from
-    ``progress`` (a traced scalar) on every call. A registered function passed as itself
-    (``resolve(ede_sign)``) is treated as its name, so it keeps its schedule. Any other
-    callable is called as ``fn(x, **kwargs)``; one that takes a ``progress`` argument also
-    receives it. ``None`` resolves to ``None`` (no quantization).
-    """
-    if spec is None:
-        return None
-    if not isinstance(spec, str):
-        spec = next((name for name, f in _REGISTRY.items() if f is spec), spec)
-    fn = get(spec)
-    label = spec if isinstance(spec, str) else getattr(spec, "__name__", repr(spec))
-    schedule = SCHEDULES.get(spec) if isinstance(spec, str) else None
-    if not isinstance(spec, str):
-        if "progress" in inspect.signature(fn).parameters:
-            return lambda x, progress=1.0: fn(x, progress=progress, **kwargs)
-        return lambda x, progress=1.0: fn(x, **kwargs)
-    fn_kwargs, sched_kwargs = _split_kwargs(fn, schedule, kwargs, label)
-
-    def bound(x: Array, progress: float | Array = 1.0) -> Array:
-        extra = schedule(progress, **sched_kwargs) if schedule is not None else {}
-        return fn(x, **fn_kwargs, **extra)
-
-    bound.__name__ = label
-    return bound
+# What each binarizer is (binax.quantizer.Quantizer): the one place that says so.
+register("sign", sign, bits=1, forward="sign")
+register("ste_sign", ste_sign, bits=1, forward="sign")
+register("approx_sign", approx_sign, bits=1, forward="sign")
+register("swish_sign", swish_sign, bits=1, forward="sign")
+register("ede_sign", ede_sign, bits=1, forward="sign", schedule=_ede_schedule, schedule_outputs=("t", "k"))
+# Self-Binarizing networks train tanh(nu x) and deploy its limit, sign (Lahoud & Achanta 2019).
+register(
+    "tanh_sign", tanh_sign, bits=1, schedule=_nu_schedule, schedule_outputs=("nu",), inference="sign"
+)
+register("ste_heaviside", ste_heaviside, bits=1, forward="levels", levels=(0.0, 1.0, 1))
+register("duo_binary", duo_binary, bits=1, forward="levels", levels=(0.0, 1.0, 1))
+# Two bits, counted as two binary activations: BinaryDuo decouples it into two.
+register("duo_ternary", duo_ternary, bits=2, forward="levels", levels=(0.0, 0.5, 2), binary_planes=2)
+register("ste_tern", ste_tern, bits=2, forward="levels", levels=(-1.0, 1.0, 2))
+register("dorefa", dorefa, bits=lambda k_bit=2: k_bit, forward="levels", levels=_dorefa_levels)
+register("xnor_weight", xnor_weight, bits=1, forward="scaled_sign", scale_equivariant=True)
+register("libra_pb", libra_pb, bits=1, forward="scaled_sign", schedule=_ede_schedule, schedule_outputs=("t", "k"))
+# M bases of one bit each: M bits, M binary planes (ABC-Net).
+register("abc_weight", abc_weight, bits=lambda m=1: m, binary_planes=lambda m=1: m)
+register("duo_weight", duo_weight, bits=1, forward="scaled_sign", scale_equivariant=True)

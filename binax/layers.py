@@ -12,13 +12,13 @@ as Flax does. Kernels keep the output channel last (Dense ``(in, out)``, Conv
 ``(*window, in / groups, out)``).
 
 Latent-weight clipping (BNN's ``weight_clip``, Larq's ``kernel_constraint``) is a
-property of training, not of the forward pass: a layer records its ``kernel_clip`` and
-the trainer calls :func:`clip_latent_weights` on the parameter tree after each update.
+property of training, not of the forward pass: a model names its clip value
+(``latent_weight_clip``) and the trainer calls :func:`clip_latent_weights` on the
+parameter tree after each update; layers know nothing of it.
 """
 
 from __future__ import annotations
 
-import dataclasses
 from typing import Any, Callable, Mapping, Sequence
 
 import flax.linen as nn
@@ -27,13 +27,12 @@ import jax.numpy as jnp
 from jax import lax
 
 from binax import binarizers, ops
+from binax.packed import geometry
 
 Array = jax.Array
 Spec = Any  # str | Callable | None: a binarizer registry name, a callable, or no quantization.
 
 __all__ = [
-    "QuantInfo",
-    "quant_info",
     "default_pad_value",
     "BinaryDense",
     "BinaryConv",
@@ -48,74 +47,6 @@ __all__ = [
     "latent_kernel_mask",
     "is_latent_kernel_path",
 ]
-
-
-# ------------------------------------------------------------------ quantizer facts
-
-
-@dataclasses.dataclass(frozen=True)
-class QuantInfo:
-    """What a quantizer produces at inference, for memory and MAC accounting.
-
-    ``bits``: storage bits per value (32 for no quantization).
-    ``planes``: how many binary planes the value decomposes into (1 for a binarizer,
-    M for ABC-Net's M weight bases, 2 for BinaryDuo's ternary activation, which
-    decouples into two binary activations), or ``None`` when it is not a sum of binary
-    planes (float, DoReFa k > 1, ternary weights). A MAC is binary only when both of its
-    operands have planes; it then costs ``planes_in * planes_kernel`` binary MACs.
-    """
-
-    bits: int
-    planes: int | None
-
-
-# Quantizers whose inference value set has two elements ({-1, +1}, {0, 1}, or a scaled
-# {-a, +a}). tanh_sign is counted here because Self-Binarizing networks replace it with
-# sign for inference (binax.transforms).
-_BINARY_VALUED = frozenset(
-    {
-        "sign",
-        "ste_sign",
-        "approx_sign",
-        "swish_sign",
-        "ede_sign",
-        "tanh_sign",
-        "ste_heaviside",
-        "duo_binary",
-        "xnor_weight",
-        "libra_pb",
-        "duo_weight",
-    }
-)
-
-
-def quant_info(spec: Spec, kwargs: Mapping[str, Any] | None = None) -> QuantInfo:
-    """Bits and binary planes of a quantizer spec (see :class:`QuantInfo`).
-
-    ``None`` -> 32-bit float. Registry names are classified by their forward value set;
-    a user callable may declare ``fn.bits`` (and ``fn.planes``), otherwise it is taken
-    to be a binarizer (1 bit, 1 plane), which is what binax layers expect.
-    """
-    kwargs = dict(kwargs or {})
-    if spec is None:
-        return QuantInfo(32, None)
-    if callable(spec):
-        bits = int(getattr(spec, "bits", 1))
-        return QuantInfo(bits, getattr(spec, "planes", 1 if bits == 1 else None))
-    binarizers.get(spec)  # unknown names raise a ValueError listing the valid ones
-    if spec in _BINARY_VALUED:
-        return QuantInfo(1, 1)
-    if spec == "duo_ternary":
-        return QuantInfo(2, 2)
-    if spec == "ste_tern":
-        return QuantInfo(2, None)
-    if spec == "dorefa":
-        k = int(kwargs.get("k_bit", 2))
-        return QuantInfo(k, 1 if k == 1 else None)
-    if spec == "abc_weight":
-        m = int(kwargs.get("m", 1))
-        return QuantInfo(m, m)
-    return QuantInfo(32, None)
 
 
 def _resolve(spec: Spec, kwargs: Mapping[str, Any] | None):
@@ -142,68 +73,6 @@ def default_pad_value(pad_values: float | None, input_quantizer: Spec) -> float:
 
 
 # --------------------------------------------------------------------- convolution
-
-
-def _tuple(v, n: int, what: str) -> tuple[int, ...]:
-    if isinstance(v, int):
-        return (v,) * n
-    v = tuple(v)
-    if len(v) != n:
-        raise ValueError(f"{what} must be an int or a sequence of {n} ints; got {v!r}.")
-    return v
-
-
-def _padding_pairs(padding, in_spatial, window, strides, dilation) -> list[tuple[int, int]]:
-    """Explicit (low, high) padding per spatial axis, as ``lax`` computes it for SAME/VALID."""
-    nd = len(window)
-    if isinstance(padding, str):
-        mode = padding.upper()
-        if mode not in ("SAME", "VALID"):
-            raise ValueError(f"padding must be 'SAME', 'VALID', an int or (low, high) pairs; got {padding!r}.")
-        effective = [(k - 1) * d + 1 for k, d in zip(window, dilation)]
-        return [tuple(p) for p in lax.padtype_to_pads(in_spatial, effective, strides, mode)]
-    if isinstance(padding, int):
-        return [(padding, padding)] * nd
-    pairs = []
-    for p in padding:
-        pairs.append((p, p) if isinstance(p, int) else tuple(p))
-    if len(pairs) != nd or any(len(p) != 2 for p in pairs):
-        raise ValueError(f"padding {padding!r} must give one int or (low, high) pair per spatial axis ({nd}).")
-    return pairs
-
-
-def _conv(x: Array, kernel: Array, strides, pads, dilation, groups: int) -> Array:
-    """N-d channels-last convolution with explicit padding already decided."""
-    nd = kernel.ndim - 2
-    spatial = "DHW"[-nd:] if nd <= 3 else None
-    if spatial is None:
-        raise ValueError(f"Convolutions of {nd} spatial dimensions are not supported (1 to 3 are).")
-    dn = ("N" + spatial + "C", spatial + "IO", "N" + spatial + "C")
-    return lax.conv_general_dilated(
-        x,
-        kernel.astype(x.dtype),
-        window_strides=strides,
-        padding=pads,
-        rhs_dilation=dilation,
-        dimension_numbers=dn,
-        feature_group_count=groups,
-    )
-
-
-def _padded_conv(x, kernel, strides, padding, dilation, groups, pad_value) -> Array:
-    """Pad ``x`` with ``pad_value`` (after any input quantization), then a VALID conv.
-
-    ``pad_value`` may be a traced array (ABC-Net pads with ``Σβ_n * p``).
-    """
-    nd = kernel.ndim - 2
-    pads = _padding_pairs(padding, x.shape[1:-1], kernel.shape[:nd], strides, dilation)
-    if isinstance(pad_value, (int, float)) and pad_value == 0:
-        return _conv(x, kernel, strides, pads, dilation, groups)
-    widths = [(0, 0)] + list(pads) + [(0, 0)]
-    if any(lo < 0 or hi < 0 for lo, hi in pads):
-        raise ValueError(f"negative padding {pads} is not supported with a pad value.")
-    x = jnp.pad(x, widths, mode="constant", constant_values=jnp.asarray(pad_value, x.dtype))
-    return _conv(x, kernel, strides, [(0, 0)] * nd, dilation, groups)
 
 
 def _check_conv_input(x: Array, nd: int, layer: str) -> None:
@@ -236,8 +105,8 @@ class BinaryDense(nn.Module):
     """Dense layer with optional input and kernel binarizers (BNN, XNOR-Net, IR-Net, ...).
 
     ``y = q_in(x) @ q_w(W) (+ b)``; ``W`` is ``latent_kernel`` when ``kernel_quantizer`` is
-    set, else ``kernel``. ``kernel_clip`` records the latent-weight clip value that the
-    trainer applies (``clip_latent_weights``); the layer itself never clips.
+    set, else ``kernel``. The layer never clips its latent weights; the trainer does
+    (``clip_latent_weights``).
     """
 
     features: int
@@ -246,7 +115,6 @@ class BinaryDense(nn.Module):
     input_quantizer_kwargs: Mapping[str, Any] | None = None
     kernel_quantizer: Spec = None
     kernel_quantizer_kwargs: Mapping[str, Any] | None = None
-    kernel_clip: float | None = None
     kernel_init: Callable = _glorot
     bias_init: Callable = nn.initializers.zeros
 
@@ -287,7 +155,6 @@ class BinaryConv(_ConvGeometry, nn.Module):
     input_quantizer_kwargs: Mapping[str, Any] | None = None
     kernel_quantizer: Spec = None
     kernel_quantizer_kwargs: Mapping[str, Any] | None = None
-    kernel_clip: float | None = None
     kernel_init: Callable = _glorot
     bias_init: Callable = nn.initializers.zeros
 
@@ -313,17 +180,17 @@ class BinaryConv(_ConvGeometry, nn.Module):
     def __call__(self, x: Array, progress: float | Array = 1.0) -> Array:
         nd = len(self.window)
         _check_conv_input(x, nd, type(self).__name__)
-        strides = _tuple(self.strides, nd, "strides")
-        dilation = _tuple(self.kernel_dilation, nd, "kernel_dilation")
+        strides = geometry.ntuple(self.strides, nd, "strides")
+        dilation = geometry.ntuple(self.kernel_dilation, nd, "kernel_dilation")
         x = _quantize(self.input_quantizer, self.input_quantizer_kwargs, x, progress)
         name = "latent_kernel" if self.kernel_quantizer is not None else "kernel"
         kernel = self.param(name, self.kernel_init, self._kernel_shape(x.shape[-1]))
         kernel = _quantize(self.kernel_quantizer, self.kernel_quantizer_kwargs, kernel, progress)
         if self._fast_path(nd, dilation):
-            pads = _padding_pairs(self.padding, x.shape[1:-1], self.window, strides, dilation)
+            pads = geometry.padding_pairs(self.padding, x.shape[1:-1], self.window, strides, dilation)
             y = ops.binary_conv2d(x, kernel, strides, pads, self.pad_value)
         else:
-            y = _padded_conv(x, kernel, strides, self.padding, dilation, self.feature_group_count, self.pad_value)
+            y = geometry.padded_conv(x, kernel, strides, self.padding, dilation, self.feature_group_count, self.pad_value)
         if self.use_bias:
             y = y + self.param("bias", self.bias_init, (self.features,)).astype(y.dtype)
         return y
@@ -348,7 +215,6 @@ class BinaryDepthwiseConv(_ConvGeometry, nn.Module):
     input_quantizer_kwargs: Mapping[str, Any] | None = None
     kernel_quantizer: Spec = None
     kernel_quantizer_kwargs: Mapping[str, Any] | None = None
-    kernel_clip: float | None = None
     kernel_init: Callable = _glorot
     bias_init: Callable = nn.initializers.zeros
 
@@ -362,12 +228,12 @@ class BinaryDepthwiseConv(_ConvGeometry, nn.Module):
         name = "latent_kernel" if self.kernel_quantizer is not None else "kernel"
         kernel = self.param(name, self.kernel_init, self.window + (1, features))
         kernel = _quantize(self.kernel_quantizer, self.kernel_quantizer_kwargs, kernel, progress)
-        y = _padded_conv(
+        y = geometry.padded_conv(
             x,
             kernel,
-            _tuple(self.strides, nd, "strides"),
+            geometry.ntuple(self.strides, nd, "strides"),
             self.padding,
-            _tuple(self.kernel_dilation, nd, "kernel_dilation"),
+            geometry.ntuple(self.kernel_dilation, nd, "kernel_dilation"),
             channels,
             self.pad_value,
         )
@@ -422,7 +288,6 @@ class ABCDense(nn.Module):
     m: int = 3
     n: int = 3
     use_bias: bool = False
-    kernel_clip: float | None = None
     kernel_init: Callable = _glorot
     bias_init: Callable = nn.initializers.zeros
 
@@ -435,10 +300,14 @@ class ABCDense(nn.Module):
         a = binarizers.abc_activation(x, shifts, betas)
         latent = self.param("latent_kernel", self.kernel_init, (x.shape[-1], self.features))
         w = binarizers.abc_weight(latent, self.m)
+        bias = self.param("bias", self.bias_init, (self.features,)) if self.use_bias else None
+        return self.combine(a, w, betas, bias)
+
+    def combine(self, a: Array, w: Array, betas: Array, bias: Array | None = None) -> Array:
+        """``a @ w (+ bias)`` for the combined activation and kernel (see :class:`ABCConv`)."""
+        del betas  # a dense layer has no padding
         y = lax.dot_general(a, w.astype(a.dtype), (((a.ndim - 1,), (0,)), ((), ())))
-        if self.use_bias:
-            y = y + self.param("bias", self.bias_init, (self.features,)).astype(y.dtype)
-        return y
+        return y if bias is None else y + bias.astype(y.dtype)
 
 
 class ABCConv(_ConvGeometry, nn.Module):
@@ -459,7 +328,6 @@ class ABCConv(_ConvGeometry, nn.Module):
     n: int = 3
     pad_values: float | None = None
     use_bias: bool = False
-    kernel_clip: float | None = None
     kernel_init: Callable = _glorot
     bias_init: Callable = nn.initializers.zeros
 
@@ -479,19 +347,23 @@ class ABCConv(_ConvGeometry, nn.Module):
         a = binarizers.abc_activation(x, shifts, betas)
         latent = self.param("latent_kernel", self.kernel_init, self.window + (x.shape[-1], self.features))
         w = binarizers.abc_weight(latent, self.m)
-        pad = self.pad_value * jnp.sum(betas) if self.pad_value != 0 else 0.0
-        y = _padded_conv(
+        bias = self.param("bias", self.bias_init, (self.features,)) if self.use_bias else None
+        return self.combine(a, w, betas, bias)
+
+    def combine(self, a: Array, w: Array, betas: Array, bias: Array | None = None) -> Array:
+        """The layer's product of the combined activation ``a`` and kernel ``w = Σ α_m B_m``
+        (also the packed model's float form of an ABC convolution)."""
+        nd = len(self.window)
+        y = geometry.padded_conv(
             a,
             w,
-            _tuple(self.strides, nd, "strides"),
+            geometry.ntuple(self.strides, nd, "strides"),
             self.padding,
-            _tuple(self.kernel_dilation, nd, "kernel_dilation"),
+            geometry.ntuple(self.kernel_dilation, nd, "kernel_dilation"),
             1,
-            pad,
+            self.pad_value * jnp.sum(betas) if self.pad_value != 0 else 0.0,
         )
-        if self.use_bias:
-            y = y + self.param("bias", self.bias_init, (self.features,)).astype(y.dtype)
-        return y
+        return y if bias is None else y + bias.astype(y.dtype)
 
 
 # ------------------------------------------------------------ BinaryBN and ReActNet

@@ -25,8 +25,9 @@ Layers of the module:
 * ``make_loss``, ``estimator_grad``, ``compare_estimators``: the same on a
   ``binax.models`` network whose ``input_quantizer`` is swapped among estimators
   (``sign_estimators``, ``MULTILEVEL_ACTIVATIONS``, ``fixed_ede``, ``fixed_tanh``).
-* ``train_small``, ``load_fashion_mnist``, ``accuracy``: enough training to get a
-  network worth measuring (notebooks, ``experiments/mismatch.py``); see docs/mismatch.md.
+
+The study itself (training the networks with ``binax.train``, the data, the tables) is
+an experiment: ``experiments/mismatch.py`` and the notebooks; see docs/mismatch.md.
 """
 
 from __future__ import annotations
@@ -43,7 +44,7 @@ import numpy as np
 import optax
 from flax import traverse_util
 
-from binax import layers, models
+from binax import binarizers, models
 
 PyTree = Any
 
@@ -320,24 +321,15 @@ def input_perturbation(module_path: str):
 
 
 def _first_input(apply_fn: Callable[[], Any], module_path: str, run: Callable) -> jax.Array:
-    inputs, called = [], []
-
-    def interceptor(next_fun, args, kwargs, context):
-        if context.method_name == "__call__":
-            path = "/".join(context.module.scope.path)
-            called.append(path)
-            if path == module_path and not inputs:
-                inputs.append(args[0])
-        return next_fun(*args, **kwargs)
-
     def wrapped():
-        with nn.intercept_methods(interceptor):
+        with models.record_calls(keep_inputs=True) as calls:
             apply_fn()
-        if not inputs:
-            raise ValueError(
-                f"No module at path {module_path!r} was called; called: {sorted(set(called))}."
-            )
-        return inputs[0]
+        for call in calls:
+            if "/".join(call.path) == module_path:
+                return call.input
+        raise ValueError(
+            f"No module at path {module_path!r} was called; called: {sorted({'/'.join(c.path) for c in calls})}."
+        )
 
     return run(wrapped)
 
@@ -401,13 +393,6 @@ def group_similarities(estimate: jax.Array, group_grads: jax.Array) -> tuple[Sim
 
 # ------------------------------------------------------- estimators on a real model
 
-#: Activation binarizers whose forward is exactly ``sign`` (0 -> +1): they differ only in
-#: their backward, so they share one smoothed loss.
-SIGN_FORWARD = frozenset({"sign", "ste_sign", "approx_sign", "swish_sign", "ede_sign"})
-#: Soft forwards that are replaced by ``sign`` at inference (Self-Binarizing networks).
-DEPLOYED_AS_SIGN = frozenset({"tanh_sign"})
-
-
 def fixed_ede(t: float, **overrides) -> dict:
     """Model overrides for ``ede_sign`` frozen at ``t`` (``k = max(1/t, 1)``): t_min = t_max = t."""
     return {"input_quantizer": "ede_sign", "input_quantizer_kwargs": {"t_min": t, "t_max": t}, **overrides}
@@ -449,16 +434,20 @@ MULTILEVEL_ACTIVATIONS: dict[str, dict] = {
 def deployed_forward(overrides: dict, model_name: str) -> dict:
     """The model overrides whose loss an estimator is measured against.
 
-    Sign-forward estimators and ``tanh_sign`` (deployed as sign) map to the plain
-    ``sign`` network, so they all share one smoothed loss; any other quantizer is measured
-    against its own forward.
+    Each quantizer is taken in its deployed form (``binax.binarizers.deployed``:
+    ``tanh_sign`` is deployed as sign); every one whose (deployed) forward is ``"sign"``
+    (a sign-forward estimator, the built-in ones or a user's) maps to the plain ``sign``
+    network, so they all share one smoothed loss; any other quantizer is measured against
+    its own forward.
     """
     config = models.get_config(model_name)
     out = dict(overrides)
     for field in ("input_quantizer", "kernel_quantizer"):
-        name = out.get(field, config[field])
-        if isinstance(name, str) and name in SIGN_FORWARD | DEPLOYED_AS_SIGN:
+        spec, kwargs = binarizers.deployed(out.get(field, config[field]), out.get(field + "_kwargs"))
+        if spec is not None and binarizers.describe(spec).is_sign:
             out[field], out[field + "_kwargs"] = "sign", {}
+        elif spec != out.get(field, config[field]):
+            out[field], out[field + "_kwargs"] = spec, kwargs
     return out
 
 
@@ -672,90 +661,3 @@ def _describe(overrides: Mapping[str, Any]) -> str:
     name = overrides.get("input_quantizer", "?")
     kwargs = dict(overrides.get("input_quantizer_kwargs") or {})
     return name + (f"({', '.join(f'{k}={v}' for k, v in sorted(kwargs.items()))})" if kwargs else "")
-
-
-# ------------------------------------------------- small networks for the notebooks
-
-
-def load_fashion_mnist(split: str, limit: int | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """Fashion-MNIST ``(images, labels)``: float32 NHWC standardized as ``binax.data`` does."""
-    from binax import data  # data is optional for the estimators above
-
-    images, labels = data.load_arrays("fashion_mnist", split)
-    if limit is not None:
-        images, labels = images[:limit], labels[:limit]
-    spec = data.get_spec("fashion_mnist")
-    return data.normalize(images.astype(np.float32), spec, "mean_std"), np.asarray(labels, np.int32)
-
-
-@dataclasses.dataclass
-class TrainResult:
-    """``variables`` after training; ``snapshots[step]`` the variables after ``step``
-    updates (progress ``step / steps``); ``losses`` the training loss of every step."""
-
-    variables: PyTree
-    snapshots: dict[int, PyTree]
-    losses: np.ndarray
-
-
-def train_small(
-    model: nn.Module,
-    images: np.ndarray,
-    labels: np.ndarray,
-    *,
-    steps: int,
-    batch_size: int = 128,
-    learning_rate: float = 1e-3,
-    seed: int = 0,
-    latent_weight_clip: float | None = 1.0,
-    snapshot_steps: Sequence[int] = (),
-) -> TrainResult:
-    """A few Adam steps on an in-memory dataset: enough to get a network worth measuring.
-
-    Not ``binax.train`` (sharding, checkpoints, configs): a plain loop with
-    ``progress = step / steps`` fed to the model, so EDE and tanh schedules move as they
-    would over a full run, and BNN's latent-weight clip after every update.
-    """
-    if steps < 1 or batch_size < 1:
-        raise ValueError(f"steps and batch_size must be >= 1; got steps={steps}, batch_size={batch_size}.")
-    rng = np.random.default_rng(seed)
-    variables = model.init(jax.random.key(seed), jnp.asarray(images[:2]), train=False)
-    tx = optax.adam(learning_rate)
-    opt_state = tx.init(variables["params"])
-    mutable = [k for k in variables if k != "params"]
-
-    @jax.jit
-    def step(variables, opt_state, x, y, progress):
-        def loss_fn(params):
-            logits, updates = model.apply(
-                {**variables, "params": params}, x, train=True, progress=progress, mutable=mutable
-            )
-            return jnp.mean(cross_entropy(logits, y)), updates
-
-        (value, updates), grads = jax.value_and_grad(loss_fn, has_aux=True)(variables["params"])
-        upd, opt_state = tx.update(grads, opt_state, variables["params"])
-        params = layers.clip_latent_weights(optax.apply_updates(variables["params"], upd), latent_weight_clip)
-        return {**variables, **updates, "params": params}, opt_state, value
-
-    snapshots = {0: variables} if 0 in snapshot_steps else {}
-    losses = []
-    order = np.array([], np.int64)
-    for i in range(steps):
-        if len(order) < batch_size:
-            order = np.concatenate([order, rng.permutation(len(labels))])
-        idx, order = order[:batch_size], order[batch_size:]
-        variables, opt_state, value = step(
-            variables, opt_state, jnp.asarray(images[idx]), jnp.asarray(labels[idx]), jnp.float32(i / steps)
-        )
-        losses.append(value)
-        if i + 1 in snapshot_steps:
-            snapshots[i + 1] = variables
-    return TrainResult(variables, snapshots, np.asarray(jax.device_get(losses)))
-
-
-def accuracy(model: nn.Module, variables: PyTree, images, labels, progress: float = 1.0, batch_size: int = 1000) -> float:
-    """Top-1 accuracy in inference mode."""
-    apply = jax.jit(lambda x: jnp.argmax(model.apply(variables, x, train=False, progress=progress), -1))
-    hits = sum(int(jnp.sum(apply(jnp.asarray(images[i:i + batch_size])) == labels[i:i + batch_size]))
-               for i in range(0, len(labels), batch_size))
-    return hits / len(labels)

@@ -24,24 +24,21 @@ import os
 from typing import Any, Mapping
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
 from binax import transforms
+from binax.errors import ConfigError
 
 __all__ = ["run", "predict", "binaryduo", "binaryduo_widths", "check_decoupling", "self_binarizing"]
 
 
 def predict(model, variables: Mapping[str, Any], ds, batch_size: int = 1000, progress: float = 1.0):
-    """Logits and labels of every test example (eval mode), as numpy arrays."""
-    apply = jax.jit(lambda v, x: model.apply(v, x, train=False, progress=progress))
-    logits, labels = [], []
-    for batch in ds.eval_batches(batch_size):
-        keep = np.asarray(batch["mask"]) > 0
-        logits.append(np.asarray(apply(variables, jnp.asarray(batch["image"])))[keep])
-        labels.append(np.asarray(batch["label"])[keep])
-    return np.concatenate(logits), np.concatenate(labels)
+    """Logits and labels of every test example (eval mode), as numpy arrays (``binax.train.evaluate``)."""
+    from binax.train import evaluate
+
+    result = evaluate(model, variables, ds.eval_batches(batch_size), progress=progress, keep_logits=True)
+    return result.logits, result.labels
 
 
 def _dataset(config):
@@ -93,29 +90,26 @@ def _binaryduo_widths(name: str, input_shape: tuple, baseline: tuple) -> dict:
     if base.width_multiplier != 1.0 or getattr(base, "replicate", 1) != 1:
         raise ValueError("binaryduo_widths needs the baseline at width_multiplier=1 and replicate=1.")
     couplings = transforms.binaryduo_couplings(base)
-    layers, _ = transforms._chain(base)
-    n = len(base.widths)
-    widths = list(base.widths) + list(getattr(base, "hidden_dense", ()))
-    coupled = [layer for layer, _, _ in couplings]
-    for layer in coupled:
-        widths[layers.index(layer)] = int(widths[layers.index(layer)] / math.sqrt(2))
+    # Each layer's width as (config key, index) into the model's widths / hidden_dense.
+    where = {s.path[-1]: s.width for s in base.chain() if s.kind == "layer" and s.width is not None}
+    widths = {key: list(getattr(base, key)) for key, _ in where.values()}
+    for producer, _, _ in couplings:
+        key, i = where[producer]
+        widths[key][i] = int(widths[key][i] / math.sqrt(2))
     last, _, consumer = couplings[-1]
-
-    def split(ws):
-        out = {"widths": tuple(ws[:n])}
-        if hasattr(base, "hidden_dense"):
-            out["hidden_dense"] = tuple(ws[n:])
-        return out
 
     def cost(model):
         s = binax.summary(model, input_shape)
-        return sum(s.layer(name).binary_macs for name in (last, consumer) if name is not None)
+        return sum(s.layer(n).binary_ops for n in (last, consumer))
 
-    # Both layers' binary MACs are proportional to the last coupled width: one solve.
-    trial = models.create(name, **{**dict(baseline), **split(widths)}, input_quantizer="duo_ternary", **duo)
-    j = layers.index(last)
-    widths[j] = max(1, round(widths[j] * cost(base) / cost(trial)))
-    return split(widths)
+    def overrides():
+        return {key: tuple(ws) for key, ws in widths.items()}
+
+    # Both layers' binary operations are proportional to the last coupled width: one solve.
+    trial = models.create(name, **{**dict(baseline), **overrides()}, input_quantizer="duo_ternary", **duo)
+    key, i = where[last]
+    widths[key][i] = max(1, round(widths[key][i] * cost(base) / cost(trial)))
+    return overrides()
 
 
 def binaryduo_widths(name: str, input_shape, **baseline) -> dict:
@@ -126,10 +120,11 @@ def binaryduo_widths(name: str, input_shape, **baseline) -> dict:
     two binary ones, so every layer whose batch norm feeds a ternary activation gets
     ``floor(W/√2)`` channels, which keeps each binary layer between two such layers at the
     baseline's cost; the last of them gets the width that gives the two layers next to it
-    (it and its consumer) the baseline's binary MACs (336 in tiny VGG-7); layers whose
-    output is not binarized keep their width. Costs are ``binax.summary``'s binary MACs
-    (ternary inputs count twice). ``baseline`` are model overrides of the plain binary
-    network (``widths``, ``hidden_dense``, ...); returns ``{'widths', ['hidden_dense']}``.
+    (it and its consumer) the baseline's binary operations (336 in tiny VGG-7); layers
+    whose output is not binarized keep their width. Costs are ``binax.summary``'s
+    ``binary_ops`` (a ternary input is two binary planes). ``baseline`` are model
+    overrides of the plain binary network (``widths``, ``hidden_dense``, ...); returns the
+    width overrides (``{'widths': ...}``, and ``'hidden_dense'`` for VGG models).
     """
     return dict(_binaryduo_widths(name, tuple(input_shape), tuple(sorted(baseline.items()))))
 
@@ -210,14 +205,25 @@ def binaryduo(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
 
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
-    """Run ``config``'s recipe (see the module docstring); returns its summary."""
-    procedure = config.get("recipe", {}).get("procedure", "train")
-    if procedure == "train":
-        from binax import train
+    """Run ``config``'s recipe (see the module docstring); returns its summary.
 
-        return train.train_and_evaluate(config, workdir)
-    if procedure == "self_binarizing":
-        return self_binarizing(config, workdir)
-    if procedure == "binaryduo":
-        return binaryduo(config, workdir)
-    raise ValueError(f"unknown recipe procedure {procedure!r}; valid: train, self_binarizing, binaryduo")
+    The workdir is locked for the whole recipe, every stage included.
+    """
+    from binax import train
+    from binax.train.workdir import lock_workdir
+
+    procedure = config.get("recipe", {}).get("procedure", "train")
+    if procedure not in PROCEDURES:
+        raise ConfigError(f"unknown recipe procedure {procedure!r}; valid: {', '.join(PROCEDURES)}")
+    train.maybe_initialize_distributed(config.get("distributed"))
+    with lock_workdir(workdir, enabled=jax.process_index() == 0):
+        return PROCEDURES[procedure](config, workdir)
+
+
+def _train(config: ml_collections.ConfigDict, workdir: str) -> dict:
+    from binax import train
+
+    return train.train_and_evaluate(config, workdir)
+
+
+PROCEDURES = {"train": _train, "self_binarizing": self_binarizing, "binaryduo": binaryduo}

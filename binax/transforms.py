@@ -23,11 +23,14 @@ import jax.numpy as jnp
 import numpy as np
 from flax.core import FrozenDict, unfreeze
 
+from binax import binarizers, folding, models
+
 __all__ = [
     "fold_bn_sign",
     "binary_bn_paths",
     "fold_binary_bn_variables",
     "fold_binary_bn",
+    "inference_model",
     "tanh_to_sign",
     "self_binarizing_inference",
     "DUO_SHIFT",
@@ -40,18 +43,13 @@ __all__ = [
 # ---------------------------------------------------------------- float32 order keys
 
 _SIGN_BIT = np.int64(0x80000000)
-_ABS_MASK = np.int64(0x7FFFFFFF)
-_INF_KEY = np.int64(0x7F800000)
-_MAX_KEY = np.int64(0x7F7FFFFF)  # float32 max
-
-
-def _to_key(x: np.ndarray) -> np.ndarray:
-    """float32 -> int64 key, monotone in the float order (-0.0 and +0.0 share key 0)."""
-    bits = np.asarray(x, np.float32).view(np.uint32).astype(np.int64)
-    return np.where(bits & _SIGN_BIT, -(bits & _ABS_MASK), bits)
+_MAX_KEY = int(0x7F7FFFFF)  # float32 max
 
 
 def _from_key(k: np.ndarray) -> np.ndarray:
+    """int64 order key -> float32: keys ``-_MAX_KEY .. _MAX_KEY`` are the finite floats in
+    increasing order (the key of a float is its bit pattern, negated for negative floats;
+    -0.0 and +0.0 share key 0)."""
     bits = np.where(k < 0, (-k) | _SIGN_BIT, k).astype(np.uint32)
     return bits.view(np.float32)
 
@@ -96,31 +94,21 @@ def fold_bn_sign(
         )
     variables = {"params": {"scale": scale, "bias": bias}, "batch_stats": {"mean": mean, "var": var}}
     bn = nn.BatchNorm(use_running_average=True, epsilon=epsilon)
-    # gamma >= 0 (incl. -0.0): y is non-decreasing, find where y >= 0 starts; gamma < 0:
-    # y is non-increasing, find where y < 0 starts. Either predicate is monotone in x.
-    decreasing = scale < 0
 
     # The statistics are jit ARGUMENTS, as in a model's jitted apply: closed over, XLA
     # would constant-fold rsqrt(var + eps) * scale with different rounding.
     @jax.jit
-    def predicate(variables, x):
-        y = bn.apply(variables, x[None, :])[0]
-        return jnp.where(decreasing, y < 0, y >= 0)
+    def nonnegative(variables, x):
+        return bn.apply(variables, x[None, :])[0] >= 0
 
-    # Search the finite floats; the sentinels are the keys of -inf (false) and +inf (true).
-    lo = np.full(scale.shape, -_INF_KEY)
-    hi = np.full(scale.shape, _INF_KEY)
-    while np.any(hi - lo > 1):
-        active = hi - lo > 1
-        mid = np.where(active, lo + (hi - lo) // 2, -_MAX_KEY)  # finished channels: any finite key
-        p = np.asarray(predicate(variables, _from_key(mid)))
-        hi = np.where(active & p, mid, hi)
-        lo = np.where(active & ~p, mid, lo)
-    s = np.where(decreasing, -1.0, 1.0).astype(np.float32)
-    never = hi == _INF_KEY  # predicate false on every finite x: constant output -s
-    always = hi == -_MAX_KEY  # true on every finite x: constant output s
-    threshold = np.where(never | always, -np.inf, _from_key(hi)).astype(np.float32)
-    return threshold, np.where(never, -s, s).astype(np.float32)
+    # y is monotone in x per channel (every rounded operation is), so sign(BN(x)) steps
+    # once: bisect the finite float32 values by their order keys.
+    steps = folding.bisect_steps(
+        lambda keys: np.asarray(nonnegative(variables, _from_key(keys))), -_MAX_KEY, _MAX_KEY, scale.shape[0]
+    )
+    threshold = _from_key(np.where(steps.changes, steps.threshold, 0)).astype(np.float32)
+    threshold = np.where(steps.changes, threshold, -np.inf).astype(np.float32)
+    return threshold, np.where(steps.flips, -1.0, 1.0).astype(np.float32)
 
 
 def _get(tree: Mapping, path: Sequence[str]) -> Any:
@@ -280,42 +268,37 @@ def decouple_binaryduo(
     return {"params": params, "batch_stats": stats}
 
 
-def _chain(model: nn.Module) -> tuple[list[str], list[str]] | None:
-    """The (layer, batch norm) names of a model's BN-separated binary chain, in order."""
-    name = type(model).__name__
-    if name == "MLP":
-        n = len(model.widths)
-        return [f"fc{i}" for i in range(n)], [f"bn{i}" for i in range(n)]
-    if name == "VGG":
-        n, m = len(model.widths), len(model.hidden_dense)
-        return (
-            [f"conv{i}" for i in range(n)] + [f"fc{j}" for j in range(m)],
-            [f"bn{i}" for i in range(n)] + [f"fc_bn{j}" for j in range(m)],
+def _chain(model: nn.Module) -> list:
+    """The model's layer chain (``model.chain()``, :class:`binax.models.common.Step`)."""
+    chain = model.chain() if hasattr(model, "chain") else None
+    if chain is None:
+        with_chain = [n for n in models.names() if models.create(n).chain() is not None]
+        raise ValueError(
+            f"BinaryDuo decoupling needs a model described by a layer chain (model.chain(): "
+            f"{', '.join(with_chain)}); got {type(model).__name__}."
         )
-    return None
+    return chain
 
 
 def binaryduo_couplings(model: nn.Module) -> list[tuple[str, str, str]]:
     """``(producer, bn, consumer)`` for every batch norm whose output a binarized layer reads.
 
-    Supported: ``bnn_mlp`` (``MLP``) and the VGG family (``cnn_small``, ``vgg_small``,
-    ``vgg7_tiny``), whose layers form a chain layer → (pool) → BN → activation → next
-    layer. The first layer reads pixels; the classifier is a consumer only when
-    ``last_layer_float=False``.
+    Read off the model's layer chain (``model.chain()``: ``bnn_mlp``, the VGG family,
+    ``alexnet``): layer → (pool) → BN → activation → next layer. The first layer reads
+    pixels; the classifier is a consumer only when ``last_layer_float=False``.
     """
     chain = _chain(model)
-    if chain is None:
-        raise ValueError(
-            f"BinaryDuo decoupling supports the MLP and VGG families (bnn_mlp, cnn_small, "
-            f"vgg_small, vgg7_tiny); got {type(model).__name__}."
-        )
-    layers, bns = chain
-    consumers = layers[1:] + (["classifier"] if not model.last_layer_float else [None])
-    return [(p, b, c) for p, b, c in zip(layers, bns, consumers) if c is not None]
+    out = []
+    for i, step in enumerate(chain):
+        if step.kind != "block":
+            continue
+        producer = next((s for s in reversed(chain[:i]) if s.kind == "layer"), None)
+        consumer = next((s for s in chain[i + 1 :] if s.kind == "layer"), None)
+        if producer is not None and consumer is not None and consumer.quantize_input:
+            out.append((producer.path[-1], step.path[-1], consumer.path[-1]))
+    return out
 
 
-# Weight binarizers for which halving the latent kernel halves the binarized kernel.
-_SCALE_EQUIVARIANT = ("duo_weight", "xnor_weight", None)
 # Activations that leave 1[y >= 0.25] and 1[y >= 0.75] unchanged.
 _DUO_SAFE_ACTIVATIONS = ("none", "hardtanh", "relu")
 
@@ -327,8 +310,8 @@ def decouple_binaryduo_model(model: nn.Module, variables: Mapping) -> tuple[nn.M
     config overrides that build it with ``binax.models.create`` (explicit widths,
     ``width_multiplier=1``, ``replicate=2``, ``input_quantizer='duo_binary'``). The
     coupled layers keep their widths; their outputs are copied (weights tied), so the
-    decoupled model's binary MACs equal the coupled model's (ternary counted as two
-    binary activations, as ``binax.summary`` does). In eval mode the decoupled
+    decoupled model's binary operations equal the coupled model's (``binax.summary``'s
+    ``binary_ops``: a ternary input is two binary planes). In eval mode the decoupled
     model's binary activations reproduce the coupled ternary ones exactly
     (``ternary(y) = (binary(y + 0.25) + binary(y − 0.25)) / 2``), so its logits equal the
     coupled model's up to float summation order. See :func:`decouple_binaryduo`.
@@ -337,10 +320,12 @@ def decouple_binaryduo_model(model: nn.Module, variables: Mapping) -> tuple[nn.M
         raise ValueError(
             f"decoupling needs a coupled model with input_quantizer='duo_ternary'; got {model.input_quantizer!r}."
         )
-    if model.kernel_quantizer not in _SCALE_EQUIVARIANT:
+    kq = binarizers.describe(model.kernel_quantizer)
+    if kq is not None and not kq.scale_equivariant:
+        equivariant = [n for n in binarizers.names() if binarizers.describe(n).scale_equivariant]
         raise ValueError(
             f"decoupling halves the consumer's latent weights, which needs a scale-equivariant "
-            f"weight binarizer ({', '.join(map(str, _SCALE_EQUIVARIANT))}); got {model.kernel_quantizer!r}."
+            f"weight binarizer ({', '.join(equivariant)} or None); got {model.kernel_quantizer!r}."
         )
     if model.activation not in _DUO_SAFE_ACTIVATIONS or getattr(model, "binary_bn", False):
         raise ValueError(
@@ -348,49 +333,57 @@ def decouple_binaryduo_model(model: nn.Module, variables: Mapping) -> tuple[nn.M
             f"activation={model.activation!r}, binary_bn={getattr(model, 'binary_bn', False)!r}."
         )
     couplings = binaryduo_couplings(model)
-    if model.replicate != 1:
-        raise ValueError(f"the coupled model must have replicate=1; got replicate={model.replicate!r}.")
+    if getattr(model, "replicate", None) != 1:
+        raise ValueError(
+            f"tied decoupling copies the coupled layers' outputs through the model's replicate field "
+            f"(bnn_mlp and the VGG family, at replicate=1 while coupled); {type(model).__name__} has "
+            f"replicate={getattr(model, 'replicate', 'no such field')!r}."
+        )
     new_vars = decouple_binaryduo(variables, couplings)
     params = new_vars["params"]
 
     def width(name: str) -> int:
         return int(params[name][_kernel_key(params[name], name)].shape[-1])
 
-    layers, _ = _chain(model)
     overrides: dict[str, Any] = {
         "width_multiplier": 1.0,
         "replicate": 2,
         "input_quantizer": "duo_binary",
         "input_quantizer_kwargs": {},
     }
-    if type(model).__name__ == "MLP":
-        overrides["widths"] = tuple(width(n) for n in layers)
-    else:
-        n = len(model.widths)
-        overrides["widths"] = tuple(width(n_) for n_ in layers[:n])
-        overrides["hidden_dense"] = tuple(width(n_) for n_ in layers[n:])
+    # Every layer's width, explicit: (config key, index) -> the decoupled kernel's outputs.
+    for step in _chain(model):
+        if step.kind == "layer" and step.width is not None:
+            key, index = step.width
+            widths = list(overrides.get(key, getattr(model, key)))
+            widths[index] = width(step.path[-1])
+            overrides[key] = tuple(widths)
     frozen = {k: (FrozenDict(v) if isinstance(v, dict) else v) for k, v in overrides.items()}
     return model.clone(**frozen), new_vars, overrides
 
 
+def inference_model(model: nn.Module) -> nn.Module:
+    """``model`` with every quantizer in its deployed form (:func:`binax.models.inference_overrides`:
+    ``binax.binarizers.deployed``); the model itself when nothing changes."""
+    changes = models.inference_overrides(model)
+    return model.clone(**{k: models.common.freeze(v) for k, v in changes.items()}) if changes else model
+
+
 def tanh_to_sign(model: nn.Module) -> nn.Module:
-    """The Self-Binarizing inference model: every ``tanh_sign`` quantizer becomes ``sign``.
+    """The Self-Binarizing inference model: ``tanh_sign`` quantizers deployed as ``sign``.
 
     Lahoud & Achanta (2019) train with ``tanh(nu x)`` on weights and activations, nu
-    growing so tanh approaches sign, and deploy with ``sign``. Weights and activations
-    whose quantizer is not ``tanh_sign`` are left as they are.
+    growing so tanh approaches sign, and deploy with ``sign`` (``tanh_sign``'s descriptor
+    says so: ``inference="sign"``). :func:`inference_model`, for a model that has
+    something to deploy; otherwise a ``ValueError``.
     """
-    changes = {}
-    for field in ("input_quantizer", "kernel_quantizer"):
-        if getattr(model, field) == "tanh_sign":
-            changes[field] = "sign"
-            changes[field + "_kwargs"] = FrozenDict()
-    if not changes:
+    deployed = inference_model(model)
+    if deployed is model:
         raise ValueError(
-            f"{type(model).__name__} has no tanh_sign quantizer (input_quantizer="
+            f"{type(model).__name__} has no quantizer deployed in another form, such as tanh_sign (input_quantizer="
             f"{model.input_quantizer!r}, kernel_quantizer={model.kernel_quantizer!r})."
         )
-    return model.clone(**changes)
+    return deployed
 
 
 def self_binarizing_inference(

@@ -6,15 +6,25 @@ cosine similarity between each backward estimator's gradient and the gradient of
 Gaussian-smoothed loss, over the pre-activations of one layer and over its binary
 weights (``binax.mismatch.compare_estimators``). Prints markdown tables and writes every
 row, the settings, the accuracies, the machine and the wall time as JSON.
+
+The networks are trained by the training system (``binax.train.build_trainer``: the
+config's model, data order, Adam, latent-weight clip and per-step progress; no loop of
+its own beyond feeding batches and keeping snapshots) and evaluated by
+``binax.train.evaluate``. The notebooks use :func:`train`, :func:`load_fashion_mnist`
+and :func:`accuracy` from here.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import itertools
 import json
 import os
 import platform
 import time
+from typing import Any, Sequence
 
+import numpy as np
 from absl import app, flags
 
 _QUICK = flags.DEFINE_bool("quick", False, "Tiny settings (seconds): a smoke test of the command.")
@@ -42,6 +52,96 @@ def networks() -> dict[str, tuple[dict, dict]]:
     for label, overrides in mismatch.MULTILEVEL_ACTIVATIONS.items():
         out[label] = (overrides, {label: overrides})
     return out
+
+
+# ------------------------------------------------------------------ networks to measure
+
+
+def load_fashion_mnist(split: str, limit: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Fashion-MNIST ``(images, labels)`` of ``split``: float32 NHWC, standardized as
+    ``binax.data`` does for training (``'mean_std'``)."""
+    from binax import data
+
+    images, labels = data.load_arrays("fashion_mnist", split)
+    if limit is not None:
+        images, labels = images[:limit], labels[:limit]
+    spec = data.get_spec("fashion_mnist")
+    return data.normalize(images.astype(np.float32), spec, "mean_std"), np.asarray(labels, np.int32)
+
+
+def train_config(overrides: dict, *, widths: Sequence[int], steps: int, batch_size: int = 128,
+                 learning_rate: float = 1e-3, seed: int = 0):
+    """The training config of one network: ``bnn_mlp`` with ``widths`` and ``overrides``,
+    Fashion-MNIST without augmentation, Adam at a constant ``learning_rate``, ``steps``
+    updates with progress ``step / steps`` (a run longer than one epoch is whole epochs)."""
+    from binax import data
+    from configs import common
+
+    per_epoch = data.create({"name": "fashion_mnist"}, seed=seed).steps_per_epoch(batch_size)
+    if steps > per_epoch and steps % per_epoch:
+        raise ValueError(f"steps={steps}: more than one epoch ({per_epoch} steps) must be whole epochs.")
+    c = common.base_config()
+    c.seed = seed
+    c.model = common.model_config("bnn_mlp", widths=tuple(widths), **overrides)
+    c.data.name = "fashion_mnist"
+    c.data.augment = False
+    c.optimizer.name = "adam"
+    c.optimizer.learning_rate = learning_rate
+    c.optimizer.schedule = "constant"
+    c.batch_size = batch_size
+    c.num_epochs = max(1, steps // per_epoch)
+    c.max_steps_per_epoch = min(steps, per_epoch)
+    c.progress_unit = "step"
+    return c
+
+
+@dataclasses.dataclass
+class TrainResult:
+    """``variables`` after training; ``snapshots[step]`` the variables after ``step``
+    updates (progress ``step / steps``); ``losses`` the training loss of every step."""
+
+    model: Any
+    variables: Any
+    snapshots: dict
+    losses: np.ndarray
+
+
+def train(overrides: dict, *, widths: Sequence[int] = (256, 256, 256), steps: int = 400, batch_size: int = 128,
+          learning_rate: float = 1e-3, seed: int = 0, snapshot_steps: Sequence[int] = ()) -> TrainResult:
+    """Trains one network of the study with ``binax.train`` (see :func:`train_config`)."""
+    import jax
+
+    import binax.data
+    from binax import train as train_lib
+
+    if steps < 1 or batch_size < 1:
+        raise ValueError(f"steps and batch_size must be >= 1; got steps={steps}, batch_size={batch_size}.")
+    config = train_config(overrides, widths=widths, steps=steps, batch_size=batch_size,
+                          learning_rate=learning_rate, seed=seed)
+    ds = binax.data.create(config.data, seed=seed)
+    trainer = train_lib.build_trainer(config, ds)
+    state = jax.jit(trainer.init)()
+    step_fn = jax.jit(trainer.train_fn)
+
+    def variables(state):
+        return {"params": state.params, "batch_stats": state.batch_stats}
+
+    snapshots = {0: variables(state)} if 0 in snapshot_steps else {}
+    losses = []
+    for epoch in range(config.num_epochs):
+        for batch in itertools.islice(ds.train_batches(epoch, batch_size), trainer.steps_per_epoch):
+            state, metrics = step_fn(state, batch)
+            losses.append(metrics["loss"])
+            if len(losses) in snapshot_steps:
+                snapshots[len(losses)] = variables(state)
+    return TrainResult(trainer.model, variables(state), snapshots, np.asarray(jax.device_get(losses)))
+
+
+def accuracy(model, variables, images, labels, progress: float = 1.0) -> float:
+    """Top-1 test accuracy in eval mode (``binax.train.evaluate``)."""
+    from binax.train import array_batches, evaluate
+
+    return evaluate(model, variables, array_batches(images, labels), progress=progress).accuracy
 
 
 def machine() -> dict:
@@ -88,7 +188,7 @@ def run_study(
     """
     import jax
 
-    from binax import mismatch, models
+    from binax import mismatch
 
     start = time.time()
     info = machine()
@@ -97,16 +197,14 @@ def run_study(
                     num_samples=list(num_samples), layer=layer, max_channels=max_channels, seed=seed,
                     chunk_size=chunk_size, num_groups=num_groups, model="bnn_mlp", dataset="fashion_mnist")
     base = {"widths": tuple(widths)}
-    x_train, y_train = mismatch.load_fashion_mnist("train")
-    x_test, y_test = mismatch.load_fashion_mnist("test")
+    x_test, y_test = load_fashion_mnist("test")
     batch = (x_test[:batch_size], y_test[:batch_size])
     nets = networks() if nets is None else nets
     rows, net_info = [], {}
     for label, (overrides, estimators) in nets.items():
         t0 = time.time()
-        model = models.create("bnn_mlp", **base, **overrides)
-        trained = mismatch.train_small(model, x_train, y_train, steps=train_steps, seed=seed)
-        acc = mismatch.accuracy(model, trained.variables, x_test, y_test)
+        trained = train(overrides, widths=widths, steps=train_steps, seed=seed)
+        acc = accuracy(trained.model, trained.variables, x_test, y_test)
         net_info[label] = {"overrides": _jsonable(overrides), "test_accuracy": acc,
                            "train_seconds": round(time.time() - t0, 1)}
         log(f"{label}: trained {train_steps} steps in {time.time() - t0:.1f}s, test accuracy {acc:.4f}")

@@ -32,6 +32,15 @@ _CONFIG = config_flags.DEFINE_config_file(
 _WORKDIR = flags.DEFINE_string(
     "workdir", None, "Directory for checkpoints, metrics and the final summary (resumed if it exists)."
 )
+_IMPORT = flags.DEFINE_multi_string(
+    "import",
+    [],
+    "Python module(s) to import before the config is used, e.g. one that registers a binarizer "
+    "with binax.binarizers.register (repeatable; 'a,b' also works).",
+)
+_DEBUG = flags.DEFINE_bool(
+    "debug", False, "Show the traceback of an error in the config, data or workdir (a bug's is always shown)."
+)
 
 
 def default_workdir(config_path: str) -> str:
@@ -103,7 +112,8 @@ def _parse_flags(argv: list[str]) -> list[str]:
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    from binax import recipes, train
+    from binax import binarizers, recipes, train
+    from binax.errors import BinaxError
 
     train.quiet_checkpoint_logs()
     if sys.platform.startswith("linux") and "GLIBC_TUNABLES" not in os.environ:
@@ -113,14 +123,21 @@ def main(argv):
             RETAIN_MALLOC,
         )
     workdir = _WORKDIR.value or default_workdir(config_flags.get_config_filename(flags.FLAGS["config"]))
-    logging.info("config:\n%s", _CONFIG.value)
     try:
+        binarizers.import_plugins(_IMPORT.value)
         # A plain config is one training run; a recipe config may have stages (BinaryDuo's
         # couple -> decouple -> fine-tune, Self-Binarizing's sign + BinaryBN evaluation).
         recipes.run(_CONFIG.value, workdir)
     except KeyboardInterrupt:
         # The loop saved a checkpoint first (see its log); rerunning resumes from it.
         sys.exit(130)
+    except BinaxError as e:
+        # The user's config, data or workdir: the message says what to change; a traceback
+        # would bury it. Anything else is a bug and keeps its traceback.
+        if _DEBUG.value:
+            raise
+        logging.flush()
+        sys.exit(f"error: {e}")
 
 
 if __name__ == "__main__":

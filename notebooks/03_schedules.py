@@ -32,19 +32,27 @@ if QUICK:
     WIDTHS, TRAIN_STEPS, SNAPSHOTS = (32, 32, 32), 20, (0, 20)
     BATCH, SIGMAS, NUM_SAMPLES, MC = 32, (0.1,), 24, dict(chunk_size=8, num_groups=3)
 else:
-    # 1400 steps of 128 images: 3 epochs of Fashion-MNIST.
-    WIDTHS, TRAIN_STEPS, SNAPSHOTS = (256, 256, 256), 1400, (0, 350, 700, 1050, 1400)
+    # 1404 steps of 128 images: 3 epochs of Fashion-MNIST.
+    WIDTHS, TRAIN_STEPS, SNAPSHOTS = (256, 256, 256), 1404, (0, 351, 702, 1053, 1404)
     BATCH, SIGMAS, NUM_SAMPLES, MC = 256, (0.03, 0.3), 512, dict(chunk_size=32, num_groups=8)
 LAYER = "fc1"
 
 # %%
+import sys
+from pathlib import Path
+
 import matplotlib.pyplot as plt
 import numpy as np
 
-from binax import binarizers, mismatch, models
+# experiments/ lives at the repository root, next to binax/: the networks are trained by
+# the study's `train` (binax.train's trainer) and scored by its `accuracy` (binax.train.evaluate).
+ROOT = next(p for p in [Path.cwd(), *Path.cwd().parents] if (p / "experiments" / "mismatch.py").exists())
+sys.path.insert(0, str(ROOT))
+from experiments import mismatch as study  # noqa: E402
 
-x_train, y_train = mismatch.load_fashion_mnist("train")
-x_test, y_test = mismatch.load_fashion_mnist("test")
+from binax import binarizers, mismatch, models  # noqa: E402
+
+x_test, y_test = study.load_fashion_mnist("test")
 batch = (x_test[:BATCH], y_test[:BATCH])
 base = {"widths": WIDTHS}
 clipped = mismatch.sign_estimators()["clipped STE"]
@@ -59,8 +67,7 @@ def save(fig, name):
 
 def track(label, overrides):
     """Train with ``overrides`` and measure its schedule's estimator at every snapshot."""
-    model = models.create("bnn_mlp", **base, **overrides)
-    run = mismatch.train_small(model, x_train, y_train, steps=TRAIN_STEPS, snapshot_steps=SNAPSHOTS)
+    run = study.train(overrides, widths=WIDTHS, steps=TRAIN_STEPS, snapshot_steps=SNAPSHOTS)
     out = []
     for step in SNAPSHOTS:
         progress = step / TRAIN_STEPS
@@ -68,7 +75,7 @@ def track(label, overrides):
         rows = mismatch.compare_estimators(
             "bnn_mlp", base, variables, batch, {label: overrides, "clipped STE": clipped}, SIGMAS, NUM_SAMPLES,
             wrt="activations", layer=LAYER, progress=progress, **MC)
-        acc = mismatch.accuracy(deployed, variables, x_test, y_test)
+        acc = study.accuracy(deployed, variables, x_test, y_test)
         out += [{**r, "progress": progress, "deployed_accuracy": acc} for r in rows]
         print(f"{label}: progress {progress:.2f}  deployed sign accuracy {acc:.4f}  " + "  ".join(
             f"{r['estimator']} σ={r['sigma']:g}: {r['cosine_corrected']:.2f}" for r in rows))

@@ -249,6 +249,7 @@ def _crop_flip_candidates(plain, pad):
             yield crop[:, ::-1]
 
 
+@pytest.mark.slow
 def test_tfds_cifar10_mock_shapes_and_deterministic_augmentation(tfds):
     with tfds.testing.mock_data(num_examples=24):
         plain = bd.create(_config("cifar10", augment=False, normalize="unit"), seed=7)
@@ -276,6 +277,7 @@ def test_tfds_cifar10_mock_shapes_and_deterministic_augmentation(tfds):
     np.testing.assert_array_equal(evals["mask"].reshape(-1), np.arange(30) < 24)
 
 
+@pytest.mark.slow
 def test_tfds_imagenet_mock_crops_to_224(tfds):
     with tfds.testing.mock_data(num_examples=6):
         ds = bd.create(_config("imagenet2012"), seed=0)

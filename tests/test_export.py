@@ -10,9 +10,11 @@ predictions and the same logits (up to float rounding) as
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import os
+import re
 import subprocess
 import sys
 import zipfile
@@ -27,8 +29,10 @@ import binax
 import binax.data
 import binax.export as bx
 from binax import layers as L
+from binax.errors import ConfigError
 from binax.export import inference as inf
-from binax.export import packing
+from binax.export.preprocessing import as_preprocessing
+from binax.packed import bits as packing
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -184,7 +188,7 @@ def _exported(name: str, cfg: tuple, runtime: str, ref_cfg: tuple | None):
     shape = input_shape_for(ref_model)
     x = images_for(shape)
     variables, ref, _ = calibrated(ref_model, x)
-    packed = bx.export(name, cfg, variables, shape, runtime=runtime)
+    packed = bx.export(binax.models.create(name, **cfg), variables, preprocessing=None, input_shape=shape, runtime=runtime)
     return packed, ref, x
 
 
@@ -200,7 +204,10 @@ def exported(name: str, cfg: dict, runtime: str = "auto", ref_cfg: dict | None =
 # ------------------------------------------------------------------------- every model
 
 
-@pytest.mark.parametrize("name", binax.models.names())
+@pytest.mark.parametrize(
+    "name",
+    [pytest.param(n, marks=pytest.mark.slow) if n.startswith(("resnet", "reactnet", "vgg_small")) else n for n in binax.models.names()],
+)
 def test_every_registry_model_matches_its_eval_graph(name):
     packed, ref, x = exported(name, small_config(name))
     assert_same_logits(packed(x), ref)
@@ -271,7 +278,7 @@ def test_non_monotone_block_is_computed_in_float():
     variables, _, fn = calibrated(model, x)
     variables["params"]["bn1_act"]["slope"][0] = -0.5
     ref = np.asarray(fn(variables, x)[0])
-    packed = bx.export("bnn_mlp", cfg, variables, shape)
+    packed = bx.export(model, variables, preprocessing=None, input_shape=shape)
     assert_same_logits(packed(x), ref)
     assert "thresholds/bn1/threshold" not in packed.arrays()
     assert "thresholds/bn2/threshold" in packed.arrays()
@@ -345,6 +352,7 @@ def _layer_cases():
     return cases
 
 
+@pytest.mark.slow
 def test_packed_layers_equal_the_layers_eval_forward():
     """decode(accumulate(encode(x))) against the layer itself, for every code, kernel
     quantizer and padding mode; exact where the layer's scale is a power of two."""
@@ -388,13 +396,6 @@ def test_packed_layers_equal_the_layers_eval_forward():
             np.testing.assert_allclose(got, ref, rtol=2e-6, atol=2e-6 * float(np.abs(ref).max()), err_msg=repr(module))
 
 
-def test_pack_np_is_pack_bits():
-    rng = np.random.default_rng(1)
-    for shape, axis in [((3, 70), 1), ((33, 5), 0), ((2, 3, 64, 4), 2)]:
-        b = rng.random(shape) < 0.5
-        np.testing.assert_array_equal(inf.pack_np(b, axis), packing.pack_bits(jnp.asarray(b), axis=axis))
-
-
 # ------------------------------------------------------------------------- the file
 
 
@@ -407,13 +408,39 @@ def test_file_round_trip_is_one_npz_without_latent_weights(tmp_path):
         names = z.namelist()
     assert not any("latent" in n for n in names)
     meta = json.loads(str(np.load(path)["meta"]))
-    assert meta["format_version"] == bx.FORMAT_VERSION and meta["model"] == "bnn_mlp"
+    assert meta["format_version"] == bx.FORMAT_VERSION == 2 and meta["model"] == "bnn_mlp"
+    assert meta["module"] == "binax.models.mlp:MLP"
     assert meta["config"]["widths"] == list(MLP["widths"]) and meta["input_shape"] == [28, 28, 1]
+    assert meta["preprocessing"]["normalize"] is None  # exported with preprocessing=None
     loaded = bx.load(path)
     np.testing.assert_array_equal(loaded(x), packed(x))
     assert loaded.report() == packed.report()
     # A path without the suffix is written as given (np.savez would append '.npz').
     assert bx.save(loaded, tmp_path / "plain") == os.path.getsize(tmp_path / "plain")
+
+
+def test_the_file_records_the_layer_order_and_the_chain_steps():
+    packed, _, _ = exported("vgg7_tiny", small_config("vgg7_tiny"))
+    meta = packed.meta
+    model = binax.models.create("vgg7_tiny", **small_config("vgg7_tiny"))
+    calls, _ = binax.models.trace(model, (32, 32, 3))
+    order = []
+    for c in calls:
+        if c.path and "/".join(c.path) not in order:
+            order.append("/".join(c.path))
+    assert [e["path"] for e in meta["layer_order"]] == order
+    chain = meta["chain"]
+    assert [s["op"] for s in chain] == [op.kind for op in model.chain()]
+    assert [s.get("path") for s in chain] == ["/".join(op.path) or None for op in model.chain()]
+    for step in chain:
+        if step["op"] == "block":
+            assert step["fused"] == (f"thresholds/{step['path']}/threshold" in packed.arrays())
+            assert step["epsilon"] == model.bn_epsilon and step["activation"] == model.activation
+        if step["op"] == "layer":
+            want = packed.layers[(step["path"],)].kind if (step["path"],) in packed.layers else "float"
+            assert step["compute"] == want
+        if step["op"] == "max_pool":
+            assert step["window"] == [2, 2] and step["strides"] == [2, 2]
 
 
 def test_binary_kernels_are_stored_one_bit_per_weight():
@@ -458,31 +485,199 @@ def test_loading_needs_neither_binax_train_nor_latent_weights(tmp_path):
 
 def test_bad_inputs_raise_clear_errors(tmp_path):
     packed, _, x = exported("bnn_mlp", MLP)
-    with pytest.raises(ValueError, match=r"exported for images of shape \(N, 28, 28, 1\)"):
+    with pytest.raises(ConfigError, match=r"exported for inputs of shape \(N, 28, 28, 1\)"):
         packed(x[:, :27])
+    model = binax.models.create("bnn_mlp", **MLP)
     variables = {"params": {}, "batch_stats": {}}
-    with pytest.raises(ValueError, match="runtime must be one of"):
-        bx.export("bnn_mlp", MLP, variables, (28, 28, 1), runtime="fast")
-    with pytest.raises(ValueError, match="Unknown model"):
-        bx.export("nope", {}, variables, (28, 28, 1))
-    with pytest.raises(ValueError, match="input_shape must be a tuple"):
-        bx.export("bnn_mlp", MLP, variables, 28)
-    with pytest.raises(ValueError, match="cannot be stored"):
-        bx.export("bnn_mlp", {**MLP, "input_quantizer": binax.binarizers.sign}, variables, (28, 28, 1))
-    with pytest.raises(ValueError, match="variables lack"):
-        bx.export("bnn_mlp", MLP, variables, (28, 28, 1))
-    with pytest.raises(ValueError, match="no packed-chain plan"):
-        bx.export("resnet20", {}, variables, (32, 32, 3), runtime="chain")
+    shape = {"preprocessing": None, "input_shape": (28, 28, 1)}
+    with pytest.raises(ConfigError, match="runtime must be one of"):
+        bx.export(model, variables, **shape, runtime="fast")
+    with pytest.raises(ConfigError, match="export takes the Flax module"):
+        bx.export("bnn_mlp", variables, **shape)
+    with pytest.raises(ConfigError, match="input_shape must be a tuple"):
+        bx.export(model, variables, preprocessing=None, input_shape=28)
+    with pytest.raises(ConfigError, match="the input shape is unknown"):
+        bx.export(model, variables, preprocessing=None)
+    with pytest.raises(ConfigError, match="cannot be stored"):
+        bx.export(model.clone(input_quantizer=binax.binarizers.sign), variables, **shape)
+    with pytest.raises(ConfigError, match="variables lack"):
+        bx.export(model, variables, **shape)
+    with pytest.raises(ConfigError, match="no packed-chain plan"):
+        bx.export(binax.models.create("resnet20"), variables, preprocessing=None, input_shape=(32, 32, 3), runtime="chain")
     path = tmp_path / "old.npz"
     meta = {**packed.meta, "format_version": bx.FORMAT_VERSION + 1}
     np.savez(path, meta=np.asarray(json.dumps(meta)), **packed.arrays())
-    with pytest.raises(ValueError, match="format version"):
+    with pytest.raises(ConfigError, match="format version"):
         bx.load(path)
     np.savez(tmp_path / "other.npz", a=np.zeros(3))
-    with pytest.raises(ValueError, match="not a binax packed model file"):
+    with pytest.raises(ConfigError, match="not a binax packed model file"):
         bx.load(tmp_path / "other.npz")
 
 
+class WiderMLP(binax.models.mlp.MLP):
+    """A model class of the user's own (not in the registry): recorded by class and fields."""
+
+
+def test_export_takes_the_module_and_records_how_to_rebuild_it(tmp_path):
+    from binax.export.model import module_identity
+
+    name, where, config = module_identity(binax.models.create("vgg7_tiny", width_multiplier=0.5))
+    assert (name, where, config["width_multiplier"]) == ("vgg7_tiny", "binax.models.vgg:VGG", 0.5)
+    assert module_identity(binax.models.create("cnn_small"))[0] == "cnn_small"  # the same class as vgg_small
+    base = binax.models.create("bnn_mlp", **MLP)
+    mine = WiderMLP(**{f.name: getattr(base, f.name) for f in dataclasses.fields(base) if f.name not in ("parent", "name")})
+    name, where, config = module_identity(mine)
+    assert name is None and where == f"{__name__}:WiderMLP" and config["widths"] == list(MLP["widths"])
+    x = images_for((28, 28, 1))
+    variables, ref, _ = calibrated(mine, x)
+    packed = bx.export(mine, variables, preprocessing=None, input_shape=(28, 28, 1))
+    assert_same_logits(packed(x), ref)
+    packed.save(tmp_path / "mine.npz")
+    loaded = bx.load(tmp_path / "mine.npz")
+    assert type(loaded.model) is WiderMLP and loaded.name == "WiderMLP"
+    np.testing.assert_array_equal(loaded(x), packed(x))
+
+
+# ------------------------------------------------------------------------- preprocessing
+
+
+@pytest.mark.parametrize(
+    "dataset, mode",
+    [("fashion_mnist", "mean_std"), ("fashion_mnist", "unit"), ("cifar10", "mean_std"), ("cifar10", "sym"), ("digits", "mean_std")],
+)
+def test_the_preprocessing_table_is_the_training_pipelines_normalization(dataset, mode):
+    pre = bx.Preprocessing.for_dataset(dataset, mode)
+    spec = binax.data.get_spec(dataset)
+    assert pre.shape == spec.image_shape and pre.max_value == spec.max_value and pre.normalize == mode
+    c = spec.image_shape[-1]
+    raw = np.random.default_rng(0).integers(0, spec.max_value + 1, (4, 6, 5, c)).astype(np.uint8)
+    table = pre.table(c)
+    assert table.shape == (c, spec.max_value + 1) and table.dtype == np.float32
+    np.testing.assert_array_equal(table[np.arange(c), raw], binax.data.normalize(raw.astype(np.float32), spec, mode))
+    assert bx.Preprocessing.from_json(json.loads(json.dumps(pre.to_json()))) == pre
+
+
+def test_preprocessing_from_a_training_config_and_its_errors():
+    from configs import common as config_common
+
+    config = config_common.base_config()
+    config.data.name, config.data.normalize = "cifar10", "unit"
+    pre = bx.Preprocessing.from_config(config)
+    assert (pre.dataset, pre.normalize, pre.shape, pre.mean) == ("cifar10", "unit", (32, 32, 3), None)
+    assert bx.Preprocessing.for_dataset("imagenet2012").resize.startswith("evaluation images: the central square")
+    with pytest.raises(ConfigError, match="unknown dataset"):
+        bx.Preprocessing.for_dataset("svhn")
+    with pytest.raises(ConfigError, match="normalize='cube' is not one of"):
+        bx.Preprocessing.for_dataset("mnist", "cube")
+    with pytest.raises(ConfigError, match=r"input_shape \(32, 32, 3\) differs from the preprocessing's image shape \(28, 28, 1\)"):
+        as_preprocessing("fashion_mnist", (32, 32, 3))
+    with pytest.raises(ConfigError, match="preprocessing must be a binax.export.Preprocessing"):
+        as_preprocessing({"normalize": "unit"}, None)
+
+
+@functools.lru_cache(maxsize=None)
+def raw_exported(dataset: str = "fashion_mnist", n: int = 8):
+    """(packed bnn_mlp exported with the dataset's preprocessing, eval-mode logits of the
+    normalized images, the raw uint8 images)."""
+    pre = bx.Preprocessing.for_dataset(dataset)
+    spec = binax.data.get_spec(dataset)
+    if dataset == "fashion_mnist":
+        raw = binax.data.load_arrays(dataset, "test")[0][:n]
+    else:
+        raw = np.random.default_rng(0).integers(0, spec.max_value + 1, (n, *spec.image_shape)).astype(np.uint8)
+    model = binax.models.create("bnn_mlp", **MLP)
+    variables, ref, _ = calibrated(model, binax.data.normalize(raw.astype(np.float32), spec, "mean_std"))
+    return bx.export(model, variables, preprocessing=pre), ref, raw
+
+
+def test_raw_images_are_preprocessed_exactly_as_in_training():
+    packed, ref, raw = raw_exported()
+    assert raw.dtype == np.uint8
+    meta = packed.meta["preprocessing"]
+    assert meta == {
+        "normalize": "mean_std", "shape": [28, 28, 1], "max_value": 255, "mean": [0.286], "std": [0.353],
+        "dataset": "fashion_mnist", "resize": None, "raw_dtype": "uint8",
+    }
+    spec = binax.data.get_spec("fashion_mnist")
+    inputs = packed.preprocess(raw)
+    np.testing.assert_array_equal(inputs, binax.data.normalize(raw.astype(np.float32), spec, "mean_std"))
+    logits = np.asarray(packed(raw))
+    np.testing.assert_array_equal(logits, packed.forward(inputs))
+    assert_same_logits(logits, ref)
+    np.testing.assert_array_equal(packed(raw.astype(np.int64)), logits)  # any integer dtype in range
+
+
+def test_the_wrong_kind_of_input_is_an_error_never_a_wrong_answer():
+    packed, _, raw = raw_exported()
+    unit = raw.astype(np.float32) / 255.0
+    with pytest.raises(ConfigError, match=r"takes raw images: integers in \[0, 255\] \(uint8\).*got float32"):
+        packed(unit)  # [0, 1] floats
+    with pytest.raises(ConfigError, match="got float32"):
+        packed(raw.astype(np.float32))  # raw pixels as floats
+    with pytest.raises(ConfigError, match=r"the input value 0 \(channel 0\) is not one of the 256 values"):
+        packed.forward(unit)  # [0, 1] floats declared as preprocessed: not mean/std values
+    with pytest.raises(ConfigError, match=r"which lie in \[-0.8102, 2.023\] \(channel 0\); got values in \[0, 255\]"):
+        packed.forward(raw.astype(np.float32))
+    with pytest.raises(ConfigError, match=r"forward takes float inputs.*got uint8 values"):
+        packed.forward(raw)
+    with pytest.raises(ConfigError, match=r"raw pixel values must lie in \[0, 255\].*got values in \[-1, 255\]"):
+        packed(raw.astype(np.int32) - (raw == 0))
+    digits, _, digits_raw = raw_exported("digits")
+    with pytest.raises(ConfigError, match=r"must lie in \[0, 16\] .*\(digits\); got values in \[1, 17\]"):
+        digits(np.minimum(digits_raw.astype(np.int32) + 1, 17))
+    floats, _, x = exported("bnn_mlp", MLP)  # preprocessing=None: float inputs as given
+    with pytest.raises(ConfigError, match=r"forward takes float inputs.*none: float inputs as given.*got uint8"):
+        floats(raw)
+    with pytest.raises(ConfigError, match="exported without preprocessing"):
+        floats.preprocess(raw)
+
+
+# ------------------------------------------------------------------------- jax.export artifact
+
+
+PORTABLE_RUNNER = """
+import sys, numpy as np, jax
+exported = jax.export.deserialize(open(sys.argv[1], "rb").read())
+for path in sys.argv[2:]:
+    np.save(path + ".out.npy", np.asarray(exported.call(np.load(path))))
+assert not [m for m in sys.modules if m.split(".")[0] == "binax"], "the artifact must not need binax"
+print(exported.in_avals, exported.out_avals)
+"""
+
+
+@pytest.mark.slow
+def test_the_jax_export_artifact_runs_with_jax_alone_and_equals_the_runtime(tmp_path):
+    """Chain (raw uint8 in) and generic (float in) runtimes; two batch sizes; a process
+    that never imports binax."""
+    raw_model, _, raw = raw_exported()
+    generic, _, x = exported("bnn_mlp", {**MLP, "layer_type": "abc", "abc_m": 3, "abc_n": 2}, runtime="generic")
+    digits, _, digits_raw = raw_exported("digits")
+    digits_raw = digits_raw.copy()
+    digits_raw[1, 0, 0, 0] = 17  # past max_value: the artifact cannot raise, it gives NaN
+    cases = {"raw": (raw_model, raw), "generic": (generic, x), "digits": (digits, digits_raw)}
+    for name, (model, inputs) in cases.items():
+        size = model.save_portable(tmp_path / f"{name}.jaxexport")
+        assert size == os.path.getsize(tmp_path / f"{name}.jaxexport")
+        np.save(tmp_path / f"{name}_all.npy", inputs)
+        np.save(tmp_path / f"{name}_3.npy", inputs[:3])
+        env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"} | {"JAX_PLATFORMS": "cpu"}
+        out = subprocess.run(
+            [sys.executable, "-c", PORTABLE_RUNNER, str(tmp_path / f"{name}.jaxexport"),
+             str(tmp_path / f"{name}_all.npy"), str(tmp_path / f"{name}_3.npy")],
+            cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300,
+        )
+        assert out.returncode == 0, out.stderr[-3000:]
+        want_dtype = "uint8" if model.preprocessing.takes_raw else "float32"
+        assert f"{want_dtype}[batch," in out.stdout
+        if name == "digits":
+            got = np.load(tmp_path / "digits_all.npy.out.npy")
+            assert np.isnan(got[1]).all() and not np.isnan(np.delete(got, 1, 0)).any()
+            ok = digits_raw.copy()
+            ok[1, 0, 0, 0] = 16
+            np.testing.assert_array_equal(np.delete(got, 1, 0), np.delete(np.asarray(model(ok)), 1, 0))
+            continue
+        for tag, batch in (("all", inputs), ("3", inputs[:3])):
+            np.testing.assert_array_equal(np.load(tmp_path / f"{name}_{tag}.npy.out.npy"), model(batch), err_msg=f"{name} {tag}")
 # ------------------------------------------------------------------------- experiments.export
 
 
@@ -518,10 +713,15 @@ def test_export_command_packs_the_best_checkpoint_of_a_workdir(tmp_path, capsys)
     out = export_cli.run(str(tmp_path), None, "best", "auto", None, check=4)
     printed = capsys.readouterr().out
     assert out == str(tmp_path / "packed_bnn_mlp.npz") and os.path.exists(out)
+    assert os.path.exists(tmp_path / "packed_bnn_mlp.jaxexport")
     assert "checkpoint step 10" in printed and "packed file (.npz)" in printed and "Total params" in printed
-    assert "predictions agree 100%" in printed
-    direct = bx.export("bnn_mlp", {"widths": (40, 36)}, good, (28, 28, 1))
-    np.testing.assert_array_equal(bx.load(out)(x), direct(x))
+    assert "predictions agree 100%" in printed and "jax.export artifact: the same logits, bit for bit" in printed
+    # The run's preprocessing (config.data: Fashion-MNIST, mean_std) is in the file.
+    loaded = bx.load(out)
+    assert loaded.preprocessing == bx.Preprocessing.for_dataset("fashion_mnist", "mean_std")
+    direct = bx.export(model, good, preprocessing="fashion_mnist")
+    raw = binax.data.load_arrays("fashion_mnist", "test")[0][:8]
+    np.testing.assert_array_equal(loaded(raw), direct(raw))
     from binax import train
 
     with pytest.raises(ValueError, match="no checkpoint at step 7"):
@@ -529,11 +729,67 @@ def test_export_command_packs_the_best_checkpoint_of_a_workdir(tmp_path, capsys)
     assert train.restore_variables(str(tmp_path), "latest")[3] == 20
 
 
-@pytest.mark.parametrize("n", [32, 64, 40])
-def test_pack_np_matches_pack_bits_on_any_layout(n):
-    """Export-time packing equals binax.export.pack_bits, also when no padding is needed
-    and the packed axis is not the last (a dense kernel (in, out) packs along axis 0)."""
-    from binax.export import inference, pack_bits
+# ------------------------------------------------------------------------- docs/export.md
 
-    bits = np.random.default_rng(0).random((n, 7)) > 0.5
-    np.testing.assert_array_equal(inference.pack_np(bits, 0), np.asarray(pack_bits(jnp.asarray(bits), axis=0)))
+
+def doc_reader() -> str:
+    """The numpy reader of docs/export.md (its python block that defines ``predict``)."""
+    text = open(os.path.join(ROOT, "docs", "export.md")).read()
+    (block,) = [b for b in re.findall(r"```python\n(.*?)```", text, re.S) if "def predict(" in b]
+    return block
+
+
+def test_the_docs_numpy_reader_reproduces_the_packed_predictions(tmp_path):
+    """The page's reader, run on an exported bnn_mlp (two fused thresholds, float first
+    layer, BatchNorms and classifier), against binax's packed runtime."""
+    reader = doc_reader()
+    assert len(reader.strip().splitlines()) <= 60
+    imports = [line for line in reader.splitlines() if line.startswith(("import ", "from "))]
+    assert imports == ["import json", "import numpy as np"]
+    namespace: dict = {}
+    exec(compile(reader, "docs/export.md", "exec"), namespace)
+
+    raw = binax.data.load_arrays("fashion_mnist", "test")[0][:200]
+    cfg = {"widths": (72, 40, 36, 34)}
+    model = binax.models.create("bnn_mlp", **cfg)
+    spec = binax.data.get_spec("fashion_mnist")
+    variables, _, _ = calibrated(model, binax.data.normalize(raw[:64].astype(np.float32), spec, "mean_std"))
+    packed = bx.export(model, variables, preprocessing="fashion_mnist")
+    assert sorted(packed.meta["fused"]) == ["bn1", "bn2"]
+    packed.save(tmp_path / "mlp.npz")
+
+    got = namespace["predict"](str(tmp_path / "mlp.npz"), raw)
+    want = np.asarray(packed(raw))
+    np.testing.assert_array_equal(got.argmax(-1), want.argmax(-1))
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * float(np.abs(want).max()))
+    assert np.ptp(want, axis=0).max() > 0
+
+
+@pytest.mark.slow
+def test_the_docs_python_example_runs_on_a_trained_run(tmp_path):
+    """docs/export.md's first example, on the README's digits run (trained here, quick)."""
+    text = open(os.path.join(ROOT, "docs", "export.md")).read()
+    example = re.findall(r"```python\n(.*?)```", text, re.S)[0]
+    assert 'restore_variables("runs/digits")' in example
+    code = (
+        "from binax import train\nfrom configs import digits_mlp\n"
+        "train.train_and_evaluate(digits_mlp.get_config('quick'), 'runs/digits')\n" + example
+    )
+    env = {**os.environ, "PYTHONPATH": ROOT, "JAX_PLATFORMS": "cpu"}
+    out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "1 of 1 quantized layers run on XOR-popcount." in out.stdout  # widths (256, 256): fc1
+    packed_acc, trained_acc = re.search(r"packed (\S+)%, trained (\S+)%", out.stdout).groups()
+    assert packed_acc == trained_acc  # the packed model on raw pixels = the trained model on its inputs
+    # The artifact's example, in a process without binax.
+    np.save(tmp_path / "raw.npy", binax.data.load_arrays("digits", "test")[0])
+    portable = re.findall(r"```python\n(.*?)```", text, re.S)[-1]
+    assert "jax.export.deserialize" in portable
+    code = (
+        "import sys\nimport numpy as np\nimages = np.load('raw.npy')\n" + portable
+        + "\nassert not [m for m in sys.modules if m.startswith('binax')]\nprint(logits.shape)\n"
+    )
+    env = {k: v for k, v in env.items() if k != "PYTHONPATH"}
+    out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stdout.splitlines() == ["(ShapedArray(uint8[batch,8,8,1]),) (ShapedArray(float32[batch,10]),)", "(297, 10)"]

@@ -155,6 +155,36 @@ def test_full_size_parameter_count_matches_the_architecture(name):
     assert out.shape == (2, models.get_config(name).num_classes)
 
 
+@pytest.mark.parametrize("name", EXPECTED_NAMES)
+@pytest.mark.parametrize("last_layer_float", [True, False])
+def test_layer_chain_is_the_forward_in_call_order(name, last_layer_float):
+    """model.chain() (what export and BinaryDuo decoupling read) lists the layers and BN
+    blocks ``__call__`` runs, in its order, with their width keys and quantized inputs."""
+    shape, overrides = SMALL[name]
+    model = models.create(name, last_layer_float=last_layer_float, width_multiplier=0.5, **overrides)
+    chain = model.chain()
+    if chain is None:
+        assert name.startswith(("resnet", "reactnet"))  # residual: not one chain
+        return
+    calls, _ = models.trace(model, shape)
+    top = {}
+    for call in calls:
+        if len(call.path) == 1 and not call.path[0].endswith("_act"):
+            top.setdefault(call.path, call)
+    steps = [s for s in chain if s.kind in ("layer", "block")]
+    assert [s.path for s in steps] == list(top)
+    assert [s.kind for s in steps] == ["block" if "bn" in p[0] else "layer" for p in top]
+    for step in steps:
+        call = top[step.path]
+        if step.kind == "layer":
+            assert (call.module.input_quantizer is not None) == step.quantize_input, step
+            if step.width is not None:
+                key, index = step.width
+                assert call.out_shape[-1] == max(1, round(getattr(model, key)[index] * 0.5)), step
+    pools = sum(s.kind == "max_pool" for s in chain)
+    assert pools == {"bnn_mlp": 0, "cnn_small": 2, "vgg_small": 3, "vgg7_tiny": 3, "alexnet": 3}[name]
+
+
 def test_hand_counts_of_the_papers_architectures():
     # Guards the formulas above with the figures written out once.
     assert _count("bnn_mlp", models.get_config("bnn_mlp"), (28, 28, 1)) == (
@@ -174,7 +204,13 @@ def test_hand_counts_of_the_papers_architectures():
     )
 
 
-@pytest.mark.parametrize("name", EXPECTED_NAMES)
+# The residual networks, AlexNet and VGG-small take longest: the fast tier
+# (-m "not slow") runs the others.
+HEAVY = ("reactnet18", "resnet18_cifar", "resnet34", "resnet18", "resnet20", "alexnet", "vgg_small")
+BY_COST = [pytest.param(n, marks=pytest.mark.slow) if n in HEAVY else n for n in EXPECTED_NAMES]
+
+
+@pytest.mark.parametrize("name", BY_COST)
 def test_forward_backward_and_one_trace_over_progress(name):
     shape, overrides = SMALL[name]
     model = models.create(name, num_classes=7, **overrides)
@@ -387,9 +423,10 @@ def _trained_like(model, x, rng):
     [
         ("bnn_mlp", dict(widths=(32, 32))),
         # IR-Net style: EDE sign after hardtanh, and a binarized classifier input.
-        (
+        pytest.param(
             "cnn_small",
             dict(widths=(8, 8, 16, 16), input_quantizer="ede_sign", activation="hardtanh", last_layer_float=False),
+            marks=pytest.mark.slow,
         ),
     ],
 )

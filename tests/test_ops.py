@@ -39,14 +39,15 @@ def _assert_grads_close(got, want):
         np.testing.assert_allclose(np.asarray(g), np.asarray(w), rtol=0, atol=2e-6 * scale)
 
 
+SLOW = pytest.mark.slow  # the fast tier (-m "not slow") keeps one case of each test
 CONV_CASES = [
     # (H, W, C, O, window, strides, padding, pad_value)
-    (7, 7, 40, 6, (3, 3), 1, "SAME", 1.0),
+    pytest.param(7, 7, 40, 6, (3, 3), 1, "SAME", 1.0, marks=SLOW),
     (7, 7, 40, 6, (3, 3), 1, "SAME", -1.0),
-    (8, 7, 5, 3, (3, 3), 2, "SAME", 1.0),  # odd/even sizes: asymmetric SAME padding
-    (8, 9, 33, 4, (3, 3), 2, "VALID", 1.0),  # the last row/column is never read
-    (6, 5, 7, 5, (2, 3), (1, 2), ((1, 0), (2, 1)), -1.0),
-    (5, 5, 9, 4, (3, 3), 1, "SAME", 0.0),  # zero padding: a per-position correction
+    pytest.param(8, 7, 5, 3, (3, 3), 2, "SAME", 1.0, marks=SLOW),  # odd/even sizes: asymmetric SAME padding
+    pytest.param(8, 9, 33, 4, (3, 3), 2, "VALID", 1.0, marks=SLOW),  # the last row/column is never read
+    pytest.param(6, 5, 7, 5, (2, 3), (1, 2), ((1, 0), (2, 1)), -1.0, marks=SLOW),
+    pytest.param(5, 5, 9, 4, (3, 3), 1, "SAME", 0.0, marks=SLOW),  # zero padding: a per-position correction
 ]
 
 
@@ -67,6 +68,7 @@ def test_conv_xnor_matches_xla(h, w, c, o, window, strides, padding, pad_value):
     _assert_grads_close(got[1:], want[1:])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("n", [6, 5])
 def test_conv_weight_gradient_summed_over_chunks_of_images(n, monkeypatch):
     # The weight gradient is accumulated over chunks of whole images (cache-sized); a
@@ -99,6 +101,7 @@ def test_conv_xla_impl_is_the_padded_convolution():
     np.testing.assert_array_equal(np.asarray(y), want)
 
 
+@pytest.mark.slow
 def test_conv_arbitrary_channel_scales_within_float_tolerance():
     """XNOR-Net's α = mean|W| is not a power of two: one rounding instead of many."""
     kx, kk, ka, kg = jax.random.split(jax.random.key(2), 4)
@@ -123,6 +126,7 @@ def test_dense_xnor_matches_xla(lead, k, n):
     _assert_grads_close(got[1:], want[1:])
 
 
+@pytest.mark.slow
 def test_bfloat16_inputs_keep_their_dtype():
     kx, kk = jax.random.split(jax.random.key(4))
     x = _pm1(kx, (2, 5, 5, 8), jnp.bfloat16)
@@ -173,15 +177,7 @@ def test_fast_path_supported_only_for_sign_valued_quantizers():
     assert not ops.fast_path_supported(jnp.sign, "ste_sign")  # a callable's values are unknown
 
 
-def test_kernel_packing_matches_export_packing():
-    from binax.export import pack_bits
-
-    for shape, axis in [((70, 5), 0), ((3, 3, 40, 7), 2), ((2, 2, 32, 3), 2)]:
-        w = jax.random.normal(jax.random.key(6), shape)
-        ours, theirs = jax.jit(lambda w: (ops_binary._pack_kernel(w, axis), pack_bits(w, axis=axis)))(w)
-        np.testing.assert_array_equal(np.asarray(ours), np.asarray(theirs))
-
-
+@pytest.mark.slow
 def test_model_training_gradients_same_through_layers(monkeypatch):
     """BinaryConv/BinaryDense route through binax.ops: same logits and gradients as the
     plain formulation (what a user's training step computes)."""

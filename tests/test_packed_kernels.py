@@ -10,11 +10,14 @@ import numpy as np
 import pytest
 from jax import lax
 
-from binax.export import (
+from binax.folding import scan_steps
+
+from binax.packed import (
     METHODS,
     PAD_BIT,
-    bn_sign_thresholds,
+    column_sums,
     pack_bits,
+    pack_bits_np,
     packed_conv,
     packed_dense,
     packed_size_bytes,
@@ -89,6 +92,20 @@ def test_unpack_inverts_pack_for_any_length(n):
     # The padding positions hold PAD_BIT.
     padded = unpack(words, n=32 * words.shape[1], axis=1)
     assert np.all(np.asarray(padded)[:, n:, :] == bool(PAD_BIT))
+
+
+@pytest.mark.parametrize("shape,axis", [((3, 70), 1), ((33, 5), 0), ((2, 3, 64, 4), 2), ((32, 7), 0), ((64, 7), 0), ((40, 7), 0)])
+def test_pack_bits_np_is_pack_bits(shape, axis):
+    """Export-time packing equals pack_bits, also when no padding is needed and the packed
+    axis is not the last (a dense kernel (in, out) packs along axis 0)."""
+    b = np.random.default_rng(1).random(shape) < 0.5
+    np.testing.assert_array_equal(pack_bits_np(b, axis), np.asarray(pack_bits(jnp.asarray(b), axis=axis)))
+
+
+def test_column_sums_count_plus_minus_one_per_output_channel():
+    w = pm1(np.random.default_rng(2), (3, 3, 40, 5))  # 40 channels: 2 words, 24 padding bits
+    packed = pack_bits_np(w >= 0, 2)
+    np.testing.assert_array_equal(column_sums(packed, 3 * 3 * 40), w.reshape(-1, 5).sum(0).astype(np.int32))
 
 
 def test_pack_and_unpack_are_jittable():
@@ -191,6 +208,14 @@ def test_packed_conv_rejects_bad_arguments():
 # ------------------------------------------------------------------- binary activations
 
 
+def _fold(fn, bound):
+    """Integer thresholds of ``fn`` on every accumulator value in [-bound, bound] (binax's one
+    folding routine, as the packed chain uses it)."""
+    steps = scan_steps(fn(np.arange(-bound, bound + 1)[:, None]), -bound)
+    assert steps.monotone.all()
+    return steps.thresholds(-(2**30)).astype(np.int32), steps.flips
+
+
 def test_threshold_to_bits_is_sign_of_batchnorm():
     rng = np.random.default_rng(5)
     c = 40
@@ -201,13 +226,15 @@ def test_threshold_to_bits_is_sign_of_batchnorm():
     beta[0] = 0.0  # sign(0) = +1
     scale = rng.uniform(0.2, 2.0, c)  # XNOR alpha per output channel
     scale[5] = 0.0
-    y = scale * acc.astype(np.float64)
-    bn = gamma * (y - mean) / np.sqrt(var + 1e-3) + beta
-    t, flip = bn_sign_thresholds(mean, var, gamma, beta, epsilon=1e-3, scale=scale)
+
+    def bn_sign(a):  # sign(BN(scale * a)) = +1, in float64
+        return gamma * (scale * a.astype(np.float64) - mean) / np.sqrt(var + 1e-3) + beta >= 0
+
+    t, flip = _fold(bn_sign, 60)
     got = jax.jit(threshold_to_bits)(acc, t, flip)
     assert got.shape == (6, 2)
-    np.testing.assert_array_equal(unpack_bits(got, c), bn >= 0)
-    np.testing.assert_array_equal(got, np_pack(bn >= 0))
+    np.testing.assert_array_equal(unpack_bits(got, c), bn_sign(acc))
+    np.testing.assert_array_equal(got, np_pack(bn_sign(acc)))
 
 
 def test_threshold_to_bits_compares_real_thresholds_exactly():
@@ -228,7 +255,7 @@ def test_two_binary_layers_without_float_activations():
     h = np.where(gamma * (h - mean) / np.sqrt(var + 1e-5) + beta >= 0, 1, -1)
     want = h @ w2
 
-    t, flip = bn_sign_thresholds(mean, var, gamma, beta, scale=alpha)
+    t, flip = _fold(lambda a: gamma * (alpha * a - mean) / np.sqrt(var + 1e-5) + beta >= 0, 70)
 
     @jax.jit
     def packed_net(xp, w1p, w2p):
@@ -237,8 +264,3 @@ def test_two_binary_layers_without_float_activations():
 
     got = packed_net(pack_bits(x), pack_bits(w1, axis=0), pack_bits(w2, axis=0))
     np.testing.assert_array_equal(got, want)
-
-
-def test_bn_sign_thresholds_rejects_negative_scale():
-    with pytest.raises(ValueError, match="scale must be finite and >= 0"):
-        bn_sign_thresholds(0.0, 1.0, 1.0, 0.0, scale=-1.0)

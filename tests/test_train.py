@@ -4,6 +4,7 @@ test_train_distributed.py and test_train_resume.py."""
 
 import json
 import math
+import os
 
 import chex
 import jax
@@ -77,6 +78,7 @@ def test_bop_follows_the_formula_elementwise():
     assert int(new_state.count) == 1
 
 
+@pytest.mark.slow
 def test_bop_group_updates_only_latent_kernels():
     model = tiny_model()
     tx, schedules = train.create_optimizer(
@@ -215,6 +217,7 @@ def test_latent_weight_clip_clips_only_latent_kernels():
     assert any(beyond)  # the float layers were not clipped
 
 
+@pytest.mark.slow
 def test_bfloat16_compute_keeps_float32_master_weights():
     model = tiny_model()
     tx = optax.adam(1e-3)
@@ -304,15 +307,43 @@ def test_bad_batch_size_is_a_clear_error(tmp_path):
         train.train_and_evaluate(small_config(batch_size=0), str(tmp_path))
 
 
-def test_non_finite_loss_stops_with_step_and_checkpoint(tmp_path):
-    # A NaN learning rate makes every parameter NaN after update 0: step 2's loss is NaN.
+@pytest.mark.slow
+def test_non_finite_parameters_stop_the_run_although_the_loss_is_finite(tmp_path):
+    # A NaN learning rate makes every parameter NaN in update 0, whose loss (computed
+    # before the update) is finite; a binary network's loss can stay finite on NaN
+    # latent weights for a long time. The run stops at step 1, before any record or
+    # checkpoint holds the NaN state.
     config = small_config(**{"optimizer.learning_rate": float("nan"), "optimizer.schedule": "constant"})
-    with pytest.raises(train.NonFiniteLossError, match=r"nan at step 2 .*none saved yet"):
+    with pytest.raises(
+        train.NonFiniteError, match=r"loss is [0-9.]+ but update_norm is nan, param_norm is nan at step 1 .*none saved yet"
+    ):
         train.train_and_evaluate(config, str(tmp_path))
-    records = train.read_metrics(str(tmp_path / "metrics.jsonl"))
-    assert [r["step"] for r in records] == [1]  # the NaN window was not written
+    assert train.read_metrics(str(tmp_path / "metrics.jsonl")) == []
+    assert not (tmp_path / "checkpoints").exists() or not os.listdir(tmp_path / "checkpoints")
 
 
+@pytest.mark.slow
+def test_non_finite_loss_stops_with_step_and_checkpoint(tmp_path):
+    # Checkpoints every 2 steps; the learning rate jumps to inf at step 3 (warm-up
+    # schedules don't do that, a bad config can): the checkpoint to go back to is step 2.
+    config = small_config(
+        **{"checkpoint.every_steps": 2, "checkpoint.async_save": False, "log_every_steps": 3}
+    )
+    config.optimizer.learning_rate = 1e-3
+    original = optimizers.make_schedule
+
+    def exploding(*args, **kwargs):
+        schedule = original(*args, **kwargs)
+        return lambda count: jnp.where(count >= 2, jnp.inf, schedule(count))
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(optimizers, "make_schedule", exploding)
+        with pytest.raises(train.NonFiniteError, match=r"at step 3 \(update 2\); the last checkpoint to go back to is step 2 in "):
+            train.train_and_evaluate(config, str(tmp_path))
+    assert train.read_metrics(str(tmp_path / "metrics.jsonl")) == []  # the record at step 3 was not written
+
+
+@pytest.mark.slow
 def test_short_run_writes_records_summary_and_best_checkpoint(tmp_path):
     config = small_config(num_epochs=2, log_every_steps=2)
     summary = train.train_and_evaluate(config, str(tmp_path))
@@ -333,6 +364,7 @@ def test_short_run_writes_records_summary_and_best_checkpoint(tmp_path):
     best.close()
 
 
+@pytest.mark.slow
 def test_ctrl_c_saves_a_checkpoint_and_a_rerun_resumes_there(tmp_path):
     import signal
     import threading
@@ -347,11 +379,75 @@ def test_ctrl_c_saves_a_checkpoint_and_a_rerun_resumes_there(tmp_path):
     config = small_config(**{"checkpoint.async_save": False})
     with pytest.raises(KeyboardInterrupt):
         train.train_and_evaluate(config, str(tmp_path), on_step=interrupt)
-    # The loop stops after the update that follows the signal, and saves it.
+    # The loop stops after the update in progress when the signal came, and saves it.
     ckpts = train.Checkpoints(str(tmp_path / "checkpoints"))
-    assert ckpts.all_steps() == [4]
+    assert ckpts.all_steps() == [3]
     ckpts.close()
     summary = train.train_and_evaluate(config, str(tmp_path))
-    assert (summary["resumed_from_step"], summary["step"]) == (4, 5)
+    assert (summary["resumed_from_step"], summary["step"]) == (3, 5)
     steps_logged = [r["step"] for r in train.read_metrics(str(tmp_path / "metrics.jsonl"))]
     assert steps_logged == [1, 2, 3, 4, 5, 5]
+
+
+# ----------------------------------------------------------------------------- what a run logs
+
+
+@pytest.fixture(scope="module")
+def logged_run(tmp_path_factory):
+    workdir = tmp_path_factory.mktemp("logged")
+    train.train_and_evaluate(small_config(num_epochs=2, log_every_steps=2), str(workdir))
+    return workdir
+
+
+@pytest.mark.slow
+def test_tensorboard_holds_the_config_hparams_flip_ratios_and_latent_weight_histograms(logged_run):
+    from tensorboard.backend.event_processing import event_accumulator
+
+    acc = event_accumulator.EventAccumulator(str(logged_run / "tb"), size_guidance={"histograms": 0, "tensors": 0})
+    acc.Reload()
+    tags = acc.Tags()
+    assert {"train/loss", "test/accuracy", "flip_ratio", "flip_ratio/fc1"} <= set(tags["scalars"])
+    # One latent-weight histogram per binary layer at each epoch end.
+    assert [e.step for e in acc.Histograms("latent_weights/fc1")] == [5, 10]
+    histogram = acc.Histograms("latent_weights/fc1")[-1].histogram_value
+    assert histogram.num == 32 * 32
+    # The config as text, and as hparams for TensorBoard's HParams tab.
+    config_text = acc.Tensors("config/text_summary")[0].tensor_proto.string_val[0].decode()
+    assert '"widths": [\n      32,\n      32\n    ]' in config_text
+    plugins = acc.PluginTagToContent("hparams")
+    assert "_hparams_/session_start_info" in plugins
+    assert b"optimizer.learning_rate" in plugins["_hparams_/session_start_info"]
+
+
+@pytest.mark.slow
+def test_per_layer_flip_ratios_average_to_the_total(logged_run):
+    record = train.read_metrics(str(logged_run / "metrics.jsonl"))[0]
+    layers_ = {k: v for k, v in record.items() if k.startswith("flip_ratio/")}
+    assert list(layers_) == ["flip_ratio/fc1"]  # the only binary kernel of this MLP
+    assert record["flip_ratio"] == pytest.approx(layers_["flip_ratio/fc1"])
+
+
+def test_update_flip_ratios_count_sign_changes_per_layer():
+    old = {"a": {"latent_kernel": jnp.array([1.0, -1.0, 0.0, 2.0])}, "b": {"latent_kernel": jnp.ones((2, 3))},
+           "c": {"kernel": jnp.ones(3)}}
+    new = {"a": {"latent_kernel": jnp.array([-1.0, -1.0, -0.1, 2.0])}, "b": {"latent_kernel": -jnp.ones((2, 3))},
+           "c": {"kernel": -jnp.ones(3)}}
+    ratios = jax.jit(steps.update_flip_ratios)(old, new)
+    assert float(ratios["flip_ratio/a"]) == 0.5  # 0 -> -0.1 is a flip: sign(0) = +1
+    assert float(ratios["flip_ratio/b"]) == 1.0
+    assert float(ratios["flip_ratio"]) == pytest.approx(8 / 10)
+    assert "flip_ratio/c" not in ratios  # a float kernel
+
+
+@pytest.mark.slow
+def test_plot_draws_every_run_and_names_missing_metrics(logged_run, tmp_path):
+    import matplotlib.image
+
+    from binax.errors import ConfigError
+    from experiments import plot
+
+    out = plot.plot([str(logged_run), str(logged_run)], str(tmp_path / "c.png"), ["train/loss", "test/accuracy", "flip_ratio"])
+    image = matplotlib.image.imread(out)
+    assert image.shape[1] > image.shape[0] > 100  # three panels side by side
+    with pytest.raises(ConfigError, match=r"no run has the metric\(s\) \['train/lost'\]; available: .*train/loss"):
+        plot.plot([str(logged_run)], str(tmp_path / "d.png"), ["train/lost"])

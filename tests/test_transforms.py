@@ -42,6 +42,7 @@ def _consumer_inputs(model, variables, x):
 DUO = dict(input_quantizer="duo_ternary", kernel_quantizer="duo_weight", latent_weight_clip=None)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "name, overrides, shape",
     [
@@ -70,7 +71,7 @@ def test_binaryduo_decoupling_is_exact(name, overrides, shape):
         assert dvars["params"][producer][key].shape[-1] == c and dvars["params"][bn]["scale"].shape == (2 * c,)
     coupled_cost = binax.summary(model, shape).totals
     decoupled_cost = binax.summary(dmodel, shape).totals
-    assert decoupled_cost.binary_macs == coupled_cost.binary_macs > 0
+    assert decoupled_cost.binary_ops == coupled_cost.binary_ops > 0
 
     couplings = transforms.binaryduo_couplings(model)
     assert couplings, "nothing was decoupled"
@@ -108,6 +109,7 @@ def test_decouple_binaryduo_param_rules():
     assert variables["params"]["a"]["kernel"].shape == (2, 3)
 
 
+@pytest.mark.slow
 def test_decoupling_rejects_what_it_cannot_keep_exact():
     x = jnp.zeros((1, 28, 28, 1))
     m = models.create("bnn_mlp", widths=(8, 8), input_quantizer="duo_ternary", kernel_quantizer="ste_sign")
@@ -117,7 +119,7 @@ def test_decoupling_rejects_what_it_cannot_keep_exact():
     with pytest.raises(ValueError, match="duo_ternary"):
         transforms.decouple_binaryduo_model(m, m.init(KEY, x))
     m = models.create("resnet20", width_multiplier=0.25, **DUO)
-    with pytest.raises(ValueError, match="MLP and VGG"):
+    with pytest.raises(ValueError, match="layer chain"):
         transforms.decouple_binaryduo_model(m, m.init(KEY, jnp.zeros((1, 32, 32, 3))))
 
 

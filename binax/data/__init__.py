@@ -24,6 +24,7 @@ from binax.data.idx import load_idx, parse_idx
 from binax.data.in_memory import ArrayDataset, load_arrays, random_crop_flip
 from binax.data.registry import SPECS, get_spec, names
 from binax.data.spec import NORMALIZE_MODES, Dataset, Spec, check_normalize, normalize
+from binax.errors import ConfigError
 
 __all__ = [
     "ArrayDataset", "Dataset", "NORMALIZE_MODES", "SPECS", "Spec", "create",
@@ -74,19 +75,19 @@ def create(data_config, *, seed: int, process_index: int = 0, process_count: int
     config = default_config()
     given = dict(data_config.items()) if hasattr(data_config, "items") else None
     if given is None:
-        raise ValueError(f"data_config must be a ConfigDict or mapping, got {data_config!r}")
+        raise ConfigError(f"data_config must be a ConfigDict or mapping, got {data_config!r}")
     unknown = sorted(set(given) - set(config.keys()))
     if unknown:
-        raise ValueError(f"unknown data config field(s) {unknown}; valid: {sorted(config.keys())}")
+        raise ConfigError(f"unknown data config field(s) {unknown}; valid: {sorted(config.keys())}")
     for key, value in given.items():
         if value is not None:
             config[key] = value
     if not _is_int(seed) or seed < 0:
-        raise ValueError(f"seed must be a non-negative integer, got {seed!r}")
+        raise ConfigError(f"seed must be a non-negative integer, got {seed!r}")
     if not _is_int(process_count) or process_count < 1:
-        raise ValueError(f"process_count must be a positive integer, got {process_count!r}")
+        raise ConfigError(f"process_count must be a positive integer, got {process_count!r}")
     if not _is_int(process_index) or not 0 <= process_index < process_count:
-        raise ValueError(f"process_index={process_index!r} is outside [0, {process_count})")
+        raise ConfigError(f"process_index={process_index!r} is outside [0, {process_count})")
     seed, process_index, process_count = int(seed), int(process_index), int(process_count)
 
     spec = get_spec(config.name)

@@ -10,8 +10,10 @@ from __future__ import annotations
 import gzip
 import os
 import struct
+import zlib
 
 import numpy as np
+from binax.errors import DataError
 
 # IDX type byte -> big-endian numpy dtype (the format's table).
 _IDX_DTYPES = {
@@ -38,23 +40,23 @@ def parse_idx(data: bytes, *, source: str = "<bytes>") -> np.ndarray:
     ``source`` only names the data in error messages.
     """
     if len(data) < 4:
-        raise ValueError(f"{source}: {len(data)} bytes is too short for an IDX header")
+        raise DataError(f"{source}: {len(data)} bytes is too short for an IDX header")
     zero0, zero1, type_code, ndim = data[:4]
     if zero0 != 0 or zero1 != 0 or type_code not in _IDX_DTYPES:
-        raise ValueError(
+        raise DataError(
             f"{source}: bad IDX magic {data[:4].hex()}; expected 0000 followed by a type "
             f"byte in {{{', '.join(f'{t:02x}' for t in _IDX_DTYPES)}}} and the number of "
             f"dimensions (e.g. 00000803 for images, 00000801 for labels)"
         )
     header_end = 4 + 4 * ndim
     if len(data) < header_end:
-        raise ValueError(f"{source}: truncated IDX header ({ndim} dimensions announced)")
+        raise DataError(f"{source}: truncated IDX header ({ndim} dimensions announced)")
     shape = struct.unpack(f">{ndim}I", data[4:header_end])
     dtype = _IDX_DTYPES[type_code]
     expected = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
     payload = len(data) - header_end
     if payload != expected:
-        raise ValueError(
+        raise DataError(
             f"{source}: IDX header announces shape {shape} of {dtype.name} "
             f"({expected} bytes) but the file holds {payload} bytes of data"
         )
@@ -66,13 +68,20 @@ def load_idx(path: str | os.PathLike) -> np.ndarray:
     """Reads an IDX file, gzip-compressed or raw, into a numpy array.
 
     Returns ``uint8`` ``(N, rows, cols)`` for an image file and ``uint8`` ``(N,)`` for a
-    label file (the types and shapes the header declares). Raises ``ValueError`` for a
-    file that is not IDX.
+    label file (the types and shapes the header declares). Raises
+    :class:`~binax.errors.DataError` (a ``ValueError``) naming the file for a file that is
+    not IDX or whose gzip stream is truncated or corrupt.
     """
     with open(path, "rb") as f:
         data = f.read()
     if data[:2] == _GZIP_MAGIC:
-        data = gzip.decompress(data)
+        try:
+            data = gzip.decompress(data)
+        except (EOFError, OSError, zlib.error) as e:
+            raise DataError(
+                f"{os.fspath(path)}: the gzip data is damaged ({e}); the file is truncated or "
+                "corrupt. Restore it (Debian: `sudo apt-get install --reinstall dataset-fashion-mnist`)."
+            ) from None
     return parse_idx(data, source=os.fspath(path))
 
 

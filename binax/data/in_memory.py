@@ -18,6 +18,7 @@ import numpy as np
 from binax.data import idx as idx_lib
 from binax.data import registry
 from binax.data.spec import Dataset, Spec, normalize, pad_batch
+from binax.errors import ConfigError, MissingDataError, MissingDependencyError
 
 # scikit-learn digits: the last DIGITS_TEST_SIZE of the 1797 images are the test split.
 DIGITS_TEST_SIZE = 297
@@ -30,7 +31,7 @@ def _resolve_idx_dir(spec: Spec, data_dir: Optional[str]) -> str:
         return os.fspath(data_dir)
     if spec.name == "fashion_mnist":
         return registry.FASHION_MNIST_DIR
-    raise FileNotFoundError(f"no data_dir for {spec.name!r}. {spec.install_hint}")
+    raise MissingDataError(f"no data_dir for {spec.name!r}. {spec.install_hint}")
 
 
 @functools.lru_cache(maxsize=8)
@@ -41,14 +42,14 @@ def _load_cached(name: str, split: str, data_dir: Optional[str]):
         paths = [idx_lib.find_idx_file(directory, stem) for stem in idx_lib.IDX_FILES[split]]
         if None in paths:
             missing = [s for s, p in zip(idx_lib.IDX_FILES[split], paths) if p is None]
-            raise FileNotFoundError(
+            raise MissingDataError(
                 f"{spec.name} {split} files {missing} (.gz or raw) not found in "
                 f"{directory!r}. {spec.install_hint}"
             )
         images = idx_lib.load_idx(paths[0])
         labels = idx_lib.load_idx(paths[1])
         if images.ndim != 3 or labels.ndim != 1 or len(images) != len(labels):
-            raise ValueError(
+            raise ConfigError(
                 f"{paths}: expected images (N, H, W) and labels (N,), got shapes "
                 f"{images.shape} and {labels.shape}"
             )
@@ -57,7 +58,7 @@ def _load_cached(name: str, split: str, data_dir: Optional[str]):
         try:
             from sklearn.datasets import load_digits
         except ImportError as e:
-            raise ImportError(f"the 'digits' dataset needs scikit-learn. {spec.install_hint}") from e
+            raise MissingDependencyError(f"the 'digits' dataset needs scikit-learn. {spec.install_hint}") from e
         digits = load_digits()
         images = digits.images.astype(np.uint8)[..., None]  # values 0..16
         labels = digits.target
@@ -65,7 +66,7 @@ def _load_cached(name: str, split: str, data_dir: Optional[str]):
         images, labels = (images[:cut], labels[:cut]) if split == "train" else (
             images[cut:], labels[cut:])
     else:
-        raise ValueError(f"{name!r} is a {spec.source} dataset, not an in-memory one")
+        raise ConfigError(f"{name!r} is a {spec.source} dataset, not an in-memory one")
     images = np.ascontiguousarray(images, dtype=np.uint8)
     labels = np.asarray(labels, dtype=np.int32)
     # Cached arrays are shared by every caller; read-only keeps one caller from editing
@@ -91,9 +92,9 @@ def load_arrays(name: str, split: str, data_dir: Optional[str] = None):
     spec = registry.get_spec(name)
     if spec.source not in ("idx", "digits"):
         in_memory = [n for n, s in registry.SPECS.items() if s.source in ("idx", "digits")]
-        raise ValueError(f"load_arrays reads {in_memory}, not {name!r}")
+        raise ConfigError(f"load_arrays reads {in_memory}, not {name!r}")
     if split not in idx_lib.IDX_FILES:
-        raise ValueError(f"split={split!r} is not one of {tuple(idx_lib.IDX_FILES)}")
+        raise ConfigError(f"split={split!r} is not one of {tuple(idx_lib.IDX_FILES)}")
     return _load_cached(spec.name, split, os.fspath(data_dir) if data_dir else None)
 
 

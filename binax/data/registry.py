@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from binax.data.spec import Spec
+from binax.errors import ConfigError
 
 FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
 
@@ -147,7 +148,7 @@ def get_spec(name: str) -> Spec:
     read from the builder's features when the dataset is created.
     """
     if not isinstance(name, str):
-        raise ValueError(f"dataset name must be a string, got {name!r}")
+        raise ConfigError(f"dataset name must be a string, got {name!r}")
     if name in SPECS:
         return SPECS[name]
     if name.startswith("tfds:") and len(name) > len("tfds:"):
@@ -163,6 +164,6 @@ def get_spec(name: str) -> Spec:
             tfds_name=builder,
             install_hint=_TFDS_BUILD,
         )
-    raise ValueError(
+    raise ConfigError(
         f"unknown dataset {name!r}; valid names are {names()} or 'tfds:<builder name>'"
     )

@@ -12,6 +12,7 @@ import math
 from typing import Optional
 
 import numpy as np
+from binax.errors import ConfigError
 
 NORMALIZE_MODES = ("mean_std", "unit", "sym")
 
@@ -70,14 +71,14 @@ def normalize(images: np.ndarray, spec: Spec, mode: str) -> np.ndarray:
         return u * np.float32(2.0) - np.float32(1.0)
     if mode == "mean_std":
         if spec.mean is None:
-            raise ValueError(
+            raise ConfigError(
                 f"normalize='mean_std' needs mean/std constants, and binax has none for "
                 f"{spec.name!r}; use normalize='unit' or 'sym'"
             )
         mean = np.asarray(spec.mean, np.float32)
         std = np.asarray(spec.std, np.float32)
         return (u - mean) / std
-    raise ValueError(f"normalize={mode!r} is not one of {NORMALIZE_MODES}")
+    raise ConfigError(f"normalize={mode!r} is not one of {NORMALIZE_MODES}")
 
 
 def check_normalize(mode: str, spec: Spec) -> None:
@@ -124,9 +125,9 @@ class Dataset:
     def local_batch_size(self, batch_size: int) -> int:
         """The number of examples this process yields per step of a global ``batch_size``."""
         if not isinstance(batch_size, (int, np.integer)) or batch_size <= 0:
-            raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
+            raise ConfigError(f"batch_size must be a positive integer, got {batch_size!r}")
         if batch_size % self.process_count:
-            raise ValueError(
+            raise ConfigError(
                 f"batch_size={batch_size} is not divisible by process_count="
                 f"{self.process_count}; the global batch is split evenly over processes"
             )
@@ -137,7 +138,7 @@ class Dataset:
         self.local_batch_size(batch_size)
         steps = self.num_train // int(batch_size)
         if steps == 0:
-            raise ValueError(
+            raise ConfigError(
                 f"batch_size={batch_size} is larger than the {self.num_train} training "
                 f"examples of {self.name!r}; an epoch would have no step"
             )
@@ -153,16 +154,16 @@ class Dataset:
             return self.num_train
         if split == "test":
             return self.num_test
-        raise ValueError(f"split={split!r} is not one of ('train', 'test')")
+        raise ConfigError(f"split={split!r} is not one of ('train', 'test')")
 
     def _check_train_args(self, epoch: int, batch_size: int, start_step: int):
         """Validates the arguments of ``train_batches``; returns ``(local_batch, steps)``."""
         if not isinstance(epoch, (int, np.integer)) or epoch < 0:
-            raise ValueError(f"epoch must be a non-negative integer, got {epoch!r}")
+            raise ConfigError(f"epoch must be a non-negative integer, got {epoch!r}")
         local = self.local_batch_size(batch_size)
         steps = self.steps_per_epoch(batch_size)
         if not isinstance(start_step, (int, np.integer)) or not 0 <= start_step <= steps:
-            raise ValueError(
+            raise ConfigError(
                 f"start_step={start_step!r} is outside [0, {steps}] (steps per epoch at "
                 f"batch_size={batch_size})"
             )

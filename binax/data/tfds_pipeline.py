@@ -21,6 +21,7 @@ from typing import Optional
 import numpy as np
 
 from binax.data.spec import Dataset, Spec, normalize, pad_batch
+from binax.errors import ConfigError, MissingDataError, MissingDependencyError
 
 # Inception-style crop (Szegedy et al., 2015) as in torchvision's RandomResizedCrop.
 _CROP_AREA = (0.08, 1.0)
@@ -35,7 +36,7 @@ def import_tf():
         import tensorflow as tf
         import tensorflow_datasets as tfds
     except ImportError as e:
-        raise ImportError(
+        raise MissingDependencyError(
             "tfds datasets need tensorflow and tensorflow-datasets: "
             "`pip install 'binax[tfds]'` (tensorflow-cpu is enough)"
         ) from e
@@ -66,7 +67,7 @@ class TfdsDataset(Dataset):
         try:
             self._builder = tfds.builder(spec.tfds_name, data_dir=data_dir)
         except tfds.core.registered.DatasetNotFoundError:
-            raise ValueError(
+            raise ConfigError(
                 f"tfds has no dataset {spec.tfds_name!r} (from name {spec.name!r}); see "
                 "https://www.tensorflow.org/datasets/catalog/overview"
             ) from None
@@ -74,7 +75,7 @@ class TfdsDataset(Dataset):
         if spec.image_shape is None:
             spec = self._generic_spec(spec)
         if augment and not (spec.crop_pad or spec.flip or spec.inception_crop):
-            raise ValueError(f"binax defines no augmentation for {spec.name!r}; set augment=False")
+            raise ConfigError(f"binax defines no augmentation for {spec.name!r}; set augment=False")
         num_train = self._split_sizes(spec, spec.train_split, 1)[0]
         num_test = self._split_sizes(spec, spec.test_split, 1)[0]
         super().__init__(spec, num_train=num_train, num_test=num_test, seed=seed,
@@ -95,7 +96,7 @@ class TfdsDataset(Dataset):
         num_classes = getattr(features["label"], "num_classes", None) if "label" in features \
             else None
         if shape is None or None in shape or num_classes is None:
-            raise ValueError(
+            raise ConfigError(
                 f"{spec.name!r}: binax reads tfds builders with a fixed-shape 'image' and a "
                 f"ClassLabel 'label' feature; this one has {features}"
             )
@@ -141,7 +142,7 @@ class TfdsDataset(Dataset):
             if "could not find data" not in str(e):
                 raise
             hint = spec.install_hint.format(tfds_name=spec.tfds_name, data_dir=self._data_dir)
-            raise FileNotFoundError(
+            raise MissingDataError(
                 f"tfds dataset {spec.tfds_name!r} is not prepared in {self._data_dir!r}. "
                 f"{hint}"
             ) from None

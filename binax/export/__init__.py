@@ -1,46 +1,42 @@
-"""Bit-packed export and inference: packing, XNOR-popcount kernels, the packed model file.
+"""Bit-packed export and inference: the packed model file and its runtimes.
 
-* ``packing``: ``pack_bits`` / ``unpack_bits`` (32 signs per uint32 word, LSB first,
-  padded with ``PAD_BIT = 0``) and ``packed_size_bytes``.
-* ``kernels``: ``packed_dense`` and ``packed_conv`` (``K − 2·popcount(a XOR w)``, exact
-  int32), ``threshold_to_bits`` and ``bn_sign_thresholds`` (BatchNorm + sign as an integer
-  compare that emits the next layer's packed bits).
-* ``model``: ``export(name, config, variables, input_shape)`` -> :class:`PackedModel`
-  (``model(images) -> logits``, ``.report()``, ``.save(path)``) and ``load(path)``: every
-  registry model, packed weights in one ``.npz`` file, packed inference (``chain`` /
-  ``generic`` runtimes).
+* ``model``: ``export(model, variables, preprocessing=...)`` -> :class:`PackedModel`
+  (``packed(raw_images) -> logits``, ``.forward(inputs)``, ``.report()``,
+  ``.save(path)``, ``.save_portable(path)``) and ``load(path)``: every registry model,
+  packed weights in one ``.npz`` file (format: docs/export.md), packed inference
+  (``chain`` / ``generic`` runtimes), and a ``jax.export`` artifact that runs with jax
+  alone.
+* ``preprocessing``: :class:`Preprocessing`, what the training pipeline did to raw images.
+* ``inference``: a quantized layer in inference form (activation codes, packed kernels).
+* ``chain``: sequential models whose binary layers pass packed bits to each other.
+
+The packing and the XNOR-popcount kernels they run on are :mod:`binax.packed`, shared
+with the training fast path (:mod:`binax.ops`). From a training run's workdir::
+
+    model, variables, config, step = binax.train.restore_variables("runs/vgg")
+    packed = binax.export.export(model, variables, preprocessing=Preprocessing.from_config(config))
 """
 
-from binax.export.kernels import (
-    CPU_COMPILER_OPTIONS,
-    METHODS,
-    bn_sign_thresholds,
-    default_method,
-    packed_conv,
-    packed_dense,
-    threshold_to_bits,
+from binax.export.model import (
+    FORMAT_VERSION,
+    PackedModel,
+    export,
+    inference_config,
+    inference_model,
+    load,
+    read_meta,
+    save,
 )
-from binax.export.model import FORMAT_VERSION, PackedModel, export, inference_config, load, save
-from binax.export.packing import PAD_BIT, WORD_BITS, num_words, pack_bits, packed_size_bytes, unpack_bits
+from binax.export.preprocessing import Preprocessing
 
 __all__ = [
-    "CPU_COMPILER_OPTIONS",
     "FORMAT_VERSION",
-    "METHODS",
-    "PAD_BIT",
-    "WORD_BITS",
-    "bn_sign_thresholds",
-    "default_method",
     "export",
     "inference_config",
+    "inference_model",
     "load",
-    "num_words",
-    "pack_bits",
-    "packed_conv",
-    "packed_dense",
-    "packed_size_bytes",
     "PackedModel",
+    "Preprocessing",
+    "read_meta",
     "save",
-    "threshold_to_bits",
-    "unpack_bits",
 ]

@@ -7,7 +7,7 @@ function of ONE integer per output channel: the accumulator ``a`` of the first l
 the next layer is therefore a boolean function of ``a``, per channel; when it is monotone
 it is ``(a >= t_c) XOR flip_c`` (BinaryBN: ``sign(BN(x)) = sign(γ)·sign(x − τ)``), and the
 next layer's packed bits come straight from the int32 accumulators
-(:func:`binax.export.threshold_to_bits`), with no float activation in between.
+(:func:`binax.packed.threshold_to_bits`), with no float activation in between.
 
 The thresholds are not derived from the BatchNorm formula but read off the float
 computation itself: the block (the model's own BatchNorm/BinaryBatchNorm, activation and
@@ -23,10 +23,10 @@ Max-pooling commutes with both steps: ``max`` of ``fl(a·scale)`` is ``fl(max(a)
 (``scale >= 0``), and a monotone plane of the max is the OR (flip: the AND) of the planes,
 so pools run on the packed words (32 channels per ``uint32``) with a bitwise OR.
 
-A family plugs in with a planner: ``model -> [op, ...]`` mirroring its ``__call__``
-(ops ``("flatten",)``, ``("layer", path)``, ``("max_pool", window, strides, padding)``,
-``("block", path)`` for ``bn_sign_block``, ``("activation", name, path)``). The tests
-compare every planned model with its training graph in eval mode.
+A model takes part by describing its forward as a chain, next to its ``__call__``
+(``model.chain()``: :class:`binax.models.common.Step` ``flatten``, ``layer``,
+``max_pool``, ``block`` for ``bn_sign_block``, ``activation``). The tests compare every
+chained model with its training graph in eval mode.
 """
 
 from __future__ import annotations
@@ -40,96 +40,56 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
+from binax import folding
 from binax import layers as L
 from binax.export.inference import PackedLayer
-from binax.export.kernels import threshold_to_bits
-from binax.export.packing import pack_bits
-from binax.models import alexnet, common, mlp, vgg
+from binax.models import common
+from binax.models.common import Step
+from binax.packed.bits import pack_bits
+from binax.packed.kernels import threshold_to_bits
 
 Array = jax.Array
 
-__all__ = ["PLANNERS", "ChainPlan", "plan_ops", "map_shapes", "compile_thresholds", "chain_forward"]
+__all__ = ["ChainPlan", "plan_ops", "map_shapes", "compile_thresholds", "chain_forward"]
 
-# Thresholds beyond ±2**30 act as ±inf (kernels._INT_INF).
+# Thresholds beyond ±2**30 act as ±inf (binax.packed.kernels._INT_INF).
 _INT_INF = 2**30
 # Booleans per jitted evaluation of a block while searching thresholds.
 _EVAL_CHUNK = 1 << 22
 
 
-# ------------------------------------------------------------------------- planners
+# ------------------------------------------------------------------------- plan
 
 
-def _block(name: str) -> tuple:
-    return ("block", (name,))
+def plan_ops(model: nn.Module) -> list[Step] | None:
+    """The model's own chain (``model.chain()``, :class:`binax.models.common.Step`), or
+    None when it has none (residual networks run on the generic runtime)."""
+    chain = getattr(model, "chain", None)
+    return None if chain is None else chain()
 
 
-def _mlp_ops(model: mlp.MLP) -> list[tuple]:
-    ops: list[tuple] = [("flatten",)]
-    for i, _ in enumerate(common.scaled(model.widths, model.width_multiplier)):
-        ops += [("layer", (f"fc{i}",)), _block(f"bn{i}")]
-    return ops + [("layer", ("classifier",))]
-
-
-def _vgg_ops(model: vgg.VGG) -> list[tuple]:
-    ops: list[tuple] = []
-    for i, _ in enumerate(common.scaled(model.widths, model.width_multiplier)):
-        ops.append(("layer", (f"conv{i}",)))
-        if i + 1 in model.pool_after:
-            ops.append(("max_pool", (2, 2), (2, 2), "VALID"))
-        ops.append(_block(f"bn{i}"))
-    ops.append(("flatten",))
-    for j, _ in enumerate(common.scaled(model.hidden_dense, model.width_multiplier)):
-        ops += [("layer", (f"fc{j}",)), _block(f"fc_bn{j}")]
-    ops.append(("activation", model.classifier_activation, ("classifier_act",)))
-    return ops + [("layer", ("classifier",))]
-
-
-def _alexnet_ops(model: alexnet.AlexNet) -> list[tuple]:
-    ops: list[tuple] = []
-    for i, (_, _, _, pool) in enumerate(alexnet._CONVS):
-        ops.append(("layer", (f"conv{i}",)))
-        if pool:
-            ops.append(("max_pool", (3, 3), (2, 2), "VALID"))
-        ops.append(_block(f"bn{i}"))
-    ops.append(("flatten",))
-    for j, _ in enumerate(common.scaled(model.fc_widths, model.width_multiplier)):
-        ops += [("layer", (f"fc{j}",)), _block(f"fc_bn{j}")]
-    return ops + [("layer", ("classifier",))]
-
-
-#: Model classes with a packed-chain planner (exact classes; subclasses may differ).
-PLANNERS: dict[type, Callable[[Any], list[tuple]]] = {
-    mlp.MLP: _mlp_ops,
-    vgg.VGG: _vgg_ops,
-    alexnet.AlexNet: _alexnet_ops,
-}
-
-
-def plan_ops(model: nn.Module) -> list[tuple] | None:
-    """The op list of ``model``'s forward, or None when its family has no planner."""
-    planner = PLANNERS.get(type(model))
-    return None if planner is None else planner(model)
-
-
-def map_shapes(ops: Sequence[tuple], calls: Mapping[tuple, Any], input_shape: Sequence[int]) -> dict:
+def map_shapes(ops: Sequence[Step], calls: Mapping[tuple, Any], input_shape: Sequence[int]) -> dict:
     """``{dense path: (H, W, C)}`` for dense layers fed by a flattened ``H×W×C`` map."""
     shape = (1, *input_shape)
     out = {}
     flattened_from = None
     for op in ops:
-        kind = op[0]
-        if kind == "flatten":
+        if op.kind == "flatten":
             flattened_from = shape if len(shape) == 4 else None
             shape = (shape[0], int(np.prod(shape[1:])))
             continue
-        if kind == "layer" and flattened_from is not None:
-            out[op[1]] = tuple(flattened_from[1:])
-        if kind in ("layer", "block"):
-            shape = calls[op[1]].out_shape
-        elif kind == "max_pool":
-            shape = jax.eval_shape(lambda x: nn.max_pool(x, op[1], op[2], op[3]), jax.ShapeDtypeStruct(shape, jnp.float32)).shape
+        if op.kind == "layer" and flattened_from is not None:
+            out[op.path] = tuple(flattened_from[1:])
+        if op.kind in ("layer", "block"):
+            shape = calls[op.path].out_shape
+        elif op.kind == "max_pool":
+            shape = jax.eval_shape(lambda x: _max_pool(op, x), jax.ShapeDtypeStruct(shape, jnp.float32)).shape
         flattened_from = None
     return out
+
+
+def _max_pool(op: Step, x: Array) -> Array:
+    return nn.max_pool(x, op.window, op.strides, op.padding)
 
 
 # ------------------------------------------------------------------------- blocks
@@ -200,7 +160,7 @@ def _activation(name: str, module: nn.Module | None, variables: Mapping, x: Arra
 class ChainPlan:
     """Ops, the exported layers by path, the blocks, and which blocks are fused."""
 
-    ops: list[tuple]
+    ops: list[Step]
     layers: dict[tuple, PackedLayer]
     blocks: dict[tuple, Block]
     modules: dict[tuple, nn.Module]  # unbound clones of every called module
@@ -208,33 +168,33 @@ class ChainPlan:
     not_fused: dict[tuple, str]  # block path -> why
 
 
-def fusion_candidates(ops: Sequence[tuple], layers: Mapping[tuple, PackedLayer]) -> tuple[dict, dict]:
+def fusion_candidates(ops: Sequence[Step], layers: Mapping[tuple, PackedLayer]) -> tuple[dict, dict]:
     """Which blocks sit between an integer-output packed layer and a packed layer.
 
     Returns ``({block: (producer, consumer)}, {block: reason})``.
     """
     cands, reasons = {}, {}
     for i, op in enumerate(ops):
-        if op[0] != "block":
+        if op.kind != "block":
             continue
         j = i - 1
-        while j >= 0 and ops[j][0] == "max_pool":
+        while j >= 0 and ops[j].kind == "max_pool":
             j -= 1
-        producer = ops[j][1] if j >= 0 and ops[j][0] == "layer" else None
+        producer = ops[j].path if j >= 0 and ops[j].kind == "layer" else None
         k = i + 1
-        while k < len(ops) and (ops[k][0] == "flatten" or (ops[k][0] == "activation" and ops[k][1] == "none")):
+        while k < len(ops) and (ops[k].kind == "flatten" or (ops[k].kind == "activation" and ops[k].activation == "none")):
             k += 1
-        consumer = ops[k][1] if k < len(ops) and ops[k][0] == "layer" else None
+        consumer = ops[k].path if k < len(ops) and ops[k].kind == "layer" else None
         prod = layers.get(producer)
         cons = layers.get(consumer)
         if prod is None or not prod.integer_output:
-            reasons[op[1]] = "input is not one integer accumulator per channel (float or ABC layer before it)"
+            reasons[op.path] = "input is not one integer accumulator per channel (float or ABC layer before it)"
         elif cons is None or not cons.packed:
-            reasons[op[1]] = "its output feeds a float layer"
+            reasons[op.path] = "its output feeds a float layer"
         elif not cons.integer_output:
-            reasons[op[1]] = "its output feeds an ABC-Net layer (shifted planes: not fused)"
+            reasons[op.path] = "its output feeds an ABC-Net layer (shifted planes: not fused)"
         else:
-            cands[op[1]] = (producer, consumer)
+            cands[op.path] = (producer, consumer)
     return cands, reasons
 
 
@@ -256,16 +216,13 @@ def _grid(producer: PackedLayer, producer_arrays: Mapping[str, np.ndarray], idx:
 
 
 def _thresholds(bits: np.ndarray, big: int) -> tuple[np.ndarray, np.ndarray] | None:
-    """``(t, flip)`` from planes ``(P, R, C)`` over ``a = −A..A``; None if one is not monotone."""
-    first = bits[:, 0, :]
-    changed = bits ^ first[:, None, :]
-    if np.any(changed[:, :-1] & ~changed[:, 1:]):  # a plane changes back
+    """``(t, flip)`` from planes ``(P, R, C)`` over ``a = −A..A`` (:func:`binax.folding.scan_steps`);
+    None if one is not monotone."""
+    steps = folding.scan_steps(bits, -big)
+    if not np.all(steps.monotone):  # a plane changes back
         return None
-    has = changed.any(axis=1)
-    t = np.where(has, np.argmax(changed, axis=1) - big, -_INT_INF)
-    # a < t: the plane is first; a >= t: it is not first. (acc >= t) XOR flip gives both.
-    flip = np.where(has, first, ~first)
-    return t.astype(np.int32), flip.astype(bool)
+    # a < t: the plane is its value at -A; a >= t: the other. (acc >= t) XOR flip gives both.
+    return steps.thresholds(-_INT_INF).astype(np.int32), steps.flips.astype(bool)
 
 
 @dataclasses.dataclass
@@ -324,14 +281,14 @@ def _search_chunked(s: _Search):
 # ------------------------------------------------------------------------- forward
 
 
-def _or_pool(words: Array, window, strides, padding) -> Array:
+def _or_pool(words: Array, op: Step) -> Array:
     """Max-pool of packed booleans: bitwise OR of the words in each window."""
-    dims = (1, *window, 1)
-    st = (1, *strides, 1)
-    return lax.reduce_window(words, np.uint32(0), lax.bitwise_or, dims, st, padding)
+    dims = (1, *op.window, 1)
+    st = (1, *op.strides, 1)
+    return lax.reduce_window(words, np.uint32(0), lax.bitwise_or, dims, st, op.padding)
 
 
-def _to_bits(acc: Array, threshold: Array, flip: Array, pools: Sequence[tuple]) -> Array:
+def _to_bits(acc: Array, threshold: Array, flip: Array, pools: Sequence[Step]) -> Array:
     """``(P, N, ..., ceil(C/32))`` packed planes from accumulators, pooled on the words."""
     planes = []
     for p in range(threshold.shape[0]):
@@ -339,8 +296,8 @@ def _to_bits(acc: Array, threshold: Array, flip: Array, pools: Sequence[tuple]) 
             planes.append(threshold_to_bits(acc, threshold[p], flip[p]))
             continue
         words = pack_bits(acc >= threshold[p])
-        for _, window, strides, padding in pools:
-            words = _or_pool(words, window, strides, padding)
+        for pool in pools:
+            words = _or_pool(words, pool)
         planes.append(words ^ pack_bits(flip[p]))
     return jnp.stack(planes)
 
@@ -349,13 +306,13 @@ def chain_forward(plan: ChainPlan, arrays: Mapping, float_vars: Mapping, x: Arra
     """Runs the ops: packed bits between fused blocks, float elsewhere."""
     state, val = "float", x
     producer: PackedLayer | None = None
-    pools: list[tuple] = []
+    pools: list[Step] = []
 
     def to_float():
         nonlocal state, val, pools
         if state == "int":
-            for _, window, strides, padding in pools:
-                val = nn.max_pool(val, window, strides, padding)
+            for pool in pools:
+                val = _max_pool(pool, val)
             val = producer.decode(arrays["layers"][producer.path], val)
             pools = []
         elif state == "bits":
@@ -363,7 +320,7 @@ def chain_forward(plan: ChainPlan, arrays: Mapping, float_vars: Mapping, x: Arra
         state = "float"
 
     for op in plan.ops:
-        kind = op[0]
+        kind = op.kind
         if kind == "flatten":
             if state == "bits":
                 continue  # per-pixel words stay; the next (map-layout) layer reads them
@@ -373,17 +330,17 @@ def chain_forward(plan: ChainPlan, arrays: Mapping, float_vars: Mapping, x: Arra
             if state == "int":
                 pools.append(op)
             elif state == "bits":
-                val = jnp.stack([_or_pool(w, op[1], op[2], op[3]) for w in val])
+                val = jnp.stack([_or_pool(w, op) for w in val])
             else:
-                val = nn.max_pool(val, op[1], op[2], op[3])
+                val = _max_pool(op, val)
         elif kind == "activation":
-            if op[1] != "none":
+            if op.activation != "none":
                 to_float()
-                module = plan.modules.get(op[2])
-                variables = {col: t[op[2][0]] for col, t in float_vars.items() if op[2][0] in t}
-                val = _activation(op[1], module, variables, val)
+                module = plan.modules.get(op.path)
+                variables = {col: t[op.path[0]] for col, t in float_vars.items() if op.path[0] in t}
+                val = _activation(op.activation, module, variables, val)
         elif kind == "layer":
-            path = op[1]
+            path = op.path
             layer = plan.layers.get(path)
             if layer is not None and layer.packed:
                 la = arrays["layers"][path]
@@ -404,7 +361,7 @@ def chain_forward(plan: ChainPlan, arrays: Mapping, float_vars: Mapping, x: Arra
                     variables = {col: _get(t, path) for col, t in float_vars.items() if _get(t, path) is not None}
                     val = module.apply(variables, val, 1.0)
         elif kind == "block":
-            path = op[1]
+            path = op.path
             if path in plan.fused:
                 th = arrays["thresholds"][path]
                 val, state = _to_bits(val, th["threshold"], th["flip"], pools), "bits"
@@ -414,7 +371,7 @@ def chain_forward(plan: ChainPlan, arrays: Mapping, float_vars: Mapping, x: Arra
                 block = plan.blocks[path]
                 val = block.apply(block.variables(float_vars), val)
         else:
-            raise AssertionError(f"unknown chain op {op!r}")
+            raise AssertionError(f"unknown chain step {op!r}")
     to_float()
     return val
 

@@ -17,7 +17,7 @@ float per channel. The codes of binax's quantizers:
 ============================================  =====  ===  ===  ====
 quantizer (forward)                            low    Δ    P    c0
 ============================================  =====  ===  ===  ====
-sign, ste/approx/swish/ede_sign, tanh_sign→sign  −1     2    1    0
+forward "sign" (ste/approx/swish/ede_sign, …)   −1     2    1    0
 ste_heaviside, duo_binary ({0, 1})               0      1    1    1
 duo_ternary ({0, ½, 1})                          0      ½    2    2
 ste_tern ({−1, 0, 1})                            −1     1    2    0
@@ -28,8 +28,10 @@ For ``{0, 1}`` activations this is ``a·w = (s·w + Σw)/2`` (the issue's formul
 pixel of value ``v = L_j`` is the planes ``s_p = +1`` for ``p <= j``, ``−1`` above, so
 convolution borders stay exact (``S_b`` then runs over every tap, padded or not).
 
-``tanh_sign`` is exported as ``sign``: Self-Binarizing networks (Lahoud & Achanta 2019)
-replace ``tanh(ν·x)`` by its limit for inference.
+Each quantizer is exported in its deployed form (:func:`binax.binarizers.deployed`:
+Self-Binarizing's ``tanh_sign`` is registered with ``inference="sign"``), and its code
+is read from that form's descriptor: ``forward="sign"`` is the first row (a user's
+sign-forward binarizer too), ``forward="levels"`` gives ``(low, Δ, P)``.
 
 A kernel quantizer is exported by evaluating it on the latent weights and splitting the
 result into ``sign`` bits and ``α = |q|`` per output channel (``xnor_weight``: mean|W|;
@@ -51,16 +53,15 @@ import numpy as np
 
 from binax import binarizers
 from binax import layers as L
-from binax.export.kernels import packed_conv, packed_dense
-from binax.export.packing import PAD_BIT, WORD_BITS, pack_bits, unpack_bits
+from binax.packed import geometry
+from binax.packed.bits import column_sums, pack_bits, pack_bits_np, unpack_bits
+from binax.packed.kernels import packed_conv, packed_dense
 
 Array = jax.Array
 
 __all__ = [
-    "SIGN_LIKE",
     "ActivationCode",
     "activation_code",
-    "inference_quantizer",
     "quantized_kernel",
     "quantize_kernels",
     "kernel_request",
@@ -70,23 +71,10 @@ __all__ = [
     "EXPORTED_TYPES",
     "PackedLayer",
     "derived_arrays",
-    "pack_np",
-    "column_sums",
 ]
-
-#: Quantizers whose inference forward is ``sign(x)`` (0 -> +1); ``tanh_sign`` is exported as sign.
-SIGN_LIKE = frozenset({"sign", "ste_sign", "approx_sign", "swish_sign", "ede_sign", "tanh_sign"})
 
 #: Layer types the exporter replaces (when they quantize something).
 EXPORTED_TYPES = (L.BinaryDense, L.BinaryConv, L.BinaryDepthwiseConv, L.ABCDense, L.ABCConv)
-
-
-def inference_quantizer(spec, kwargs: Mapping[str, Any] | None) -> tuple[Any, dict]:
-    """The quantizer (and keywords) a layer uses at inference: ``tanh_sign`` becomes ``sign``."""
-    kwargs = dict(kwargs or {})
-    if spec == "tanh_sign":
-        return "sign", {}
-    return spec, kwargs
 
 
 # ----------------------------------------------------------------- activation codes
@@ -96,8 +84,8 @@ def inference_quantizer(spec, kwargs: Mapping[str, Any] | None) -> tuple[Any, di
 class ActivationCode:
     """Activations on the levels ``low + j·step`` (``j = 0..planes``) as binary planes.
 
-    ``quantizer``/``kwargs`` is the inference forward (a registry name); sign-like
-    quantizers are stored as ``"sign"``.
+    ``quantizer``/``kwargs`` is the inference forward (a registry name or
+    ``"module:attr"``); every ``forward="sign"`` quantizer is stored as ``"sign"``.
     """
 
     quantizer: str
@@ -159,23 +147,18 @@ class ActivationCode:
 
 
 def activation_code(spec, kwargs: Mapping[str, Any] | None = None) -> ActivationCode | None:
-    """The :class:`ActivationCode` of an input quantizer, or None (float, or no exact code)."""
-    if spec is None or not isinstance(spec, str):
+    """The :class:`ActivationCode` of an input quantizer at inference, or None (float, or
+    no exact code): read from its deployed form's descriptor (``forward`` ``"sign"`` or
+    ``"levels"``; :func:`binax.binarizers.deployed`, :meth:`binax.quantizer.Quantizer.levels_for`)."""
+    spec, kwargs = binarizers.deployed(spec, kwargs)
+    q = binarizers.describe(spec)
+    levels = None if q is None else q.levels_for(kwargs)
+    if levels is None:
         return None
-    spec, kwargs = inference_quantizer(spec, kwargs)
-    items = tuple(sorted(kwargs.items()))
-    if spec in SIGN_LIKE:
+    if q.is_sign:
         return ActivationCode("sign")
-    if spec in ("ste_heaviside", "duo_binary"):
-        return ActivationCode(spec, items, 0.0, 1.0, 1)
-    if spec == "duo_ternary":
-        return ActivationCode(spec, items, 0.0, 0.5, 2)
-    if spec == "ste_tern":
-        return ActivationCode(spec, items, -1.0, 1.0, 2)
-    if spec == "dorefa":
-        n = 2 ** int(kwargs.get("k_bit", 2)) - 1
-        return ActivationCode(spec, items, 0.0, 1.0 / n, n)
-    return None
+    low, step, planes = levels
+    return ActivationCode(spec if isinstance(spec, str) else q.name, tuple(sorted(kwargs.items())), low, step, planes)
 
 
 # ----------------------------------------------------------------- kernels
@@ -198,9 +181,9 @@ def quantize_kernels(kernels: Mapping[Any, tuple], progress: float = 1.0) -> dic
     """
     out, todo = {}, {}
     for key, (spec, kwargs, latent) in kernels.items():
-        spec, kwargs = inference_quantizer(spec, kwargs)
+        spec, kwargs = binarizers.deployed(spec, kwargs)
         latent = np.asarray(latent, np.float32)
-        if spec in SIGN_LIKE:
+        if binarizers.describe(spec).is_sign:
             out[key] = np.where(latent >= 0, 1.0, -1.0).astype(np.float32)
         else:
             todo[key] = (spec, kwargs, latent)
@@ -246,33 +229,6 @@ def decompose_kernel(q: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
     if not np.array_equal(np.abs(q), np.broadcast_to(alpha, q.shape)):
         return None
     return q >= 0, alpha.astype(np.float32)
-
-
-def pack_np(bits: np.ndarray, axis: int) -> np.ndarray:
-    """:func:`binax.export.pack_bits` of host booleans in NumPy (export time, no compilation).
-
-    Same layout: 32 bits per word along ``axis``, LSB first, padded with ``PAD_BIT``.
-    """
-    bits = np.moveaxis(np.asarray(bits, bool), axis, -1)
-    pad = -bits.shape[-1] % WORD_BITS
-    if pad:
-        fill = np.full(bits.shape[:-1] + (pad,), bool(PAD_BIT))
-        bits = np.concatenate([bits, fill], axis=-1)
-    # packbits keeps the moved axis' strides; the 4-byte view needs a contiguous last axis
-    # (without padding, e.g. 128 inputs, nothing above made a copy).
-    words = np.ascontiguousarray(np.packbits(bits, axis=-1, bitorder="little")).view("<u4").astype(np.uint32)
-    return np.moveaxis(words, -1, axis)
-
-
-def column_sums(bits_packed: np.ndarray, n: int, axis: int) -> np.ndarray:
-    """``S_b = Σ b`` per output channel (last axis) of a kernel packed along ``axis``.
-
-    Padding bits are ``PAD_BIT = 0`` and add nothing to the popcount; ``n`` is the number
-    of true values summed per output channel.
-    """
-    ones = np.unpackbits(np.ascontiguousarray(bits_packed).view(np.uint8)).reshape(*bits_packed.shape, 32)
-    per_out = ones.sum(axis=-1).reshape(-1, bits_packed.shape[-1]).sum(axis=0)
-    return (2 * per_out.astype(np.int64) - n).astype(np.int32)
 
 
 # ----------------------------------------------------------------- one layer
@@ -343,13 +299,13 @@ def export_layer(
         return None
     if module.input_quantizer is None and module.kernel_quantizer is None:
         return None
-    in_q, in_kw = inference_quantizer(module.input_quantizer, module.input_quantizer_kwargs)
+    in_q, in_kw = binarizers.deployed(module.input_quantizer, module.input_quantizer_kwargs)
     code = activation_code(in_q, in_kw)
     bias = params.get("bias")
     extra = {} if bias is None else {"bias": np.asarray(bias, np.float32)}
     info: dict[str, Any] = {
         "input_quantizer": in_q if isinstance(in_q, (str, type(None))) else repr(in_q),
-        "kernel_quantizer": inference_quantizer(module.kernel_quantizer, None)[0],
+        "kernel_quantizer": binarizers.deployed(module.kernel_quantizer)[0],
     }
     if module.kernel_quantizer is None:
         kernel = np.asarray(params["kernel"], np.float32)
@@ -378,7 +334,7 @@ def export_layer(
     if reason is not None:
         axis = q.ndim - 1 if depthwise else q.ndim - 2
         info.update(pack_axis=axis)
-        return LayerExport("float_input", {"bits": pack_np(bits, axis), "alpha": alpha, **extra}, info, reason)
+        return LayerExport("float_input", {"bits": pack_bits_np(bits, axis), "alpha": alpha, **extra}, info, reason)
 
     if isinstance(module, L.BinaryDense) and map_shape is not None:
         h, w, c = map_shape
@@ -387,7 +343,7 @@ def export_layer(
     else:
         info.update(layout="conv" if isinstance(module, L.BinaryConv) else "dense")
     axis = bits.ndim - 2
-    packed = pack_np(bits, axis)
+    packed = pack_bits_np(bits, axis)
     n_in = int(math.prod(bits.shape[:-1]))
     info.update(
         pack_axis=axis,
@@ -417,7 +373,7 @@ def _export_abc(module, params, map_shape, quantized) -> LayerExport:
     if reason is not None:
         axis = latent.ndim - 1
         info.update(pack_axis=axis)
-        packed = np.stack([pack_np(b >= 0, axis) for b in bases])
+        packed = np.stack([pack_bits_np(b >= 0, axis) for b in bases])
         return LayerExport("float_input", {"bits": packed, **extra}, info, reason)
     b = bases >= 0  # (M, ..., C, O)
     if isinstance(module, L.ABCDense) and map_shape is not None:
@@ -431,7 +387,7 @@ def _export_abc(module, params, map_shape, quantized) -> LayerExport:
     b = b.reshape(*b.shape[:-2], -1)
     axis = b.ndim - 2
     info.update(pack_axis=axis, in_channels=int(b.shape[axis]))
-    return LayerExport("abc", {"bits": pack_np(b, axis), **extra}, info)
+    return LayerExport("abc", {"bits": pack_bits_np(b, axis), **extra}, info)
 
 
 # ----------------------------------------------------------------- packed compute
@@ -507,8 +463,8 @@ class PackedLayer:
                     planes = planes.reshape(p, planes.shape[1], h, w, -1)
                 strides, pads = (1, 1), ((0, 0), (0, 0))
             else:
-                strides = L._tuple(self.module.strides, 2, "strides")
-                pads = L._padding_pairs(self.module.padding, planes.shape[2:4], bits.shape[:2], strides, (1, 1))
+                strides = geometry.ntuple(self.module.strides, 2, "strides")
+                pads = geometry.padding_pairs(self.module.padding, planes.shape[2:4], bits.shape[:2], strides)
             acc = self._conv_planes(planes, bits, c, strides, pads)
             if layout == "map":
                 acc = acc.reshape(p, acc.shape[1], -1)
@@ -565,37 +521,16 @@ class PackedLayer:
             bases = unpack_bits(arrays["bits"], n, axis=axis + 1, dtype=jnp.float32)
             kernel = jnp.tensordot(arrays["alphas"], bases, axes=1)
             a = binarizers.abc_activation(x, arrays["shifts"], arrays["betas"])
-            return _abc_float(module, a, kernel, arrays)
+            return module.combine(a, kernel, arrays["betas"], arrays.get("bias"))
         if self.kind == "float":
             kernel = arrays["kernel"]
         else:
             axis = self.info["pack_axis"]
             n = self.info["shape"][axis]
             kernel = unpack_bits(arrays["bits"], n, axis=axis, dtype=jnp.float32) * arrays["alpha"]
-        in_q, in_kw = inference_quantizer(module.input_quantizer, module.input_quantizer_kwargs)
+        in_q, in_kw = binarizers.deployed(module.input_quantizer, module.input_quantizer_kwargs)
         layer = module.clone(parent=None, kernel_quantizer=None, input_quantizer=in_q, input_quantizer_kwargs=in_kw)
         return layer.apply({"params": {"kernel": kernel, **params}}, x, progress)
-
-
-def _abc_float(module, a: Array, kernel: Array, arrays) -> Array:
-    """ABC-Net's float math on the combined activation ``a`` and kernel ``Σ α_m B_m``."""
-    if isinstance(module, L.ABCDense):
-        y = jax.lax.dot_general(a, kernel.astype(a.dtype), (((a.ndim - 1,), (0,)), ((), ())))
-    else:
-        nd = len(module.window)
-        pad = module.pad_value * jnp.sum(arrays["betas"]) if module.pad_value != 0 else 0.0
-        y = L._padded_conv(
-            a,
-            kernel,
-            L._tuple(module.strides, nd, "strides"),
-            module.padding,
-            L._tuple(module.kernel_dilation, nd, "kernel_dilation"),
-            1,
-            pad,
-        )
-    if "bias" in arrays:
-        y = y + arrays["bias"]
-    return y
 
 
 def derived_arrays(export: LayerExport) -> dict[str, np.ndarray]:
@@ -608,7 +543,7 @@ def derived_arrays(export: LayerExport) -> dict[str, np.ndarray]:
             out["scale"] = (np.asarray(export.arrays["alpha"], np.float32) * half_step).astype(np.float32)
         c0 = ActivationCode(code["quantizer"], (), code["low"], code["step"], code["planes"]).offset
         if c0:
-            out["column_sums"] = column_sums(export.arrays["bits"], export.info["column_sums_n"], export.info["pack_axis"])
+            out["column_sums"] = column_sums(export.arrays["bits"], export.info["column_sums_n"])
     return out
 
 

@@ -1,14 +1,18 @@
 """The packed model file and packed inference for every binax model.
 
-``export(name, config, variables, input_shape)`` turns a trained model (registry name,
-config overrides, ``{params, batch_stats}``) into a :class:`PackedModel`:
+``export(model, variables, preprocessing=...)`` turns a trained Flax module and its
+``{params, batch_stats}`` into a :class:`PackedModel`:
 
 * every quantized layer's kernel is evaluated by its quantizer and stored as sign bits,
   32 per ``uint32`` word along the reduction axis, with its scale (XNOR ``α``, Libra-PB's
   power of two, BinaryDuo's per-layer mean, ABC-Net's ``α_m`` and ``β_n``/shifts); the
   latent float weights are not stored;
 * everything else (full-precision first/last layers, BatchNorms that feed float
-  computations, shortcuts, RPReLU ...) keeps its float32 variables as they are.
+  computations, shortcuts, RPReLU ...) keeps its float32 variables as they are;
+* the input preprocessing of the training pipeline (:class:`Preprocessing`: raw ``uint8``
+  → ``x / 255`` → mean/std, ``[0, 1]`` or ``[−1, 1]``) is recorded and applied:
+  ``model(images)`` takes raw integer images, ``model.forward(inputs)`` inputs already
+  preprocessed, and anything else is an error, never a silently wrong answer.
 
 Two runtimes, chosen per model (``runtime="auto"``):
 
@@ -28,15 +32,19 @@ graph's eval-mode logits (``model.apply(variables, x, train=False, progress=1.0)
 float rounding (bit for bit where the layer scales are powers of two). ``report()`` says,
 layer by layer, what runs packed and what runs in float, and why.
 
-The file is ONE ``.npz``: arrays under ``variables/…``, ``layers/…`` and
-``thresholds/…`` plus a JSON ``meta`` entry (format name and version, model name,
-config, input shape, runtime, per-layer facts). :func:`load` needs ``binax.models`` (to
-rebuild the module) but not ``binax.train`` and no latent weights.
+The file is ONE ``.npz`` (format in docs/export.md): arrays under ``variables/…``,
+``layers/…``, ``thresholds/…`` and ``preprocessing/table`` plus a JSON ``meta`` entry
+(format name and version, the module's class and config, preprocessing, input shape,
+layer order, the chain's steps, per-layer facts). :func:`load` needs ``binax.models`` (to
+rebuild the module) but not ``binax.train`` and no latent weights;
+:meth:`PackedModel.save_portable` writes the same inference as a serialized
+``jax.export`` (StableHLO) that runs with ``jax`` alone.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import importlib
 import json
 import os
 from typing import Any, Mapping, Sequence
@@ -46,9 +54,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax.core import unfreeze
+from jax import lax
 
 import binax
 from binax import models
+from binax.errors import ConfigError
 from binax.export import chain as chain_lib
 from binax.export.inference import (
     EXPORTED_TYPES,
@@ -56,20 +66,32 @@ from binax.export.inference import (
     PackedLayer,
     derived_arrays,
     export_layer,
-    inference_quantizer,
     kernel_request,
     quantize_kernels,
 )
-from binax.export.kernels import CPU_COMPILER_OPTIONS
+from binax.export.preprocessing import Preprocessing, as_preprocessing
+from binax.models import common
+from binax.packed.kernels import CPU_COMPILER_OPTIONS
 
 Array = jax.Array
 
-__all__ = ["FORMAT", "FORMAT_VERSION", "RUNTIMES", "PackedModel", "export", "load", "save", "inference_config"]
+__all__ = [
+    "FORMAT",
+    "FORMAT_VERSION",
+    "RUNTIMES",
+    "PackedModel",
+    "export",
+    "load",
+    "save",
+    "read_meta",
+    "inference_config",
+    "inference_model",
+]
 
 FORMAT = "binax.export.packed_model"
-FORMAT_VERSION = 1
+# 2: the module's class and full config, preprocessing, layer order and chain steps.
+FORMAT_VERSION = 2
 RUNTIMES = ("auto", "chain", "generic")
-_QUANTIZER_KEYS = ("input_quantizer", "kernel_quantizer")
 
 
 # ------------------------------------------------------------------------- config
@@ -87,55 +109,88 @@ def _jsonable(value, where: str):
         return value.item()
     if value is None or isinstance(value, (str, bool, int, float)):
         return value
-    raise ValueError(
+    raise ConfigError(
         f"config value {where} = {value!r} cannot be stored in a packed model file; use registry "
         f"names (binax.binarizers.names()) and plain numbers, strings, lists and dicts."
     )
 
 
 def inference_config(config: Mapping[str, Any]) -> dict:
-    """The config a model runs at inference: ``tanh_sign`` quantizers become ``sign``.
+    """The config a model runs at inference: ``config`` with
+    :func:`binax.models.inference_overrides` (e.g. ``tanh_sign`` quantizers become ``sign``)."""
+    return {**dict(config), **models.inference_overrides(config)}
 
-    (Self-Binarizing networks replace ``tanh(ν·x)`` by its limit ``sign`` for inference.)
+
+def inference_model(model: nn.Module) -> nn.Module:
+    """``model`` as it runs at inference (:func:`binax.models.inference_overrides`: e.g.
+    ``tanh_sign`` quantizers become ``sign``); the same module when nothing changes."""
+    overrides = models.inference_overrides(model)
+    if not overrides:
+        return model
+    return model.clone(parent=None, **{k: common.freeze(v) for k, v in overrides.items()})
+
+
+def _fields(model: nn.Module) -> dict[str, Any]:
+    return {f.name: getattr(model, f.name) for f in dataclasses.fields(model) if f.name not in ("parent", "name")}
+
+
+def module_identity(model: nn.Module) -> tuple[str | None, str, dict]:
+    """``(registry name or None, 'module:Class', config)`` that rebuild ``model``.
+
+    A registry model is recorded by its name and the keys of its config
+    (``binax.models.create(name, **config)`` gives the same module; of several names of
+    one class the one whose defaults differ least); any other module by its class and
+    every field.
     """
-    out = dict(config)
-    for key in _QUANTIZER_KEYS:
-        if key in out:
-            spec, kwargs = inference_quantizer(out[key], out.get(key + "_kwargs"))
-            if spec != out[key]:
-                out[key], out[key + "_kwargs"] = spec, kwargs
-    return out
+    cls = type(model)
+    fields = _fields(model)
+    best = None
+    for name in models.names():
+        if type(models.create(name)) is not cls:
+            continue
+        defaults = models.get_config(name).to_dict()
+        config = {k: fields[k] for k in defaults}
+        try:
+            rebuilt = models.create(name, **config)
+        except (ConfigError, ValueError):
+            continue
+        if _fields(rebuilt) != fields:
+            continue  # a field outside this name's config differs from its default
+        diff = sum(common.freeze(defaults[k]) != config[k] for k in defaults)
+        if best is None or diff < best[0]:
+            best = (diff, name, config)
+    where = f"{cls.__module__}:{cls.__qualname__}"
+    if best is not None:
+        return best[1], where, _jsonable(best[2], "config")
+    return None, where, _jsonable(fields, "config")
+
+
+def _build_module(meta: Mapping[str, Any]) -> nn.Module:
+    """The module a file records (:func:`module_identity`)."""
+    if meta.get("model") is not None:
+        return models.create(meta["model"], **meta["config"])
+    module_name, _, qualname = meta["module"].partition(":")
+    try:
+        obj = importlib.import_module(module_name)
+        for part in qualname.split("."):
+            obj = getattr(obj, part)
+    except (ImportError, AttributeError) as e:
+        raise ConfigError(f"the packed model's module class {meta['module']!r} cannot be imported: {e}") from None
+    return obj(**{k: common.freeze(v) for k, v in meta["config"].items()})
 
 
 # ------------------------------------------------------------------------- trace
 
 
-@dataclasses.dataclass(frozen=True)
-class Call:
-    module: nn.Module  # unbound clone
-    in_shape: tuple[int, ...]
-    out_shape: tuple[int, ...]
-
-
-def trace(model: nn.Module, input_shape: Sequence[int]) -> tuple[dict[tuple, Call], Any]:
-    """Every module ``__call__`` of ``model`` on one example (by path), and abstract variables."""
-    calls: dict[tuple, Call] = {}
-
-    def interceptor(next_fun, args, kwargs, context):
-        out = next_fun(*args, **kwargs)
-        path = tuple(context.module.path)
-        if context.method_name == "__call__" and path and path not in calls:
-            in_shape = tuple(args[0].shape) if args and hasattr(args[0], "shape") else ()
-            out_shape = tuple(out.shape) if hasattr(out, "shape") else ()
-            calls[path] = Call(context.module.clone(parent=None), in_shape, out_shape)
-        return out
-
-    def init(x):
-        with nn.intercept_methods(interceptor):
-            return model.init(jax.random.key(0), x, train=False, progress=1.0)
-
-    x = jax.ShapeDtypeStruct((1, *input_shape), jnp.float32)
-    return calls, jax.eval_shape(init, x)
+def trace(model: nn.Module, input_shape: Sequence[int]) -> tuple[dict[tuple, models.Call], Any]:
+    """The first call of every submodule of ``model`` by path, and the abstract variables
+    (:func:`binax.models.trace`)."""
+    calls, variables = models.trace(model, input_shape)
+    first: dict[tuple, models.Call] = {}
+    for call in calls:
+        if call.path and call.path not in first:
+            first[call.path] = call
+    return first, variables
 
 
 # ------------------------------------------------------------------------- trees
@@ -171,15 +226,15 @@ def _subtree(tree: Mapping, path: Sequence[str]) -> Mapping | None:
 
 def _check_variables(variables: Mapping, abstract: Mapping) -> None:
     if not isinstance(variables, Mapping) or "params" not in variables:
-        raise ValueError(f"variables must be a dict with 'params' (and 'batch_stats'); got {type(variables).__name__}.")
+        raise ConfigError(f"variables must be a dict with 'params' (and 'batch_stats'); got {type(variables).__name__}.")
     want = {p: tuple(v.shape) for p, v in _flatten(unfreeze(abstract)).items()}
     have = {p: tuple(np.shape(v)) for p, v in _flatten(unfreeze(dict(variables))).items()}
     missing = sorted("/".join(p) for p in set(want) - set(have))
     if missing:
-        raise ValueError(f"variables lack {len(missing)} entries the model needs, e.g. {missing[:3]}.")
+        raise ConfigError(f"variables lack {len(missing)} entries the model needs, e.g. {missing[:3]}.")
     wrong = sorted("/".join(p) + f" {have[p]} != {want[p]}" for p in want if have[p] != want[p])
     if wrong:
-        raise ValueError(f"variables have the wrong shape for this config and input shape: {wrong[:3]}.")
+        raise ConfigError(f"variables have the wrong shape for this model and input shape: {wrong[:3]}.")
 
 
 # ------------------------------------------------------------------------- model
@@ -197,22 +252,30 @@ class LayerRow:
 
 
 class PackedModel:
-    """A packed inference model: ``model(images) -> logits`` and ``model.report()``.
+    """A packed inference model.
 
-    Build one with :func:`export` or :func:`load`; :meth:`save` writes the file.
-    ``images`` are what the training pipeline feeds the model (float NHWC,
-    ``(N, *input_shape)``).
+    * ``model(images) -> logits``: raw images, integers in ``[0, max_value]`` (``uint8``)
+      of shape ``(N, *input_shape)``, preprocessed as in training
+      (:attr:`preprocessing`); a model exported with ``preprocessing=None`` takes float
+      inputs here instead;
+    * ``model.forward(inputs) -> logits``: inputs already preprocessed (float32, what the
+      training pipeline fed the model), checked against the range the preprocessing gives;
+    * ``model.preprocess(images)``: the float32 inputs of raw images;
+    * ``model.report()``, ``model.save(path)``, ``model.save_portable(path)``.
+
+    Build one with :func:`export` or :func:`load`.
     """
 
     def __init__(self, meta: Mapping[str, Any], arrays: Mapping[str, np.ndarray], *, _traced=None):
         self.meta = json.loads(json.dumps(meta))  # a plain copy
         self._arrays = {k: np.asarray(v) for k, v in arrays.items()}
-        self.name = self.meta["model"]
+        self.name = self.meta["model"] or self.meta["module"].rpartition(":")[2]
         self.config = self.meta["config"]
         self.input_shape = tuple(self.meta["input_shape"])
         self.runtime = self.meta["runtime"]
+        self.preprocessing = Preprocessing.from_json(self.meta["preprocessing"])
         if _traced is None:  # (model, calls) when export() has them already
-            model = models.create(self.name, **inference_config(self.config))
+            model = inference_model(_build_module(self.meta))
             _traced = (model, trace(model, self.input_shape)[0])
         self.model, calls = _traced
         self._calls = calls
@@ -221,15 +284,17 @@ class PackedModel:
             path = tuple(key.split("/"))
             self.layers[path] = PackedLayer(path, calls[path].module, entry["kind"], entry["info"])
         self._plan = self._make_plan() if self.runtime == "chain" else None
-        self._device_arrays = jax.device_put(self._runtime_arrays())
+        self._host_arrays = self._runtime_arrays()
+        self._device_arrays = jax.device_put(self._host_arrays)
         opts = CPU_COMPILER_OPTIONS if jax.default_backend() == "cpu" else None
         self._forward = jax.jit(self._run, compiler_options=opts)
+        self._forward_raw = jax.jit(self._run_raw, compiler_options=opts)
 
     # ---- construction
 
     def _make_plan(self) -> chain_lib.ChainPlan:
         ops = chain_lib.plan_ops(self.model)
-        blocks = {op[1]: chain_lib.make_block(self.model, op[1], self._calls) for op in ops if op[0] == "block"}
+        blocks = {op.path: chain_lib.make_block(self.model, op.path, self._calls) for op in ops if op.kind == "block"}
         fused = {tuple(k.split("/")): v for k, v in self.meta.get("fused", {}).items()}
         not_fused = {tuple(k.split("/")): v for k, v in self.meta.get("not_fused", {}).items()}
         modules = {p: c.module for p, c in self._calls.items()}
@@ -252,18 +317,22 @@ class PackedModel:
         for key, arr in self._arrays.items():
             if key.startswith("variables/"):
                 variables[tuple(key.split("/")[1:])] = arr
-        return {
+        out = {
             "layers": layers,
             "thresholds": self._group("thresholds"),
             "variables": _unflatten(variables),
         }
+        if "preprocessing/table" in self._arrays:
+            out["table"] = self._arrays["preprocessing/table"]
+        return out
 
     # ---- inference
 
-    def _run(self, arrays, images):
+    def _run(self, arrays, inputs):
+        """Logits of float model inputs ``(N, *input_shape)``."""
         float_vars = arrays["variables"]
         if self._plan is not None:
-            return chain_lib.chain_forward(self._plan, arrays, float_vars, images)
+            return chain_lib.chain_forward(self._plan, arrays, float_vars, inputs)
         layers = self.layers
 
         def interceptor(next_fun, args, kwargs, context):
@@ -278,16 +347,148 @@ class PackedModel:
             return layer.float_apply(la, x)
 
         with nn.intercept_methods(interceptor):
-            return self.model.apply(float_vars, images, train=False, progress=1.0)
+            return self.model.apply(float_vars, inputs, train=False, progress=1.0)
+
+    @staticmethod
+    def _lookup(table, images):
+        """``table[c, v]`` per channel ``c`` of raw values ``v``; NaN for ``v`` past the table."""
+        channels = jnp.arange(table.shape[0]).reshape((1,) * (images.ndim - 1) + (-1,))
+        return jnp.asarray(table).at[channels, images.astype(jnp.int32)].get(mode="fill", fill_value=jnp.nan)
+
+    def _run_raw(self, arrays, images):
+        """Logits of raw integer images: the preprocessing table, then :meth:`_run`; NaN
+        logits for an image with a value past the table (a sign would turn a NaN input
+        into a valid bit)."""
+        table = arrays["table"]
+        logits = self._run(arrays, self._lookup(table, images))
+        valid = jnp.all(images.astype(jnp.int32) < table.shape[1], axis=tuple(range(1, images.ndim)))
+        return jnp.where(valid.reshape((-1,) + (1,) * (logits.ndim - 1)), logits, jnp.nan)
+
+    def _check_shape(self, x, what: str) -> None:
+        if np.ndim(x) != len(self.input_shape) + 1 or tuple(np.shape(x)[1:]) != self.input_shape:
+            raise ConfigError(
+                f"{self.name} was exported for {what} of shape (N, {', '.join(map(str, self.input_shape))}); "
+                f"got {tuple(np.shape(x))}."
+            )
+
+    def _raw_images(self, images):
+        """``images`` checked as raw pixels (integers in range, the exported shape), as uint8."""
+        pre = self.preprocessing
+        images = _as_array(images)
+        dtype = np.dtype(images.dtype)
+        if not np.issubdtype(dtype, np.integer):
+            raise ConfigError(
+                f"{self.name} takes raw images: integers in [0, {pre.max_value}] (uint8), which it preprocesses "
+                f"as in training ({pre.describe()}); got {dtype} values. Pass the raw pixels, or call "
+                f".forward(inputs) with inputs already preprocessed this way."
+            )
+        self._check_shape(images, "raw images")
+        if np.size(images):
+            lo, hi = int(np.min(images)), int(np.max(images))  # on the host: no int32 wrap-around
+            if lo < 0 or hi > pre.max_value:
+                raise ConfigError(
+                    f"raw pixel values must lie in [0, {pre.max_value}] for {self.name} "
+                    f"({pre.dataset or 'its preprocessing'}); got values in [{lo}, {hi}]."
+                )
+        return images.astype(np.uint8)
+
+    def preprocess(self, images) -> np.ndarray:
+        """Float32 model inputs of raw integer ``images``, bit for bit those of the training
+        pipeline (:func:`binax.data.normalize`)."""
+        if not self.preprocessing.takes_raw:
+            raise ConfigError(f"{self.name} was exported without preprocessing (preprocessing=None); it has none to apply.")
+        table = self._arrays["preprocessing/table"]
+        raw = np.asarray(self._raw_images(images), np.intp)
+        return table[np.arange(table.shape[0]), raw]
+
+    def forward(self, inputs) -> Array:
+        """Logits of model inputs already preprocessed as in training (float32
+        ``(N, *input_shape)``).
+
+        With a recorded preprocessing the inputs are checked: every value must be one the
+        preprocessing gives a raw pixel of its channel (within 0.1 % of the step between
+        two pixel values; only the range for a dataset whose evaluation images are resized),
+        so raw pixels as floats, ``[0, 1]`` floats for a ``'mean_std'`` model and the like
+        are an error.
+        """
+        inputs = _as_array(inputs)
+        dtype = np.dtype(inputs.dtype)
+        if not np.issubdtype(dtype, np.floating):
+            hint = " Raw images go to model(images)." if self.preprocessing.takes_raw else ""
+            raise ConfigError(
+                f"{self.name}.forward takes float inputs preprocessed as in training "
+                f"({self.preprocessing.describe()}); got {dtype} values.{hint}"
+            )
+        self._check_shape(inputs, "inputs")
+        inputs = jnp.asarray(inputs, jnp.float32)
+        if self.preprocessing.takes_raw and inputs.size:
+            self._check_preprocessed(np.asarray(inputs))
+        return self._forward(self._device_arrays, inputs)
+
+    def _check_preprocessed(self, x: np.ndarray) -> None:
+        pre = self.preprocessing
+        table = self._arrays["preprocessing/table"]  # (C, V), increasing along V
+        values = x.reshape(-1, x.shape[-1]).T  # (C, n)
+        low, high = table[:, 0], table[:, -1]
+        step = np.min(np.diff(table, axis=1), axis=1)
+        for c in range(table.shape[0]):
+            v = values[c]
+            if not np.all(np.isfinite(v)) or v.min() < low[c] - step[c] / 2 or v.max() > high[c] + step[c] / 2:
+                raise ConfigError(
+                    f"{self.name} was trained on inputs preprocessed as {pre.describe()}, which lie in "
+                    f"[{low[c]:.4g}, {high[c]:.4g}] (channel {c}); got values in [{np.min(v):.4g}, {np.max(v):.4g}]. "
+                    f"Raw images go to model(images), which preprocesses them."
+                )
+            if pre.resize is not None:
+                continue  # resized images take values between the table's
+            i = np.clip(np.searchsorted(table[c], v), 1, table.shape[1] - 1)
+            near = np.minimum(np.abs(v - table[c, i - 1]), np.abs(v - table[c, i]))
+            bad = np.flatnonzero(near > 1e-3 * step[c])
+            if bad.size:
+                raise ConfigError(
+                    f"{self.name} was trained on inputs preprocessed as {pre.describe()}; the input value "
+                    f"{float(v[bad[0]]):.6g} (channel {c}) is not one of the {table.shape[1]} values that "
+                    f"preprocessing gives a raw pixel. Raw images go to model(images), which preprocesses them."
+                )
 
     def __call__(self, images) -> Array:
-        images = jnp.asarray(images, jnp.float32)
-        if images.ndim != len(self.input_shape) + 1 or tuple(images.shape[1:]) != self.input_shape:
-            raise ValueError(
-                f"{self.name} was exported for images of shape (N, {', '.join(map(str, self.input_shape))}); "
-                f"got {tuple(images.shape)}."
-            )
-        return self._forward(self._device_arrays, images)
+        if not self.preprocessing.takes_raw:
+            return self.forward(images)
+        return self._forward_raw(self._device_arrays, self._raw_images(images))
+
+    # ---- portable artifact
+
+    def jax_export(self, *, platforms: Sequence[str] | None = None) -> "jax.export.Exported":
+        """The packed inference as a ``jax.export.Exported`` (StableHLO) with the arrays
+        inside: ``(batch, *input_shape)`` raw ``uint8`` images (float32 inputs for a model
+        exported with ``preprocessing=None``) → float32 logits, any batch size.
+
+        Raw values past ``max_value`` give NaN logits for their image (the artifact cannot
+        raise). The arrays pass an optimization barrier so that the compiler does not
+        fold them as constants: the artifact computes what :meth:`__call__` computes, bit
+        for bit at the same batch size. ``platforms``: ``jax.export``'s (default: this
+        backend).
+        """
+        arrays = jax.tree.map(np.asarray, self._host_arrays)
+        raw = self.preprocessing.takes_raw
+
+        def infer(x):
+            a = lax.optimization_barrier(arrays)
+            return self._run_raw(a, x) if raw else self._run(a, x)
+
+        batch = jax.export.symbolic_shape("batch")[0]
+        spec = jax.ShapeDtypeStruct((batch, *self.input_shape), jnp.uint8 if raw else jnp.float32)
+        return jax.export.export(jax.jit(infer), platforms=platforms)(spec)
+
+    def save_portable(self, path: str | os.PathLike, *, platforms: Sequence[str] | None = None) -> int:
+        """Writes :meth:`jax_export` serialized to ``path``; returns its size in bytes.
+
+        Run it with jax alone: ``jax.export.deserialize(open(path, 'rb').read()).call(images)``.
+        """
+        data = self.jax_export(platforms=platforms).serialize()
+        with open(os.fspath(path), "wb") as f:
+            f.write(data)
+        return len(data)
 
     # ---- sizes and report
 
@@ -332,7 +533,8 @@ class PackedModel:
         widths = [max(len(str(t[i])) for t in table) for i in range(len(head))]
         lines = [
             f"{self.name} packed model (runtime {self.runtime!r}, input {self.input_shape}, "
-            f"{self.nbytes:,} bytes of arrays)"
+            f"{self.nbytes:,} bytes of arrays)",
+            f"preprocessing: {self.preprocessing.describe()}",
         ]
         for i, t in enumerate(table):
             lines.append("  ".join(str(c).ljust(w) for c, w in zip(t, widths)).rstrip())
@@ -345,6 +547,11 @@ class PackedModel:
     def save(self, path: str | os.PathLike) -> int:
         """Writes the model to ``path`` (one ``.npz``); returns the file size in bytes."""
         return save(self, path)
+
+
+def _as_array(x):
+    """A JAX or NumPy array as it is; anything else (lists) through NumPy."""
+    return x if isinstance(x, (np.ndarray, jax.Array)) else np.asarray(x)
 
 
 def _compute_text(layer: PackedLayer) -> str:
@@ -360,48 +567,87 @@ def _compute_text(layer: PackedLayer) -> str:
     return "float"
 
 
+def _chain_json(ops, exports: Mapping[tuple, LayerExport], plan: chain_lib.ChainPlan, calls) -> list[dict]:
+    """The chain's steps in execution order, as the file records them (docs/export.md)."""
+    out = []
+    for op in ops:
+        step: dict[str, Any] = {"op": op.kind}
+        if op.path:
+            step["path"] = "/".join(op.path)
+        if op.kind == "max_pool":
+            step.update(window=list(op.window), strides=list(op.strides), padding=_jsonable(op.padding, "padding"))
+        elif op.kind == "activation":
+            step["activation"] = op.activation
+        elif op.kind == "layer":
+            e = exports.get(op.path)
+            step.update(type=type(calls[op.path].module).__name__, compute=e.kind if e else "float")
+        elif op.kind == "block":
+            block = plan.blocks[op.path]
+            step.update(fused=op.path in plan.fused, norm=type(block.norm).__name__)
+            if isinstance(block.norm, nn.BatchNorm):
+                act = "rprelu" if block.act_module is not None else block.activation
+                step.update(epsilon=float(block.norm.epsilon), activation=act)
+        out.append(step)
+    return out
+
+
 # ------------------------------------------------------------------------- export
 
 
 def export(
-    model_name: str,
-    config: Mapping[str, Any] | None,
+    model: nn.Module,
     variables: Mapping[str, Any],
-    input_shape: Sequence[int],
     *,
+    preprocessing: Preprocessing | str | None,
+    input_shape: Sequence[int] | None = None,
     runtime: str = "auto",
     progress: float = 1.0,
 ) -> PackedModel:
     """Packs a trained model for inference.
 
     Args:
-      model_name: a registry name (``binax.models.names()``).
-      config: the overrides the model was created with (``binax.models.create(name,
-        **config)``); ``None`` for the defaults. Quantizers must be registry names.
+      model: the Flax module as trained (``binax.models.create(...)``, or the model
+        :func:`binax.train.restore_variables` returns for a workdir); its quantizers must
+        be registry names (or ``"module:function"``).
       variables: ``{'params': ..., 'batch_stats': ...}`` of the trained model.
-      input_shape: one example's shape, e.g. ``(32, 32, 3)``.
+      preprocessing: what the training pipeline did to raw images, recorded in the file
+        and applied by ``packed(images)``: a :class:`Preprocessing`
+        (``Preprocessing.from_config(config)`` for a training config), a dataset name
+        (``'fashion_mnist'``: binax.data's default ``'mean_std'`` normalization), or None
+        for a model that takes float inputs as given (then ``input_shape`` is required).
+      input_shape: one example's shape, e.g. ``(32, 32, 3)``; default: the preprocessing's.
       runtime: ``"auto"`` (the packed chain where the family has a planner, else generic),
         ``"chain"`` or ``"generic"``.
       progress: training progress at which weight quantizers are evaluated (their
         forward does not depend on it for binax's binarizers).
 
     Returns:
-      a :class:`PackedModel`; ``.save(path)`` writes the file.
+      a :class:`PackedModel`; ``.save(path)`` writes the file, ``.save_portable(path)``
+      the ``jax.export`` artifact.
+
+    Raises:
+      binax.errors.ConfigError: not a module, unknown runtime, a shape or variables that do
+        not fit the model, a config value that cannot be stored.
     """
+    if not isinstance(model, nn.Module):
+        raise ConfigError(
+            f"export takes the Flax module (binax.models.create(name, **config), or the model "
+            f"binax.train.restore_variables(workdir) returns); got {type(model).__name__} {model!r:.60}."
+        )
     if runtime not in RUNTIMES:
-        raise ValueError(f"runtime must be one of {RUNTIMES}; got {runtime!r}.")
-    config = _jsonable(dict(config or {}), "config")
-    shape = tuple(input_shape) if isinstance(input_shape, (tuple, list)) else None
-    if not shape or not all(isinstance(s, (int, np.integer)) and s > 0 for s in shape):
-        raise ValueError(f"input_shape must be a tuple of positive ints such as (32, 32, 3); got {input_shape!r}.")
-    shape = tuple(int(s) for s in shape)
-    model = models.create(model_name, **inference_config(config))
+        raise ConfigError(f"runtime must be one of {RUNTIMES}; got {runtime!r}.")
+    pre = as_preprocessing(preprocessing, input_shape)
+    shape = pre.shape
+    registry_name, module_path, config = module_identity(model)
+    model = inference_model(model)
     ops = chain_lib.plan_ops(model)
     if runtime == "chain" and ops is None:
-        names = sorted({n for n in models.names() if type(models.create(n)) in chain_lib.PLANNERS})
-        raise ValueError(f"{model_name} has no packed-chain plan (models with one: {names}); use runtime='generic'.")
+        names = [n for n in models.names() if chain_lib.plan_ops(models.create(n)) is not None]
+        raise ConfigError(
+            f"{registry_name or module_path} has no packed-chain plan (models with one: {names}); use runtime='generic'."
+        )
     calls, abstract = trace(model, shape)
-    variables = unfreeze(dict(variables))
+    variables = unfreeze(dict(variables)) if isinstance(variables, Mapping) else variables
     _check_variables(variables, abstract)
 
     use_chain = ops is not None and runtime != "generic"
@@ -423,14 +669,19 @@ def export(
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
         "binax_version": binax.__version__,
-        "model": model_name,
+        "model": registry_name,
+        "module": module_path,
         "config": config,
         "input_shape": list(shape),
+        "preprocessing": pre.to_json(),
         "runtime": "chain" if use_chain else "generic",
         "progress": float(progress),
+        "layer_order": [{"path": "/".join(p), "type": type(c.module).__name__} for p, c in calls.items()],
         "layers": {"/".join(p): {"kind": e.kind, "info": e.info, "note": e.note} for p, e in exports.items()},
     }
     arrays: dict[str, np.ndarray] = {}
+    if pre.takes_raw:
+        arrays["preprocessing/table"] = pre.table(shape[-1])
     for path, e in exports.items():
         for name, arr in e.arrays.items():
             arrays["layers/" + "/".join(path + (name,))] = np.asarray(arr)
@@ -438,7 +689,7 @@ def export(
     skip: set[tuple] = set(exports)  # modules whose float variables are not stored
     if use_chain:
         packed_layers = {p: PackedLayer(p, calls[p].module, e.kind, e.info) for p, e in exports.items()}
-        blocks = {op[1]: chain_lib.make_block(model, op[1], calls) for op in ops if op[0] == "block"}
+        blocks = {op.path: chain_lib.make_block(model, op.path, calls) for op in ops if op.kind == "block"}
         plan = chain_lib.ChainPlan(ops, packed_layers, blocks, {}, {}, {})
         layer_arrays = {p: {**e.arrays, **derived_arrays(e)} for p, e in exports.items()}
         thresholds = chain_lib.compile_thresholds(plan, layer_arrays, variables)
@@ -455,6 +706,7 @@ def export(
             meta["layers"][key]["info"]["scale_in_thresholds"] = True
         meta["fused"] = {"/".join(p): v for p, v in plan.fused.items()}
         meta["not_fused"] = {"/".join(p): v for p, v in plan.not_fused.items()}
+        meta["chain"] = _chain_json(ops, exports, plan, calls)
 
     for col in ("params", "batch_stats"):
         for path, leaf in _flatten(variables.get(col, {})).items():
@@ -473,7 +725,7 @@ def save(model: PackedModel, path: str | os.PathLike) -> int:
     entries = {"meta": np.asarray(json.dumps(model.meta, sort_keys=True))}
     for key, arr in model.arrays().items():
         if key == "meta":
-            raise ValueError("'meta' is reserved for the metadata entry.")
+            raise ConfigError("'meta' is reserved for the metadata entry.")
         entries[key] = arr
     np.savez_compressed(path, **entries)
     if not path.endswith(".npz") and os.path.exists(path + ".npz"):
@@ -489,13 +741,14 @@ def read_meta(path: str | os.PathLike) -> dict:
 
 def _meta(data, path) -> dict:
     if "meta" not in data.files:
-        raise ValueError(f"{path} is not a binax packed model file (no 'meta' entry).")
+        raise ConfigError(f"{path} is not a binax packed model file (no 'meta' entry).")
     meta = json.loads(str(data["meta"]))
     if meta.get("format") != FORMAT:
-        raise ValueError(f"{path}: format {meta.get('format')!r} is not {FORMAT!r}.")
+        raise ConfigError(f"{path}: format {meta.get('format')!r} is not {FORMAT!r}.")
     if meta.get("format_version") != FORMAT_VERSION:
-        raise ValueError(
-            f"{path}: format version {meta.get('format_version')!r}; this binax reads version {FORMAT_VERSION}."
+        raise ConfigError(
+            f"{path}: format version {meta.get('format_version')!r}; this binax reads version {FORMAT_VERSION} "
+            f"(export the model again with this binax)."
         )
     return meta
 

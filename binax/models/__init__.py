@@ -15,9 +15,22 @@ from typing import Any, Callable
 import flax.linen as nn
 import ml_collections
 
+from binax import binarizers
+from binax.errors import ConfigError
 from binax.models import alexnet, common, mlp, resnet, vgg
+from binax.models.tracing import Call, record_calls, trace
 
-__all__ = ["create", "names", "get_config", "register", "common"]
+__all__ = [
+    "create",
+    "names",
+    "get_config",
+    "register",
+    "inference_overrides",
+    "common",
+    "Call",
+    "record_calls",
+    "trace",
+]
 
 _REGISTRY: dict[str, tuple[Callable[[], ml_collections.ConfigDict], type[nn.Module]]] = {}
 
@@ -25,11 +38,11 @@ _REGISTRY: dict[str, tuple[Callable[[], ml_collections.ConfigDict], type[nn.Modu
 def register(name: str, config_fn: Callable[[], ml_collections.ConfigDict], model_cls: type[nn.Module]) -> None:
     """Register ``model_cls`` under ``name`` with default config ``config_fn()``."""
     if name in _REGISTRY:
-        raise ValueError(f"A model named {name!r} is already registered.")
+        raise ConfigError(f"A model named {name!r} is already registered.")
     fields = {f.name for f in dataclasses.fields(model_cls)} - {"parent", "name"}
     unknown = set(config_fn().keys()) - fields
     if unknown:
-        raise ValueError(f"config keys {sorted(unknown)} of model {name!r} are not fields of {model_cls.__name__}.")
+        raise ConfigError(f"config keys {sorted(unknown)} of model {name!r} are not fields of {model_cls.__name__}.")
     _REGISTRY[name] = (config_fn, model_cls)
 
 
@@ -42,7 +55,7 @@ def _entry(name: str):
     try:
         return _REGISTRY[name]
     except (KeyError, TypeError):
-        raise ValueError(f"Unknown model {name!r}; valid names are: {', '.join(names())}.") from None
+        raise ConfigError(f"Unknown model {name!r}; valid names are: {', '.join(names())}.") from None
 
 
 def get_config(name: str) -> ml_collections.ConfigDict:
@@ -64,7 +77,7 @@ def create(name: str, **overrides: Any) -> nn.Module:
     values = config_fn().to_dict()
     unknown = sorted(set(overrides) - set(values))
     if unknown:
-        raise ValueError(
+        raise ConfigError(
             f"Unknown config key(s) {unknown} for model {name!r}; valid keys: {', '.join(sorted(values))}."
         )
     # Keyword arguments belong to their binarizer: a new binarizer without new keywords
@@ -78,6 +91,24 @@ def create(name: str, **overrides: Any) -> nn.Module:
     if hasattr(model_cls, "validate_config"):
         model_cls.validate_config(values)
     return model_cls(**values)
+
+
+def inference_overrides(config: Any) -> dict[str, Any]:
+    """The quantizer keys of a model config (or model) that change at inference.
+
+    Each of ``input_quantizer``/``kernel_quantizer`` is replaced by its deployed form
+    (:func:`binax.binarizers.deployed`, e.g. Self-Binarizing's ``tanh_sign`` by ``sign``),
+    with its ``*_kwargs``; ``{}`` when nothing changes. ``config`` is a mapping or a model
+    (its fields).
+    """
+    get = config.get if hasattr(config, "get") else lambda key, default=None: getattr(config, key, default)
+    out: dict[str, Any] = {}
+    for key in ("input_quantizer", "kernel_quantizer"):
+        spec = get(key)
+        new, kwargs = binarizers.deployed(spec, get(key + "_kwargs"))
+        if new != spec:
+            out[key], out[key + "_kwargs"] = new, kwargs
+    return out
 
 
 register("bnn_mlp", mlp.get_config, mlp.MLP)

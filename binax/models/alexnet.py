@@ -15,6 +15,7 @@ import flax.linen as nn
 import jax
 import ml_collections
 
+from binax.errors import ConfigError
 from binax.models import common
 
 Array = jax.Array
@@ -44,7 +45,7 @@ class AlexNet(common.BinaryModel):
     @staticmethod
     def validate_config(cfg) -> None:
         if len(cfg["conv_widths"]) != len(_CONVS):
-            raise ValueError(f"AlexNet has {len(_CONVS)} convolutions; got conv_widths={cfg['conv_widths']}.")
+            raise ConfigError(f"AlexNet has {len(_CONVS)} convolutions; got conv_widths={cfg['conv_widths']}.")
 
     @nn.compact
     def __call__(self, x: Array, train: bool = False, progress: float | Array = 1.0) -> Array:
@@ -70,3 +71,16 @@ class AlexNet(common.BinaryModel):
             x = spec.dense(width, name=f"fc{j}")(x, progress)
             x = common.bn_sign_block(self, x, train, f"fc_bn{j}", False)
         return common.classifier(self, x, progress)
+
+    def chain(self) -> list[common.Step]:
+        Step = common.Step
+        steps = []
+        for i, (_, _, _, pool) in enumerate(_CONVS):
+            steps.append(Step.layer(f"conv{i}", ("conv_widths", i), quantize_input=i > 0))
+            if pool:
+                steps.append(Step.max_pool((3, 3), (2, 2)))
+            steps.append(Step.block(f"bn{i}"))
+        steps.append(Step.flatten())
+        for j, _ in enumerate(self.fc_widths):
+            steps += [Step.layer(f"fc{j}", ("fc_widths", j)), Step.block(f"fc_bn{j}")]
+        return steps + [Step.layer("classifier", quantize_input=not self.last_layer_float)]

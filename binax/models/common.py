@@ -19,6 +19,7 @@ from flax.core import FrozenDict
 
 from binax import binarizers
 from binax import layers as L
+from binax.errors import ConfigError
 
 Array = jax.Array
 
@@ -78,7 +79,7 @@ def activation_fn(name: str | None) -> Callable[[Array], Array] | None:
     """Parameter-free activations by name; None for 'none' (and for 'rprelu', a module)."""
     name = "none" if name is None else name
     if name not in ACTIVATIONS:
-        raise ValueError(f"Unknown activation {name!r}; valid: {', '.join(ACTIVATIONS)}.")
+        raise ConfigError(f"Unknown activation {name!r}; valid: {', '.join(ACTIVATIONS)}.")
     return {
         "none": None,
         "hardtanh": lambda x: jnp.clip(x, -1.0, 1.0),
@@ -99,13 +100,13 @@ def apply_activation(name: str | None, x: Array, module_name: str) -> Array:
 def check_image_input(x: Array, model: str, min_size: int) -> None:
     """CNNs take NHWC batches whose spatial size survives their downsampling."""
     if x.ndim != 4:
-        raise ValueError(
+        raise ConfigError(
             f"{model} expects NHWC input of rank 4 (batch, height, width, channels); "
             f"got shape {tuple(x.shape)} (rank {x.ndim})."
         )
     h, w = x.shape[1], x.shape[2]
     if h < min_size or w < min_size:
-        raise ValueError(
+        raise ConfigError(
             f"{model} needs inputs of at least {min_size}x{min_size} pixels to survive its "
             f"downsampling; got {h}x{w} (input shape {tuple(x.shape)})."
         )
@@ -116,14 +117,14 @@ def validate_common(cfg: Mapping[str, Any], model: str) -> None:
     for key in ("input_quantizer", "kernel_quantizer"):
         binarizers.resolve(cfg[key], **dict(cfg[key + "_kwargs"] or {}))
     if cfg["layer_type"] not in LAYER_TYPES:
-        raise ValueError(f"{model}: unknown layer_type {cfg['layer_type']!r}; valid: {', '.join(LAYER_TYPES)}.")
+        raise ConfigError(f"{model}: unknown layer_type {cfg['layer_type']!r}; valid: {', '.join(LAYER_TYPES)}.")
     for key in ("activation", "stem_activation", "classifier_activation"):
         if key in cfg:
             activation_fn(cfg[key])
     if "replicate" in cfg and not (isinstance(cfg["replicate"], int) and cfg["replicate"] >= 1):
-        raise ValueError(f"{model}: replicate must be an int >= 1 (copies of each channel); got {cfg['replicate']!r}.")
+        raise ConfigError(f"{model}: replicate must be an int >= 1 (copies of each channel); got {cfg['replicate']!r}.")
     if cfg["width_multiplier"] <= 0:
-        raise ValueError(f"{model}: width_multiplier must be > 0; got {cfg['width_multiplier']!r}.")
+        raise ConfigError(f"{model}: width_multiplier must be > 0; got {cfg['width_multiplier']!r}.")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -142,7 +143,6 @@ class LayerSpec:
     abc_m: int = 3
     abc_n: int = 3
     pad_values: float | None = None
-    latent_weight_clip: float | None = None
     activation: str = "none"
     bn_momentum: float = 0.9
     bn_epsilon: float = 1e-5
@@ -170,7 +170,6 @@ class LayerSpec:
                 n=self.abc_n,
                 pad_values=self.pad_values,
                 use_bias=use_bias,
-                kernel_clip=self.latent_weight_clip,
                 name=name,
             )
         kq = self.kernel_quantizer if quantize_kernel else None
@@ -185,8 +184,7 @@ class LayerSpec:
             input_quantizer_kwargs=self.input_quantizer_kwargs,
             kernel_quantizer=kq,
             kernel_quantizer_kwargs=self.kernel_quantizer_kwargs,
-            kernel_clip=self.latent_weight_clip if kq is not None else None,
-            kernel_init=L._glorot if kq is not None else nn.initializers.lecun_normal(),
+            kernel_init=nn.initializers.glorot_uniform() if kq is not None else nn.initializers.lecun_normal(),
             name=name,
         )
 
@@ -202,7 +200,7 @@ class LayerSpec:
         """A dense layer in this model's binary style (float when nothing is quantized)."""
         if quantize_input and quantize_kernel and self.layer_type == "abc":
             return L.ABCDense(
-                features, m=self.abc_m, n=self.abc_n, use_bias=use_bias, kernel_clip=self.latent_weight_clip, name=name
+                features, m=self.abc_m, n=self.abc_n, use_bias=use_bias, name=name
             )
         kq = self.kernel_quantizer if quantize_kernel else None
         return L.BinaryDense(
@@ -212,8 +210,7 @@ class LayerSpec:
             input_quantizer_kwargs=self.input_quantizer_kwargs,
             kernel_quantizer=kq,
             kernel_quantizer_kwargs=self.kernel_quantizer_kwargs,
-            kernel_clip=self.latent_weight_clip if kq is not None else None,
-            kernel_init=L._glorot if kq is not None else nn.initializers.lecun_normal(),
+            kernel_init=nn.initializers.glorot_uniform() if kq is not None else nn.initializers.lecun_normal(),
             name=name,
         )
 
@@ -224,6 +221,58 @@ class LayerSpec:
 
 
 _SPEC_FIELDS = tuple(f.name for f in dataclasses.fields(LayerSpec))
+
+
+@dataclasses.dataclass(frozen=True)
+class Step:
+    """One step of a sequential model's forward, as :meth:`BinaryModel.chain` lists them.
+
+    ``kind``:
+
+    * ``"layer"``: the dense or conv layer ``path``; ``width`` is the ``(config key,
+      index)`` of its output width (None: fixed, e.g. the classifier's classes) and
+      ``quantize_input`` whether its input goes through the model's input quantizer (as
+      the layer factories' argument: every layer but the first and a float classifier);
+    * ``"block"``: :func:`bn_sign_block` at ``path`` (BatchNorm then the model's
+      activation, or a BinaryBatchNorm);
+    * ``"max_pool"``: ``window``, ``strides``, ``padding``;
+    * ``"flatten"``: ``(N, ...) -> (N, -1)``;
+    * ``"activation"``: the activation ``activation`` (its module at ``path`` for
+      ``'rprelu'``).
+
+    The chain is what the packed exporter (``binax.export``) and model surgery
+    (``binax.transforms``: BinaryDuo decoupling) read; ``tests/test_models.py`` checks it
+    against the module calls of the model's ``__call__``.
+    """
+
+    kind: str
+    path: tuple[str, ...] = ()
+    width: tuple[str, int] | None = None
+    quantize_input: bool = False
+    window: tuple[int, ...] = ()
+    strides: tuple[int, ...] = ()
+    padding: str = "VALID"
+    activation: str = "none"
+
+    @staticmethod
+    def layer(name: str, width: tuple[str, int] | None = None, *, quantize_input: bool = True) -> "Step":
+        return Step("layer", (name,), width=width, quantize_input=quantize_input)
+
+    @staticmethod
+    def block(name: str) -> "Step":
+        return Step("block", (name,))
+
+    @staticmethod
+    def max_pool(window: tuple[int, int], strides: tuple[int, int], padding: str = "VALID") -> "Step":
+        return Step("max_pool", window=tuple(window), strides=tuple(strides), padding=padding)
+
+    @staticmethod
+    def flatten() -> "Step":
+        return Step("flatten")
+
+    @staticmethod
+    def apply_activation(name: str, module_name: str) -> "Step":
+        return Step("activation", (module_name,), activation=name)
 
 
 class BinaryModel(nn.Module):
@@ -249,6 +298,11 @@ class BinaryModel(nn.Module):
     activation: str = "none"
     bn_momentum: float = 0.9
     bn_epsilon: float = 1e-5
+
+    def chain(self) -> list[Step] | None:
+        """The forward as a sequence of :class:`Step` (layer → [pool] → BN block → ...), or
+        None when the model is not one chain (residual networks)."""
+        return None
 
 
 def layer_spec(model: BinaryModel) -> LayerSpec:
@@ -283,7 +337,7 @@ def bn_sign_block(model: BinaryModel, x: Array, train: bool, name: str, binary_b
     ``binax.transforms.fold_binary_bn``)."""
     if binary_bn:
         if train:
-            raise ValueError(
+            raise ConfigError(
                 "binary_bn=True models are for inference (BinaryBatchNorm has no statistics "
                 "or gradient); train the model with binary_bn=False and fold its batch norms."
             )

@@ -13,6 +13,7 @@ import flax.linen as nn
 import jax
 import ml_collections
 
+from binax.errors import ConfigError
 from binax.models import common
 
 Array = jax.Array
@@ -40,7 +41,7 @@ class MLP(common.BinaryModel):
     @nn.compact
     def __call__(self, x: Array, train: bool = False, progress: float | Array = 1.0) -> Array:
         if x.ndim < 2:
-            raise ValueError(f"MLP expects a batch (N, ...) of rank >= 2; got shape {tuple(x.shape)}.")
+            raise ConfigError(f"MLP expects a batch (N, ...) of rank >= 2; got shape {tuple(x.shape)}.")
         x = x.reshape(x.shape[0], -1)
         spec = common.layer_spec(self)
         widths = common.scaled(self.widths, self.width_multiplier)
@@ -55,3 +56,14 @@ class MLP(common.BinaryModel):
                 x = common.replicate_units(x, self.replicate)
             x = common.bn_sign_block(self, x, train, f"bn{i}", self.binary_bn and feeds_binary)
         return common.classifier(self, x, progress)
+
+    def chain(self) -> list[common.Step] | None:
+        if self.replicate != 1:
+            # BinaryDuo's decoupled network copies channels between a layer and its BN, a
+            # step the chain's readers (export's fused path, decoupling) do not model.
+            return None
+        Step = common.Step
+        steps = [Step.flatten()]
+        for i, _ in enumerate(self.widths):
+            steps += [Step.layer(f"fc{i}", ("widths", i), quantize_input=i > 0), Step.block(f"bn{i}")]
+        return steps + [Step.layer("classifier", quantize_input=not self.last_layer_float)]

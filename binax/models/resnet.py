@@ -35,6 +35,7 @@ import jax.numpy as jnp
 import ml_collections
 
 from binax import layers as L
+from binax.errors import ConfigError
 from binax.models import common
 
 Array = jax.Array
@@ -103,7 +104,7 @@ def reactnet18_config() -> ml_collections.ConfigDict:
 def _pad_channels(x: Array, features: int) -> Array:
     extra = features - x.shape[-1]
     if extra < 0:
-        raise ValueError(f"option-A shortcut cannot reduce channels ({x.shape[-1]} -> {features}).")
+        raise ConfigError(f"option-A shortcut cannot reduce channels ({x.shape[-1]} -> {features}).")
     return jnp.pad(x, [(0, 0)] * (x.ndim - 1) + [(extra // 2, extra - extra // 2)])
 
 
@@ -164,11 +165,11 @@ class ResNet(common.BinaryModel):
     @staticmethod
     def validate_config(cfg) -> None:
         if cfg["shortcut"] not in SHORTCUTS:
-            raise ValueError(f"Unknown shortcut {cfg['shortcut']!r}; valid: {', '.join(SHORTCUTS)}.")
+            raise ConfigError(f"Unknown shortcut {cfg['shortcut']!r}; valid: {', '.join(SHORTCUTS)}.")
         if cfg["stem"] not in STEMS:
-            raise ValueError(f"Unknown stem {cfg['stem']!r}; valid: {', '.join(STEMS)}.")
+            raise ConfigError(f"Unknown stem {cfg['stem']!r}; valid: {', '.join(STEMS)}.")
         if len(cfg["stage_sizes"]) != len(cfg["stage_widths"]):
-            raise ValueError(
+            raise ConfigError(
                 f"stage_sizes {cfg['stage_sizes']} and stage_widths {cfg['stage_widths']} must have the same length."
             )
 

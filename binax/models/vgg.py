@@ -23,6 +23,7 @@ import jax
 import ml_collections
 
 from binax import ops
+from binax.errors import ConfigError
 from binax.models import common
 
 Array = jax.Array
@@ -85,7 +86,7 @@ class VGG(common.BinaryModel):
     def validate_config(cfg) -> None:
         bad = [i for i in cfg["pool_after"] if not 1 <= i <= len(cfg["widths"])]
         if bad:
-            raise ValueError(
+            raise ConfigError(
                 f"pool_after {cfg['pool_after']} names convolutions {bad} that do not exist "
                 f"(1..{len(cfg['widths'])} for widths {cfg['widths']})."
             )
@@ -125,3 +126,21 @@ class VGG(common.BinaryModel):
             x = common.bn_sign_block(self, x, train, f"fc_bn{j}", foldable[len(widths) + j])
         x = common.apply_activation(self.classifier_activation, x, "classifier_act")
         return common.classifier(self, x, progress)
+
+    def chain(self) -> list[common.Step] | None:
+        if self.replicate != 1:
+            # BinaryDuo's decoupled network copies channels between a layer and its BN, a
+            # step the chain's readers (export's fused path, decoupling) do not model.
+            return None
+        Step = common.Step
+        steps = []
+        for i, _ in enumerate(self.widths):
+            steps.append(Step.layer(f"conv{i}", ("widths", i), quantize_input=i > 0))
+            if i + 1 in self.pool_after:
+                steps.append(Step.max_pool((2, 2), (2, 2)))
+            steps.append(Step.block(f"bn{i}"))
+        steps.append(Step.flatten())
+        for j, _ in enumerate(self.hidden_dense):
+            steps += [Step.layer(f"fc{j}", ("hidden_dense", j)), Step.block(f"fc_bn{j}")]
+        steps.append(Step.apply_activation(self.classifier_activation, "classifier_act"))
+        return steps + [Step.layer("classifier", quantize_input=not self.last_layer_float)]

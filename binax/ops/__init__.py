@@ -5,7 +5,7 @@ A binary layer multiplies an input ``x ∈ {−1, +1}`` by a kernel ``k = α ⊙
 a power of two for IR-Net's Libra-PB). The scale factors out of the product,
 ``conv(x, α·sign w) = α · conv(x, sign w)``, leaving an integer product of ±1 values that
 is computed EXACTLY as ``K − 2·popcount(x XOR w)`` on bit-packed operands
-(:mod:`binax.export.kernels`). The backward is the plain product's:
+(:mod:`binax.packed`). The backward is the plain product's:
 
 * ``∂x = g ⋆ k`` (the transposed convolution / ``g·kᵀ``) and
 * ``∂k = im2col(x)ᵀ · g`` (``xᵀ·g``), a float32 GEMM whose ±1 operand is rebuilt from
@@ -22,8 +22,9 @@ loop vectorises (AVX-512 VPOPCNTDQ), ``"xla"`` on GPU/TPU, whose native convolut
 matrix units serve the plain form (reasoned, not measured here). ``docs/performance.md``
 has the measurements.
 
-Which quantizers qualify: :func:`fast_path_supported` (input quantizers whose forward is
-exactly ``±1``, kernel quantizers whose forward is ``±α`` per output channel).
+Which quantizers qualify: :func:`fast_path_supported` (input quantizers whose descriptor
+declares ``forward="sign"``, exactly ``±1``; kernel quantizers with ``"sign"`` or
+``"scaled_sign"``, ``±α`` per output channel: see ``binax.binarizers.register``).
 
 :func:`max_pool` is ``nn.max_pool`` with an elementwise backward for non-overlapping
 windows (the 2×2 pools of VGG-style binary networks), the same values and gradients.
@@ -31,8 +32,6 @@ windows (the 2×2 pools of VGG-style binary networks), the same values and gradi
 
 from binax.ops.binary import (
     IMPLS,
-    SCALED_SIGN_KERNEL_QUANTIZERS,
-    SIGN_INPUT_QUANTIZERS,
     binary_conv2d,
     binary_dense,
     default_impl,
@@ -42,8 +41,6 @@ from binax.ops.pool import max_pool
 
 __all__ = [
     "IMPLS",
-    "SCALED_SIGN_KERNEL_QUANTIZERS",
-    "SIGN_INPUT_QUANTIZERS",
     "binary_conv2d",
     "binary_dense",
     "default_impl",

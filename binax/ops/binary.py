@@ -15,12 +15,15 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from binax import binarizers
+from binax.packed import geometry
+from binax.packed.bits import pack_bits, unpack_bits
+from binax.packed.kernels import packed_conv, packed_dense
+
 Array = jax.Array
 
 __all__ = [
     "IMPLS",
-    "SIGN_INPUT_QUANTIZERS",
-    "SCALED_SIGN_KERNEL_QUANTIZERS",
     "default_impl",
     "fast_path_supported",
     "binary_conv2d",
@@ -28,16 +31,6 @@ __all__ = [
 ]
 
 IMPLS = ("auto", "xnor", "xla")
-
-#: Input (activation) binarizers whose forward value is exactly ±1 during training
-#: (``sign(0) = +1``). ``tanh_sign`` (a soft tanh while training), the {0, 1} and ternary
-#: activations and DoReFa are not.
-SIGN_INPUT_QUANTIZERS = frozenset({"sign", "ste_sign", "approx_sign", "swish_sign", "ede_sign"})
-
-#: Kernel binarizers whose forward value is ``±α`` with one ``α ≥ 0`` per output channel
-#: (the ±1 estimators, XNOR-Net's ``mean|W|``, Libra-PB's power of two, BinaryDuo's single
-#: scale).
-SCALED_SIGN_KERNEL_QUANTIZERS = SIGN_INPUT_QUANTIZERS | frozenset({"xnor_weight", "libra_pb", "duo_weight"})
 
 # Pad values the packed forward represents: +1 and −1 as bits, 0 by a per-position correction.
 _PACKED_PAD_VALUES = (-1.0, 0.0, 1.0)
@@ -54,14 +47,14 @@ def default_impl(backend: str | None = None) -> str:
 def fast_path_supported(input_quantizer: Any, kernel_quantizer: Any) -> bool:
     """Whether a layer with these quantizer specs computes a product of ±1 and ±α values.
 
-    Only registry names are recognised: a callable's forward values are unknown.
+    Read from the quantizers' descriptors (``binax.binarizers.describe``): the input's
+    forward must be ``"sign"`` (exactly ±1 while training: not ``tanh_sign``, not {0, 1}),
+    the kernel's ``"sign"`` or ``"scaled_sign"`` (±α per output channel). An undeclared
+    callable's values are unknown, so it never qualifies.
     """
-    return (
-        isinstance(input_quantizer, str)
-        and isinstance(kernel_quantizer, str)
-        and input_quantizer in SIGN_INPUT_QUANTIZERS
-        and kernel_quantizer in SCALED_SIGN_KERNEL_QUANTIZERS
-    )
+    if input_quantizer is None or kernel_quantizer is None:
+        return False
+    return binarizers.describe(input_quantizer).is_sign and binarizers.describe(kernel_quantizer).is_scaled_sign
 
 
 def _resolve_impl(impl: str) -> str:
@@ -70,74 +63,12 @@ def _resolve_impl(impl: str) -> str:
     return default_impl() if impl == "auto" else impl
 
 
-def _export():
-    """``binax.export.kernels`` and ``binax.export.packing``, imported on first use.
-
-    ``binax.export`` imports ``binax.layers`` (packed inference), which imports this
-    module, so an import at module level would be circular.
-    """
-    from binax.export import kernels, packing
-
-    return kernels, packing
-
-
-def _pack_kernel(kernel: Array, axis: int) -> Array:
-    """``pack_bits(kernel, axis)`` for a non-minor ``axis``, without moving the axis.
-
-    Same words as :func:`binax.export.pack_bits` (bit ``b`` of word ``j`` is element
-    ``32·j + b``; missing positions hold ``PAD_BIT``). ``pack_bits`` moves the axis last
-    and back, and inside a larger program XLA:CPU may then give the words a transposed
-    layout (a strided pass over the whole kernel, 10× the cost of this reduction).
-    """
-    packing = _export()[1]
-    n, word = kernel.shape[axis], packing.WORD_BITS
-    nw = packing.num_words(n)
-    bits = (kernel >= 0).astype(jnp.uint32)
-    if nw * word != n:
-        pad = [(0, 0)] * kernel.ndim
-        pad[axis] = (0, nw * word - n)
-        bits = jnp.pad(bits, pad, constant_values=jnp.uint32(packing.PAD_BIT))
-    bits = bits.reshape(*kernel.shape[:axis], nw, word, *kernel.shape[axis + 1 :])
-    shift_shape = [1] * bits.ndim
-    shift_shape[axis + 1] = word
-    shifts = jnp.arange(word, dtype=jnp.uint32).reshape(shift_shape)
-    # Disjoint bits: the sum is their bitwise OR.
-    return jnp.sum(bits << shifts, axis=axis + 1, dtype=jnp.uint32)
-
-
 def _channel_scale(kernel: Array) -> Array:
     """``α`` per output channel: ``max |k|`` over every other axis (``k = ±α`` by contract)."""
     return jnp.max(jnp.abs(kernel.astype(jnp.float32)), axis=tuple(range(kernel.ndim - 1)))
 
 
 # ---------------------------------------------------------------------- convolution
-
-
-def _pair(v, what: str) -> tuple[int, int]:
-    if isinstance(v, numbers.Integral) and not isinstance(v, bool):
-        v = (v, v)
-    try:
-        pair = tuple(int(s) for s in v)
-    except TypeError:
-        raise ValueError(f"{what} must be an int or a pair of ints; got {v!r}.") from None
-    if len(pair) != 2 or any(s < 1 for s in pair):
-        raise ValueError(f"{what} must be an int or a pair of ints >= 1; got {v!r}.")
-    return pair
-
-
-def _explicit_pads(padding, in_hw, window, strides) -> tuple[tuple[int, int], ...]:
-    if isinstance(padding, str):
-        mode = padding.upper()
-        if mode not in ("SAME", "VALID"):
-            raise ValueError(f"padding must be 'SAME', 'VALID' or ((top, bottom), (left, right)); got {padding!r}.")
-        return tuple(tuple(p) for p in lax.padtype_to_pads(in_hw, window, strides, mode))
-    try:
-        pads = tuple((int(lo), int(hi)) for lo, hi in padding)
-    except (TypeError, ValueError):
-        raise ValueError(f"padding must be 'SAME', 'VALID' or ((top, bottom), (left, right)); got {padding!r}.") from None
-    if len(pads) != 2 or any(p < 0 for pair in pads for p in pair):
-        raise ValueError(f"explicit padding needs two non-negative (low, high) pairs; got {padding!r}.")
-    return pads
 
 
 def _xla_conv(x, kernel, strides, pads, pad_value):
@@ -182,10 +113,9 @@ def _xnor_conv(x, kernel, strides, pads, pad_value):
 
 
 def _xnor_conv_fwd(x, kernel, strides, pads, pad_value):
-    kernels, packing = _export()
     c = x.shape[-1]
-    x_bits = packing.pack_bits(x, axis=-1)
-    acc = kernels.packed_conv(x_bits, _pack_kernel(kernel, 2), c, strides, pads, pad_value, method="xor_popcount")
+    x_bits = pack_bits(x, axis=-1)
+    acc = packed_conv(x_bits, pack_bits(kernel, axis=2), c, strides, pads, pad_value, method="xor_popcount")
     y = (acc.astype(jnp.float32) * _channel_scale(kernel)).astype(jnp.result_type(x.dtype, kernel.dtype))
     # The input is kept as its bits; an empty array carries its dtype to the backward.
     return y, (x_bits, jnp.zeros((0,), x.dtype), kernel)
@@ -211,20 +141,18 @@ def _xnor_conv_bwd(strides, pads, pad_value, res, g):
     # ∂k = im2col(x)ᵀ·g, written as (gᵀ·im2col(x))ᵀ: XLA:CPU's GEMM is faster with the
     # small (N·Ho·Wo, O) operand first. The ±1 patches are rebuilt from the bits.
     out_hw = g.shape[1:3]
-    kernels, packing = _export()
-    im2col, unpack = kernels.im2col, packing.unpack_bits
     if pad_value in (-1.0, 1.0):
         # Gather the patches as packed words (32× fewer bytes); they are unpacked chunk by
         # chunk inside the GEMM's loop.
         fill = jnp.uint32(0xFFFFFFFF if pad_value > 0 else 0)
         words = jnp.pad(x_bits, ((0, 0), *pads, (0, 0)), constant_values=fill)
         taps = window[0] * window[1]
-        patches = im2col(words, window, strides, out_hw).reshape(n, -1, taps, x_bits.shape[-1])
+        patches = geometry.im2col(words, window, strides, out_hw).reshape(n, -1, taps, x_bits.shape[-1])
         dk_t = _packed_patches_gemm(g.reshape(n, -1, o).astype(jnp.float32), patches, c)
     else:
-        x_pm = unpack(x_bits, c, axis=-1, dtype=jnp.float32)
+        x_pm = unpack_bits(x_bits, c, axis=-1, dtype=jnp.float32)
         x_pm = jnp.pad(x_pm, ((0, 0), *pads, (0, 0)), constant_values=jnp.float32(pad_value))
-        cols = im2col(x_pm, window, strides, out_hw)
+        cols = geometry.im2col(x_pm, window, strides, out_hw)
         dk_t = lax.dot_general(
             g.reshape(-1, o).astype(jnp.float32),
             cols,
@@ -261,11 +189,10 @@ def _packed_patches_gemm(g: Array, patches: Array, c: int) -> Array:
     k = _images_per_chunk(n, p * patches.shape[2] * c)
     g_chunks = g.reshape(n // k, k * p, o)
     p_chunks = patches.reshape(n // k, k * p, *patches.shape[2:])
-    unpack = _export()[1].unpack_bits
 
     def add_chunk(acc, chunk):
         g_c, words_c = chunk
-        cols = unpack(words_c, c, axis=-1, dtype=jnp.float32).reshape(k * p, -1)
+        cols = unpack_bits(words_c, c, axis=-1, dtype=jnp.float32).reshape(k * p, -1)
         return acc + lax.dot_general(g_c, cols, (((0,), (0,)), ((), ())), precision=lax.Precision.HIGHEST), None
 
     acc = jnp.zeros((o, patches.shape[2] * c), jnp.float32)
@@ -314,15 +241,13 @@ def binary_conv2d(
         )
     if x.shape[3] != kernel.shape[2]:
         raise ValueError(f"x has {x.shape[3]} channels but the kernel expects {kernel.shape[2]}.")
-    strides = _pair(strides, "strides")
+    strides = geometry.ntuple(strides, 2, "strides")
     window = tuple(kernel.shape[:2])
-    pads = _explicit_pads(padding, x.shape[1:3], window, strides)
+    pads = geometry.padding_pairs(padding, x.shape[1:3], window, strides, nonnegative=True)
     if not isinstance(pad_value, numbers.Real) or not math.isfinite(pad_value):
         raise ValueError(f"pad_value must be a finite Python number; got {pad_value!r}.")
     pad_value = float(pad_value)
-    out_hw = [(s + lo + hi - k) // st + 1 for s, (lo, hi), k, st in zip(x.shape[1:3], pads, window, strides)]
-    if min(out_hw) < 1:
-        raise ValueError(f"the {window} window does not fit the {tuple(x.shape[1:3])} input with padding {pads}.")
+    geometry.output_size(x.shape[1:3], window, strides, pads)  # raises when the window does not fit
     chosen = _resolve_impl(impl)
     if chosen == "xnor" and pad_value not in _PACKED_PAD_VALUES:
         if impl == "xnor":
@@ -342,10 +267,9 @@ def _xnor_dense(x, kernel):
 
 
 def _xnor_dense_fwd(x, kernel):
-    kernels, packing = _export()
     k = x.shape[-1]
-    x_bits = packing.pack_bits(x, axis=-1)
-    acc = kernels.packed_dense(x_bits, _pack_kernel(kernel, 0), k, method="xor_popcount")
+    x_bits = pack_bits(x, axis=-1)
+    acc = packed_dense(x_bits, pack_bits(kernel, axis=0), k, method="xor_popcount")
     y = (acc.astype(jnp.float32) * _channel_scale(kernel)).astype(jnp.result_type(x.dtype, kernel.dtype))
     return y, (x_bits, jnp.zeros((0,), x.dtype), kernel)
 
@@ -356,7 +280,7 @@ def _xnor_dense_bwd(res, g):
     g2 = g.reshape(-1, n).astype(jnp.float32)
     hi = lax.Precision.HIGHEST
     dx = lax.dot_general(g2, kernel.astype(jnp.float32), (((1,), (1,)), ((), ())), precision=hi)
-    x_pm = _export()[1].unpack_bits(x_bits.reshape(-1, x_bits.shape[-1]), k, axis=-1, dtype=jnp.float32)
+    x_pm = unpack_bits(x_bits.reshape(-1, x_bits.shape[-1]), k, axis=-1, dtype=jnp.float32)
     # As in the convolution: (gᵀ·x)ᵀ puts the small operand first for XLA:CPU's GEMM.
     dk = lax.dot_general(g2, x_pm, (((0,), (0,)), ((), ())), precision=hi).T
     return dx.reshape(*x_bits.shape[:-1], k).astype(x_dtype_carrier.dtype), dk.astype(kernel.dtype)

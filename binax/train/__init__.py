@@ -2,13 +2,17 @@
 checkpoints and metrics.
 
 ``train_and_evaluate(config, workdir)`` is the entry point (``experiments/run.py`` calls
-it); the pieces are public for notebooks and tests: ``train_step``/``eval_step`` are pure
+it) and ``restore_variables(workdir)`` reads a trained run back; the pieces are public for
+notebooks and tests: ``train_step``/``eval_step`` are pure
 functions of explicit state, ``create_optimizer`` builds optax transformations from a
-config, ``bop`` is Larq's Bop as an optax ``GradientTransformation``.
+config, ``bop`` is Larq's Bop as an optax ``GradientTransformation``; ``evaluate`` is the
+one evaluation (eval-mode loss, accuracy, logits) every part of binax uses.
 """
 
-from binax.train.checkpoints import Checkpoints
+from binax.train.checkpoints import Checkpoints, DamagedCheckpoint
+from binax.train.evaluation import Evaluation, array_batches, evaluate
 from binax.train.loop import (
+    NonFiniteError,
     NonFiniteLossError,
     Trainer,
     build_trainer,
@@ -23,16 +27,24 @@ from binax.train.optimizers import bop, create_optimizer, default_config as opti
 from binax.train.steps import (
     TrainState,
     create_train_state,
+    eval_logits,
     eval_step,
     flip_ratio,
     latent_kernel_signs,
     progress_at,
     train_step,
+    update_flip_ratios,
 )
+from binax.train.workdir import lock_workdir
 
 __all__ = [
     "Checkpoints",
+    "Evaluation",
+    "array_batches",
+    "evaluate",
     "MetricsWriter",
+    "DamagedCheckpoint",
+    "NonFiniteError",
     "NonFiniteLossError",
     "ProgressReporter",
     "TrainState",
@@ -42,6 +54,7 @@ __all__ = [
     "create_model",
     "create_optimizer",
     "create_train_state",
+    "eval_logits",
     "eval_step",
     "flip_ratio",
     "latent_kernel_signs",
@@ -56,4 +69,6 @@ __all__ = [
     "restore_variables",
     "train_and_evaluate",
     "train_step",
+    "update_flip_ratios",
+    "lock_workdir",
 ]

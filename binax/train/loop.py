@@ -4,17 +4,34 @@ Data parallel in the global view: one ``jax.jit`` of the pure ``train_step`` who
 sharded over a ``('data',)`` mesh of every device of every process and whose state is
 replicated. The loop on the host only feeds batches, writes records and checkpoints.
 
+A run, step by step (the methods of ``_Run``, called in this order):
+
+1. lock the workdir: one run per workdir (``binax.train.workdir``);
+2. build the data, model, optimizer and jitted steps (:func:`build_trainer`);
+3. resume from the newest *intact* checkpoint (damaged ones are reported and moved
+   aside), or initialize;
+4. per epoch: one update per batch, a metric record every ``log_every_steps`` updates and
+   at the epoch end, a checkpoint every ``checkpoint.every_steps`` updates; evaluate;
+   checkpoint the epoch end;
+5. write ``final.json`` (before the last checkpoint, so a full disk loses no result).
+
 Resuming is exact. The state (step, params, batch statistics, optimizer state, base key)
-is checkpointed whole, every ``checkpoint.every_steps`` updates and at every epoch end;
-update ``s`` draws ``fold_in(key, s)`` and reads progress from ``s``, and the data restarts
-at ``(epoch, step_in_epoch)``; so a run killed at any point and restarted in the same
-workdir repeats the uninterrupted run's updates bit for bit. Metric records are written at
-every checkpoint as well as every ``log_every_steps``, so their windows line up too.
+is checkpointed whole with the per-update metrics since the last record; update ``s``
+draws ``fold_in(key, s)`` and reads progress from ``s``, and the data restarts at
+``(epoch, step_in_epoch)``. So a run stopped at any point (SIGKILL, SIGTERM, Ctrl-C) and
+restarted in the same workdir repeats the uninterrupted run's updates bit for bit on the
+same machine and device count, and writes the same metric records. (Across machines or
+device counts, reductions run in another order: float results agree to rounding, and a
+binary network can flip a sign where a pre-activation is within rounding of zero.)
+
+Every record and checkpoint checks that the loss, gradients and parameters are finite
+(:class:`~binax.errors.NonFiniteError`), so no checkpoint holds a diverged state.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import errno
 import functools
 import itertools
 import json
@@ -33,11 +50,16 @@ from absl import logging
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from binax import layers
+from binax.errors import CheckpointError, ConfigError, DiskFullError, NonFiniteError
 from binax.train import checkpoints as ckpt_lib
+from binax.train import evaluation
 from binax.train import metrics as metrics_lib
 from binax.train import optimizers, steps
+from binax.train.workdir import lock_workdir
 
 __all__ = [
+    "NonFiniteError",
     "NonFiniteLossError",
     "train_and_evaluate",
     "make_mesh",
@@ -45,13 +67,16 @@ __all__ = [
     "create_model",
     "Trainer",
     "build_trainer",
+    "restore_variables",
 ]
 
 PROGRESS_UNITS = ("epoch", "step")
 
+# Kept for code written against binax 0.1: the error now covers gradients and parameters too.
+NonFiniteLossError = NonFiniteError
 
-class NonFiniteLossError(FloatingPointError):
-    """The training loss became NaN or infinite; the message names the step and checkpoint."""
+# Per-update metrics that must stay finite; a record or checkpoint stops the run otherwise.
+FINITE_METRICS = ("loss", "grad_norm", "update_norm", "param_norm")
 
 
 def maybe_initialize_distributed(dist: ml_collections.ConfigDict | None) -> bool:
@@ -72,7 +97,7 @@ def maybe_initialize_distributed(dist: ml_collections.ConfigDict | None) -> bool
     kwargs = {}
     if num_processes > 1:
         if not dist.get("coordinator_address"):
-            raise ValueError(
+            raise ConfigError(
                 f"distributed.num_processes={num_processes} needs distributed.coordinator_address "
                 "('host:port' of process 0)"
             )
@@ -106,34 +131,24 @@ def create_model(model_config: ml_collections.ConfigDict):
 
 def _validate(config: ml_collections.ConfigDict, num_devices: int) -> None:
     if config.progress_unit not in PROGRESS_UNITS:
-        raise ValueError(f"progress_unit={config.progress_unit!r} is not one of {PROGRESS_UNITS}")
+        raise ConfigError(f"progress_unit={config.progress_unit!r} is not one of {PROGRESS_UNITS}")
     if config.compute_dtype not in steps.COMPUTE_DTYPES:
-        raise ValueError(f"compute_dtype={config.compute_dtype!r} is not one of {tuple(steps.COMPUTE_DTYPES)}")
+        raise ConfigError(f"compute_dtype={config.compute_dtype!r} is not one of {tuple(steps.COMPUTE_DTYPES)}")
     if not (isinstance(config.num_epochs, int) and config.num_epochs >= 1):
-        raise ValueError(f"num_epochs={config.num_epochs!r} must be an int >= 1")
+        raise ConfigError(f"num_epochs={config.num_epochs!r} must be an int >= 1")
     for key in ("batch_size", "eval_batch_size"):
         value = config[key]
         if value < 1 or value % num_devices:
-            raise ValueError(
+            raise ConfigError(
                 f"{key}={value} must be a positive multiple of the {num_devices} devices "
                 "(each device gets an equal share of the batch)"
             )
     if config.log_every_steps < 1:
-        raise ValueError(f"log_every_steps={config.log_every_steps} must be >= 1")
+        raise ConfigError(f"log_every_steps={config.log_every_steps} must be >= 1")
     if config.checkpoint.every_steps < 0:
-        raise ValueError(f"checkpoint.every_steps={config.checkpoint.every_steps} must be >= 0 (0: epoch ends only)")
+        raise ConfigError(f"checkpoint.every_steps={config.checkpoint.every_steps} must be >= 0 (0: epoch ends only)")
     if config.eval_every_epochs < 0:
-        raise ValueError(f"eval_every_epochs={config.eval_every_epochs} must be >= 0 (0: at the end only)")
-
-
-def _flatten(d: dict, prefix: str = "") -> dict:
-    out = {}
-    for k, v in d.items():
-        if isinstance(v, dict):
-            out.update(_flatten(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = v
-    return out
+        raise ConfigError(f"eval_every_epochs={config.eval_every_epochs} must be >= 0 (0: at the end only)")
 
 
 def _record_config(config: ml_collections.ConfigDict, workdir: str, resuming: bool) -> None:
@@ -142,8 +157,8 @@ def _record_config(config: ml_collections.ConfigDict, workdir: str, resuming: bo
     new = json.loads(config.to_json_best_effort())
     if resuming and os.path.exists(path):
         with open(path) as f:
-            old = _flatten(json.load(f))
-        flat = _flatten(new)
+            old = metrics_lib.flatten(json.load(f))
+        flat = metrics_lib.flatten(new)
         changed = sorted(k for k in set(old) | set(flat) if old.get(k) != flat.get(k))
         if changed:
             logging.warning(
@@ -196,7 +211,6 @@ class Trainer:
       init: ``() -> TrainState`` from ``config.seed``.
       train_fn: ``(state, batch) -> (state, metrics)``; the update's key
         ``fold_in(state.rng, state.step)`` and its progress both come from ``state.step``.
-      eval_fn: ``(state, batch, totals) -> totals`` (see ``steps.eval_step``).
       schedules: name -> optax schedule, for logging.
     """
 
@@ -207,7 +221,6 @@ class Trainer:
     progress_fn: Callable
     init: Callable
     train_fn: Callable
-    eval_fn: Callable
 
 
 def build_trainer(config: ml_collections.ConfigDict, ds) -> Trainer:
@@ -255,9 +268,6 @@ def build_trainer(config: ml_collections.ConfigDict, ds) -> Trainer:
             label_smoothing=config.get("label_smoothing", 0.0),
         )
 
-    def eval_fn(state, batch, totals):
-        return steps.eval_step(state, batch, progress_fn(state.step), totals, model=model, compute_dtype=compute_dtype)
-
     abstract_state = jax.eval_shape(init)
     logits = jax.eval_shape(
         lambda s: model.apply(
@@ -266,11 +276,11 @@ def build_trainer(config: ml_collections.ConfigDict, ds) -> Trainer:
         abstract_state,
     )
     if logits.shape[-1] != ds.num_classes:
-        raise ValueError(
+        raise ConfigError(
             f"model {config.model.name!r} outputs {logits.shape[-1]} classes but dataset "
             f"{config.data.name!r} has {ds.num_classes}; set config.model.num_classes"
         )
-    return Trainer(model, tx, schedules, steps_per_epoch, progress_fn, init, train_fn, eval_fn)
+    return Trainer(model, tx, schedules, steps_per_epoch, progress_fn, init, train_fn)
 
 
 def _start_from(state: steps.TrainState, variables: Mapping[str, Any], tx, sharding) -> steps.TrainState:
@@ -280,7 +290,7 @@ def _start_from(state: steps.TrainState, variables: Mapping[str, Any], tx, shard
     want = jax.tree.map(lambda a: (a.shape, a.dtype), (state.params, state.batch_stats))
     got = jax.tree.map(lambda a: (tuple(a.shape), jnp.asarray(a).dtype), (params, batch_stats))
     if want != got:
-        raise ValueError(
+        raise ConfigError(
             "init_variables do not match the model's variables (structure, shapes, dtypes): "
             f"model {want}, given {got}"
         )
@@ -296,7 +306,15 @@ def restore_variables(
     Reads ``workdir/config.json`` (written by :func:`train_and_evaluate`) and the
     checkpoint ``step``: ``'best'`` (highest eval accuracy; the latest if none was
     evaluated), ``'latest'`` or a step number. The saved ``TrainState`` is read as a plain
-    tree, so nothing about the optimizer is needed to restore the model's variables.
+    tree onto this process's first device (whatever devices trained it), so nothing about
+    the optimizer or the training mesh is needed; the variables are verified against
+    their checksums. Raises :class:`~binax.errors.CheckpointError` for a damaged
+    checkpoint, naming the intact steps to pass instead.
+
+    Example::
+
+        model, variables, config, step = binax.train.restore_variables("runs/default")
+        logits = model.apply(variables, images, train=False)
     """
     path = os.path.join(os.path.abspath(workdir), "config.json")
     if not os.path.exists(path):
@@ -304,25 +322,402 @@ def restore_variables(
     with open(path) as f:
         config = ml_collections.ConfigDict(json.load(f))
     ckpts = ckpt_lib.Checkpoints(os.path.join(os.path.abspath(workdir), "checkpoints"), async_save=False)
-    saved = ckpts.all_steps()
-    if not saved:
-        raise FileNotFoundError(f"no checkpoint in {ckpts.directory}")
-    if step == "best":
-        chosen = ckpts.best_step()
-        chosen = ckpts.latest_step() if chosen is None else chosen
-    elif step == "latest":
-        chosen = ckpts.latest_step()
-    else:
+    try:
+        saved = ckpts.all_steps()
+        if not saved:
+            raise FileNotFoundError(f"no checkpoint in {ckpts.directory}")
+        if step == "best":
+            chosen = ckpts.best_step()
+            chosen = ckpts.latest_step() if chosen is None else chosen
+        elif step == "latest":
+            chosen = ckpts.latest_step()
+        else:
+            try:
+                chosen = int(step)
+            except (TypeError, ValueError):
+                raise ConfigError(f"step must be 'best', 'latest' or an integer; got {step!r}.") from None
+            if chosen not in saved:
+                raise ConfigError(f"no checkpoint at step {chosen}; saved steps: {saved}.")
         try:
-            chosen = int(step)
-        except (TypeError, ValueError):
-            raise ValueError(f"step must be 'best', 'latest' or an integer; got {step!r}.") from None
-        if chosen not in saved:
-            raise ValueError(f"no checkpoint at step {chosen}; saved steps: {sorted(saved)}.")
-    state = ckpts.restore_tree(chosen)
-    ckpts.close()
+            state = ckpts.restore_tree(chosen)
+        except ckpt_lib.DamagedCheckpoint as e:
+            others = [s for s in saved if s != chosen]
+            raise CheckpointError(f"{e}. Other saved steps: {others or 'none'}.") from None
+    finally:
+        ckpts.close()
     variables = {"params": state["params"], "batch_stats": state.get("batch_stats") or {}}
     return create_model(config.model), jax.tree.map(jnp.asarray, variables), config, chosen
+
+
+def _is_disk_full(e: BaseException | None) -> bool:
+    """Whether ``e`` or an exception it came from reports a full disk (ENOSPC, or
+    tensorstore's text for it)."""
+    seen = set()
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        if isinstance(e, OSError) and e.errno == errno.ENOSPC:
+            return True
+        if "No space left on device" in str(e):
+            return True
+        e = e.__cause__ or e.__context__
+    return False
+
+
+def _quietly(fn: Callable[[], Any]) -> None:
+    """Runs a clean-up while another error propagates: its own failure (often the same
+    full disk) is logged, not chained onto the error the user must read."""
+    try:
+        fn()
+    except Exception as e:  # noqa: BLE001
+        logging.debug("clean-up failed too: %r", e)
+
+
+class _Window:
+    """The per-update metrics since the last record: device scalars, fetched on demand.
+
+    Saved with every checkpoint (as host floats), so a resumed run continues the window
+    that was open and its next record averages the same updates as an uninterrupted run.
+    """
+
+    def __init__(self, first_step: int, pending=()):
+        self.first_step = first_step  # the step the window's first update produced
+        self.items: list[Mapping[str, Any]] = list(pending)
+
+    def append(self, metrics: Mapping[str, Any]) -> None:
+        self.items.append(metrics)
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def host(self) -> list[dict[str, float]]:
+        """The metrics as host floats (fetched once, in one transfer)."""
+        fetched = jax.device_get(self.items)
+        self.items = [{k: float(v) for k, v in m.items()} for m in fetched]
+        return self.items
+
+    def check_finite(self, where: str) -> None:
+        """Raises :class:`NonFiniteError` at the first update with a non-finite loss,
+        gradient, update or parameter norm; ``where`` names the checkpoint to go back to."""
+        for i, m in enumerate(self.host()):
+            bad = {k: m[k] for k in FINITE_METRICS if k in m and not math.isfinite(m[k])}
+            if bad:
+                step = self.first_step + i
+                what = ", ".join(f"{k} is {v}" for k, v in bad.items())
+                if "loss" not in bad:
+                    what = f"loss is {m['loss']:.4g} but {what}"
+                raise NonFiniteError(
+                    f"training {what} at step {step} (update {step - 1}); the last checkpoint to go "
+                    f"back to is {where}. Change the config (e.g. a lower learning rate) and rerun with "
+                    "the same --workdir to resume there."
+                )
+
+    def record(self) -> dict[str, float]:
+        """Means over the window (the parameter norm: its last value)."""
+        items = self.host()
+        out = {}
+        for key in items[0]:
+            values = [m[key] for m in items]
+            if key == "param_norm":
+                out["train/param_norm"] = values[-1]
+            elif key.startswith("flip_ratio"):
+                out[key] = _mean(values)
+            else:
+                out[f"train/{key}"] = _mean(values)
+        return out
+
+    def restart(self, first_step: int) -> None:
+        self.first_step, self.items = first_step, []
+
+
+class _Run:
+    """One training run's parts and progress; ``train_and_evaluate`` calls its steps."""
+
+    def __init__(self, config: ml_collections.ConfigDict, workdir: str, init_variables, on_step):
+        self.config, self.workdir, self.on_step = config, workdir, on_step
+        self.wall_start = time.time()
+        self.is_main = jax.process_index() == 0
+        self.final_written = False
+        self.last_eval: dict[str, float] | None = None
+        self.train_seconds = 0.0
+        self._build()
+        self._restore_or_init(init_variables)
+
+    # ------------------------------------------------------------------ 2. build
+
+    def _build(self) -> None:
+        import binax.data
+
+        config = self.config
+        _validate(config, jax.device_count())
+        self.ds = binax.data.create(
+            config.data, seed=config.seed, process_index=jax.process_index(), process_count=jax.process_count()
+        )
+        self.trainer = build_trainer(config, self.ds)
+        self.steps_per_epoch = self.trainer.steps_per_epoch
+        self.total_steps = self.steps_per_epoch * config.num_epochs
+        mesh = make_mesh()
+        self.replicated = NamedSharding(mesh, P())
+        self.data_sharding = NamedSharding(mesh, P("data"))
+        schedules = self.trainer.schedules
+        # Three compilations in all: the init, one train step, one eval step (in
+        # binax.train.evaluate; + the schedules for logging, which would otherwise compile
+        # op by op).
+        self.p_train = jax.jit(self.trainer.train_fn, out_shardings=self.replicated, donate_argnums=0)
+        self.p_learning_rates = jax.jit(lambda step: {name: fn(step) for name, fn in schedules.items()})
+
+    # ------------------------------------------------------------------ 3. resume or init
+
+    def _restore_or_init(self, init_variables) -> None:
+        config = self.config
+        self.ckpts = ckpt_lib.Checkpoints(
+            os.path.join(self.workdir, "checkpoints"),
+            keep=config.checkpoint.keep,
+            async_save=config.checkpoint.get("async_save", True),
+        )
+        abstract = ckpt_lib.abstract_like(jax.eval_shape(self.trainer.init), self.replicated)
+        restored = self.ckpts.restore_latest_intact(abstract)
+        if restored is None:
+            self.resume_step = None
+            self.state = jax.jit(self.trainer.init, out_shardings=self.replicated)()
+            if init_variables is not None:
+                self.state = _start_from(self.state, init_variables, self.trainer.tx, self.replicated)
+            pending = []
+        else:
+            self.resume_step, self.state = restored.step, restored.state
+            pending = restored.loop_state.get("window", [])
+        self.step = int(self.state.step)
+        self.window = _Window(self.step - len(pending) + 1, pending)
+        if self.is_main:
+            logging.info("config:\n%s", config)
+            _record_config(config, self.workdir, resuming=self.resume_step is not None)
+        self.writer = metrics_lib.MetricsWriter(self.workdir, resume_step=self.resume_step, enabled=self.is_main)
+        if self.resume_step is None:
+            self.writer.write_config(json.loads(config.to_json_best_effort()))
+        self.reporter = metrics_lib.ProgressReporter(
+            self.total_steps, self.step, enabled=self.is_main, every_seconds=config.get("report_every_seconds", 30.0)
+        )
+        logging.info(
+            "training %s on %s: %d images, %d steps/epoch x %d epochs = %d steps, batch %d over %d "
+            "devices in %d process(es); workdir %s%s",
+            config.model.name,
+            config.data.name,
+            self.ds.num_train,
+            self.steps_per_epoch,
+            config.num_epochs,
+            self.total_steps,
+            config.batch_size,
+            jax.device_count(),
+            jax.process_count(),
+            self.workdir,
+            "" if self.resume_step is None else f"; resuming from step {self.resume_step}",
+        )
+
+    # ------------------------------------------------------------------ 4. train
+
+    def _to_global(self, local_batch):
+        """The global batch array of this process's share (``batch_size / process_count`` rows)."""
+        return jax.tree.map(
+            lambda x: jax.make_array_from_process_local_data(self.data_sharding, np.asarray(x)), local_batch
+        )
+
+    def _last_checkpoint(self) -> str:
+        self.ckpts.wait()
+        last = self.ckpts.latest_step()
+        return f"step {last} in {self.ckpts.directory}" if last is not None else "none saved yet"
+
+    def _write_train_record(self) -> None:
+        """Checks and averages the window into one record at the current step."""
+        if not len(self.window):
+            return
+        self._check_finite()
+        record = self.window.record()
+        step = self.step
+        record.update({k: float(v) for k, v in jax.device_get(self.p_learning_rates(step - 1)).items()})
+        record["progress"] = self.trainer.progress_fn(step - 1)
+        record["epoch"] = step / self.steps_per_epoch
+        now = time.monotonic()
+        elapsed = now - self._window_clock[1]
+        if elapsed > 0 and step > self._window_clock[0]:
+            record["perf/steps_per_sec"] = (step - self._window_clock[0]) / elapsed
+            record["perf/examples_per_sec"] = record["perf/steps_per_sec"] * self.config.batch_size
+        self.writer.write(step, record)
+        self.reporter.set_postfix({"loss": record["train/loss"]})
+        self.window.restart(step + 1)
+        self._window_clock = (step, now)
+
+    def _check_finite(self) -> None:
+        if not all(math.isfinite(m[k]) for m in self.window.host() for k in FINITE_METRICS if k in m):
+            self.window.check_finite(self._last_checkpoint())
+
+    def _save(self, accuracy: float | None = None) -> None:
+        """Checkpoints the current step with the open metric window (checked finite first)."""
+        self._check_finite()
+        # A copy: orbax writes the metadata after an asynchronous save, while the window grows.
+        window = [dict(m) for m in self.window.host()]
+        self.ckpts.save(self.step, self.state, accuracy=accuracy, loop_state={"window": window})
+
+    def _evaluate(self) -> dict[str, float]:
+        """Test loss and accuracy of the current state: ``binax.train.evaluate`` on the
+        sharded global batches, at the progress the next update would read."""
+        variables = {"params": self.state.params, "batch_stats": self.state.batch_stats}
+        result = evaluation.evaluate(
+            self.trainer.model,
+            variables,
+            self.ds.eval_batches(self.config.eval_batch_size),
+            progress=self.trainer.progress_fn(self.step),
+            compute_dtype=self.config.compute_dtype,
+            put=self._to_global,
+        )
+        return result.metrics("test/")
+
+    def _train_epoch(self, epoch: int, stop: "_StopRequest") -> None:
+        config = self.config
+        t0 = time.monotonic()
+        skip = self.step - epoch * self.steps_per_epoch
+        batches = self.ds.train_batches(epoch, config.batch_size, start_step=skip)
+        every = config.checkpoint.every_steps
+        for local in itertools.islice(batches, self.steps_per_epoch - skip):
+            self.state, metrics = self.p_train(self.state, self._to_global(local))
+            self.step += 1
+            self.window.append(metrics)
+            epoch_end = self.step % self.steps_per_epoch == 0
+            if not epoch_end:  # the epoch end writes its record and checkpoint itself
+                if self.step % config.log_every_steps == 0:
+                    self._write_train_record()
+                if every and self.step % every == 0:
+                    self._save()
+            self.reporter.update(self.step)
+            if self.on_step is not None:
+                self.on_step(self.step)
+            if stop.signum is not None and not epoch_end:
+                self._stop(stop.signum)
+        done = self.step - epoch * self.steps_per_epoch
+        if done != self.steps_per_epoch:
+            raise RuntimeError(
+                f"the dataset yielded {done - skip} batches in epoch {epoch} from step {skip}; "
+                f"expected {self.steps_per_epoch - skip}"
+            )
+        self.train_seconds += time.monotonic() - t0
+
+    def _latent_weights(self) -> dict[str, np.ndarray]:
+        """``{'latent_weights/<layer>': latent kernel}`` on the host, for histograms."""
+        out = {}
+        for path, w in jax.tree_util.tree_leaves_with_path(self.state.params):
+            if layers.is_latent_kernel_path(path):
+                out["latent_weights/" + ckpt_lib.path_name(path[:-1])] = ckpt_lib.host_copy(w)
+        return out
+
+    def _stop(self, signum: int) -> None:
+        """Saves the current step (with the open metric window) and stops the run."""
+        self._save()
+        self.ckpts.wait()
+        logging.warning(
+            "signal %d: saved step %d in %s; rerun the same command to resume", signum, self.step, self.ckpts.directory
+        )
+        raise KeyboardInterrupt
+
+    def _end_epoch(self, epoch: int) -> None:
+        """The epoch's record, its evaluation if due, ``final.json`` after the last, a checkpoint."""
+        config = self.config
+        self._write_train_record()
+        last = epoch + 1 == config.num_epochs
+        accuracy = None
+        if last or (config.eval_every_epochs and (epoch + 1) % config.eval_every_epochs == 0):
+            self.last_eval = self._evaluate()
+            accuracy = self.last_eval["test/accuracy"]
+            self.writer.write(self.step, self.last_eval)
+            self.reporter.message(
+                f"epoch {epoch + 1}/{config.num_epochs}: test accuracy {100 * accuracy:.2f}%, "
+                f"loss {self.last_eval['test/loss']:.4f}"
+            )
+        if self.is_main:
+            self.writer.write_histograms(self.step, self._latent_weights())
+        if last:
+            # The result first: a full disk at the last checkpoint must not lose it.
+            self._write_final(final_checkpoint=None)
+        self._save(accuracy)
+        self.reporter.update(self.step, force=True)
+
+    def train(self, stop: "_StopRequest") -> None:
+        self._window_clock = (self.step, time.monotonic())
+        for epoch in range(self.step // self.steps_per_epoch, self.config.num_epochs):
+            self._train_epoch(epoch, stop)
+            self._end_epoch(epoch)
+            if stop.signum is not None and epoch + 1 < self.config.num_epochs:
+                self.ckpts.wait()
+                logging.warning("signal %d: stopped after epoch %d; rerun the same command to resume", stop.signum, epoch + 1)
+                raise KeyboardInterrupt
+
+    # ------------------------------------------------------------------ 5. finish
+
+    def summary(self, final_checkpoint: int | None) -> dict[str, Any]:
+        if self.last_eval is None:  # the workdir already held a finished run
+            self.last_eval = self._evaluate()
+        wall = time.time() - self.wall_start
+        return {
+            "test_accuracy": self.last_eval["test/accuracy"],
+            "test_loss": self.last_eval["test/loss"],
+            "step": self.step,
+            "epochs": self.config.num_epochs,
+            "best_step": self.ckpts.best_step() if final_checkpoint is not None else None,
+            "final_checkpoint": final_checkpoint,
+            "resumed_from_step": self.resume_step,
+            "wall_time_s": wall,
+            "train_time_s": self.train_seconds,
+            "devices": jax.device_count(),
+            "processes": jax.process_count(),
+            "model": self.config.model.name,
+            "dataset": self.config.data.name,
+        }
+
+    def _write_final(self, final_checkpoint: int | None) -> dict[str, Any]:
+        summary = self.summary(final_checkpoint)
+        if self.is_main:
+            path = os.path.join(self.workdir, "final.json")
+            with open(path + ".tmp", "w") as f:
+                json.dump(summary, f, indent=2)
+            os.replace(path + ".tmp", path)
+            self.final_written = True
+        return summary
+
+    def finish(self) -> dict[str, Any]:
+        """Waits for the last checkpoint, then writes and prints the final summary."""
+        self.ckpts.wait()
+        summary = self._write_final(final_checkpoint=self.ckpts.latest_step())
+        if self.is_main:
+            wall = summary["wall_time_s"]
+            print(
+                f"final: test accuracy {100 * summary['test_accuracy']:.2f}% (loss {summary['test_loss']:.4f}) "
+                f"after {summary['epochs']} epochs / {self.step} steps; wall time "
+                f"{metrics_lib.format_duration(wall)} ({wall:.0f} s"
+                f"{'' if self.resume_step is None else f', this run, resumed from step {self.resume_step}'}); "
+                f"workdir {self.workdir}",
+                flush=True,
+            )
+        return summary
+
+    def close(self) -> None:
+        self.reporter.close()
+        self.writer.close()
+        self.ckpts.close()
+
+    def disk_full_error(self, e: BaseException) -> DiskFullError:
+        kept = (
+            f"the final metrics are in {os.path.join(self.workdir, 'final.json')}; "
+            if self.final_written
+            else ""
+        )
+        try:
+            last = self.ckpts.latest_step()
+        except Exception:  # noqa: BLE001
+            last = None
+        error = DiskFullError(
+            f"no space left on device while writing {self.workdir} at step {self.step}: {kept}"
+            f"the newest checkpoint is {'step ' + str(last) if last is not None else 'none'}. "
+            "Free some space and rerun the same command to resume."
+        )
+        error.errno = errno.ENOSPC
+        return error
 
 
 def train_and_evaluate(
@@ -339,215 +734,26 @@ def train_and_evaluate(
     that step), e.g. to stop a run from a test. ``init_variables`` ({params, batch_stats})
     starts a fresh run from given weights instead of the model's initializers (fine-tuning,
     e.g. BinaryDuo's decoupled network); a run resumed from its own checkpoint ignores it.
-    Returns the final summary (what
-    ``final.json`` holds). Raises ``NonFiniteLossError`` when the loss stops being finite
-    and ``KeyboardInterrupt`` after saving a checkpoint on SIGINT/SIGTERM.
+    Returns the final summary (what ``final.json`` holds).
+
+    Raises :class:`~binax.errors.NonFiniteError` when the loss, a gradient or a parameter
+    stops being finite, :class:`~binax.errors.WorkdirBusyError` when another process
+    trains in ``workdir``, :class:`~binax.errors.CheckpointError` when no checkpoint in it
+    is intact, :class:`~binax.errors.DiskFullError` when the disk fills up, and
+    ``KeyboardInterrupt`` after saving a checkpoint on SIGINT/SIGTERM.
     """
-    wall_start = time.time()
     maybe_initialize_distributed(config.get("distributed"))
-    import binax.data
-
     workdir = os.path.abspath(workdir)
-    is_main = jax.process_index() == 0
-    num_devices = jax.device_count()
-    _validate(config, num_devices)
-
-    ds = binax.data.create(
-        config.data, seed=config.seed, process_index=jax.process_index(), process_count=jax.process_count()
-    )
-    trainer = build_trainer(config, ds)
-    schedules, progress_fn = trainer.schedules, trainer.progress_fn
-    steps_per_epoch, num_epochs = trainer.steps_per_epoch, config.num_epochs
-    total_steps = steps_per_epoch * num_epochs
-
-    mesh = make_mesh()
-    replicated = NamedSharding(mesh, P())
-    data_sharding = NamedSharding(mesh, P("data"))
-    abstract_state = jax.eval_shape(trainer.init)
-
-    os.makedirs(workdir, exist_ok=True)
-    ckpts = ckpt_lib.Checkpoints(
-        os.path.join(workdir, "checkpoints"),
-        keep=config.checkpoint.keep,
-        async_save=config.checkpoint.get("async_save", True),
-    )
-    resume_step = ckpts.latest_step()
-    if resume_step is None:
-        state = jax.jit(trainer.init, out_shardings=replicated)()
-        if init_variables is not None:
-            state = _start_from(state, init_variables, trainer.tx, replicated)
-    else:
-        state = ckpts.restore(resume_step, ckpt_lib.abstract_like(abstract_state, replicated))
-    step = int(state.step)
-    if is_main:
-        _record_config(config, workdir, resuming=resume_step is not None)
-    writer = metrics_lib.MetricsWriter(workdir, resume_step=resume_step, enabled=is_main)
-
-    def learning_rates(step):
-        return {name: schedule(step) for name, schedule in schedules.items()}
-
-    # Three compilations in all: the init above, one train step, one eval step (+ the
-    # schedules for logging, which would otherwise compile op by op).
-    p_train = jax.jit(trainer.train_fn, out_shardings=replicated, donate_argnums=0)
-    p_eval = jax.jit(trainer.eval_fn, out_shardings=replicated)
-    p_learning_rates = jax.jit(learning_rates)
-
-    def to_global(local_batch):
-        return jax.tree.map(
-            lambda x: jax.make_array_from_process_local_data(data_sharding, np.asarray(x)), local_batch
-        )
-
-    def evaluate(state) -> dict[str, float]:
-        totals = jax.tree.map(
-            lambda x: jax.make_array_from_process_local_data(replicated, x), steps.zero_eval_totals()
-        )
-        for local in ds.eval_batches(config.eval_batch_size):
-            totals = p_eval(state, to_global(local), totals)
-        totals = jax.device_get(totals)
-        count = float(totals["count"])
-        return {"test/loss": float(totals["loss_sum"]) / count, "test/accuracy": float(totals["correct"]) / count}
-
-    logging.info(
-        "training %s on %s: %d images, %d steps/epoch x %d epochs = %d steps, batch %d over %d "
-        "devices in %d process(es); workdir %s%s",
-        config.model.name,
-        config.data.name,
-        ds.num_train,
-        steps_per_epoch,
-        num_epochs,
-        total_steps,
-        config.batch_size,
-        num_devices,
-        jax.process_count(),
-        workdir,
-        "" if resume_step is None else f"; resuming from step {resume_step}",
-    )
-
-    reporter = metrics_lib.ProgressReporter(
-        total_steps, step, enabled=is_main, every_seconds=config.get("report_every_seconds", 30.0)
-    )
-    window: list[dict[str, jax.Array]] = []
-    window_start = (step, time.monotonic())
-    last_signs = steps.latent_kernel_signs(state.params)
-    last_eval: dict[str, float] | None = None
-    train_seconds = 0.0
-
-    def write_train_record(state) -> dict[str, float]:
-        """Averages the metrics since the last record, checks the loss, writes one record."""
-        nonlocal window, window_start, last_signs
-        fetched = jax.device_get(window)
-        first_step = step - len(fetched)
-        for i, m in enumerate(fetched):
-            if not math.isfinite(float(m["loss"])):
-                ckpts.wait()
-                last = ckpts.latest_step()
-                where = f"step {last} in {ckpts.directory}" if last is not None else "none saved yet"
-                raise NonFiniteLossError(
-                    f"training loss is {float(m['loss'])} at step {first_step + i + 1} (update "
-                    f"{first_step + i}); the last checkpoint to go back to is {where}. Change the "
-                    "config (e.g. a lower learning rate) and rerun with the same --workdir to resume there."
-                )
-        now = time.monotonic()
-        record = {f"train/{k}": _mean([m[k] for m in fetched]) for k in ("loss", "accuracy", "grad_norm", "update_norm")}
-        record["train/param_norm"] = float(fetched[-1]["param_norm"])
-        record.update({k: float(v) for k, v in jax.device_get(p_learning_rates(step - 1)).items()})
-        record["progress"] = progress_fn(step - 1)
-        record["epoch"] = step / steps_per_epoch
-        signs = steps.latent_kernel_signs(state.params)
-        if signs:
-            record["flip_ratio"] = steps.flip_ratio(last_signs, signs)
-        last_signs = signs
-        elapsed = now - window_start[1]
-        if elapsed > 0:
-            record["perf/steps_per_sec"] = (step - window_start[0]) / elapsed
-            record["perf/examples_per_sec"] = record["perf/steps_per_sec"] * config.batch_size
-        writer.write(step, record)
-        window, window_start = [], (step, now)
-        return record
-
-    record: dict[str, float] = {}
-    with _StopRequest() as stop:
+    with lock_workdir(workdir, enabled=jax.process_index() == 0):
+        run = _Run(config, workdir, init_variables, on_step)
         try:
-            start_epoch = step // steps_per_epoch
-            for epoch in range(start_epoch, num_epochs):
-                epoch_t0 = time.monotonic()
-                skip = step - epoch * steps_per_epoch
-                batches = ds.train_batches(epoch, config.batch_size, start_step=skip)
-                for local in itertools.islice(batches, steps_per_epoch - skip):
-                    state, m = p_train(state, to_global(local))
-                    step += 1
-                    window.append(m)
-                    epoch_end = step % steps_per_epoch == 0
-                    ckpt_due = epoch_end or (config.checkpoint.every_steps and step % config.checkpoint.every_steps == 0)
-                    if step % config.log_every_steps == 0 or ckpt_due or stop.signum is not None:
-                        record = write_train_record(state)
-                    if stop.signum is not None:
-                        ckpts.save(step, state)
-                        ckpts.wait()
-                        logging.warning(
-                            "signal %d: saved step %d in %s; rerun the same command to resume",
-                            stop.signum,
-                            step,
-                            ckpts.directory,
-                        )
-                        raise KeyboardInterrupt
-                    if ckpt_due and not epoch_end:
-                        ckpts.save(step, state)
-                    reporter.update(step, {"loss": record["train/loss"]} if record else None)
-                    if on_step is not None:
-                        on_step(step)
-                if step != (epoch + 1) * steps_per_epoch:
-                    raise RuntimeError(
-                        f"the dataset yielded {step - epoch * steps_per_epoch - skip} batches in epoch "
-                        f"{epoch} from step {skip}; expected {steps_per_epoch - skip}"
-                    )
-                train_seconds += time.monotonic() - epoch_t0
-                eval_due = epoch + 1 == num_epochs or (
-                    config.eval_every_epochs and (epoch + 1) % config.eval_every_epochs == 0
-                )
-                accuracy = None
-                if eval_due:
-                    last_eval = evaluate(state)
-                    accuracy = last_eval["test/accuracy"]
-                    writer.write(step, last_eval)
-                    reporter.message(
-                        f"epoch {epoch + 1}/{num_epochs}: test accuracy {100 * accuracy:.2f}%, "
-                        f"loss {last_eval['test/loss']:.4f}"
-                    )
-                ckpts.save(step, state, accuracy=accuracy)
-                reporter.update(step, force=True)
-        finally:
-            reporter.close()
-            writer.close()
-            ckpts.wait()
-
-    if last_eval is None:  # the workdir already held a finished run
-        last_eval = evaluate(state)
-    best_step = ckpts.best_step()
-    ckpts.close()
-    wall = time.time() - wall_start
-    summary = {
-        "test_accuracy": last_eval["test/accuracy"],
-        "test_loss": last_eval["test/loss"],
-        "step": step,
-        "epochs": num_epochs,
-        "best_step": best_step,
-        "resumed_from_step": resume_step,
-        "wall_time_s": wall,
-        "train_time_s": train_seconds,
-        "devices": num_devices,
-        "processes": jax.process_count(),
-        "model": config.model.name,
-        "dataset": config.data.name,
-    }
-    if is_main:
-        with open(os.path.join(workdir, "final.json"), "w") as f:
-            json.dump(summary, f, indent=2)
-        print(
-            f"final: test accuracy {100 * summary['test_accuracy']:.2f}% (loss {summary['test_loss']:.4f}) "
-            f"after {num_epochs} epochs / {step} steps; wall time {metrics_lib.format_duration(wall)} "
-            f"({wall:.0f} s{'' if resume_step is None else f', this run, resumed from step {resume_step}'}); "
-            f"workdir {workdir}",
-            flush=True,
-        )
-    return summary
+            with _StopRequest() as stop:
+                run.train(stop)
+            summary = run.finish()
+            run.close()
+        except BaseException as e:
+            _quietly(run.close)
+            if isinstance(e, Exception) and _is_disk_full(e):
+                raise run.disk_full_error(e) from e
+            raise
+        return summary

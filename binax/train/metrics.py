@@ -9,50 +9,115 @@ an uninterrupted one.
 
 from __future__ import annotations
 
+import errno
 import json
 import logging as std_logging
 import math
 import os
 import sys
+import threading
 import time
-from typing import Mapping
+from typing import Any, Mapping
 
+import numpy as np
 from absl import logging
 
 __all__ = ["MetricsWriter", "ProgressReporter", "read_metrics", "format_duration", "quiet_checkpoint_logs"]
 
 
-class _DropInfoFrom:
-    """A logging filter that drops records below WARNING from files under ``fragment``."""
+# What tensorstore and the OS say when a disk is full; the loop reports that in one line.
+_DISK_FULL_TEXT = ("RESOURCE_EXHAUSTED", "No space left on device")
+
+
+def _mentions_disk_full(record) -> bool:
+    text = record.getMessage()
+    if record.exc_info and record.exc_info[1] is not None:
+        text += " " + str(record.exc_info[1])
+    return any(t in text for t in _DISK_FULL_TEXT)
+
+
+class _QuietCheckpointRecords:
+    """A logging filter for records from files under ``fragment`` (orbax): drops those
+    below WARNING, and the error traces of a write that failed on a full disk."""
 
     def __init__(self, fragment: str):
         self.fragment = fragment
 
     def filter(self, record) -> bool:
-        return record.levelno >= std_logging.WARNING or self.fragment not in record.pathname
+        if self.fragment not in record.pathname:
+            return True
+        return record.levelno >= std_logging.WARNING and not _mentions_disk_full(record)
+
+
+class _QuietDiskFull:
+    """A logging filter that drops records about a full disk (asyncio's "exception was
+    never retrieved" for orbax's failed write tasks)."""
+
+    def filter(self, record) -> bool:
+        return not _mentions_disk_full(record)
+
+
+def _quiet_unraisable(unraisable) -> None:
+    # A failed tensorstore write leaves callbacks that find their event loop closed; the
+    # failure itself reaches the loop as an exception.
+    if isinstance(unraisable.exc_value, RuntimeError) and "Event loop is closed" in str(unraisable.exc_value):
+        logging.debug("after a failed checkpoint write: %r", unraisable.exc_value)
+        return
+    sys.__unraisablehook__(unraisable)
 
 
 def quiet_checkpoint_logs() -> None:
     """Hides orbax's INFO lines (several per save) from absl logging; warnings still show.
 
+    Also keeps a failed asynchronous checkpoint write on a full disk from printing
+    screens of tracebacks from orbax's threads: the loop stops with one line that says
+    what happened and what was kept (:class:`~binax.errors.DiskFullError`).
     For command-line runs, whose log the user reads; a library call changes no logging.
     """
     absl_logger = logging.get_absl_logger()
-    if not any(isinstance(f, _DropInfoFrom) for f in absl_logger.filters):
-        absl_logger.addFilter(_DropInfoFrom(f"{os.sep}orbax{os.sep}"))
+    if not any(isinstance(f, _QuietCheckpointRecords) for f in absl_logger.filters):
+        absl_logger.addFilter(_QuietCheckpointRecords(f"{os.sep}orbax{os.sep}"))
+    asyncio_logger = std_logging.getLogger("asyncio")
+    if not any(isinstance(f, _QuietDiskFull) for f in asyncio_logger.filters):
+        asyncio_logger.addFilter(_QuietDiskFull())
+    sys.unraisablehook = _quiet_unraisable
+    threading.excepthook = _quiet_thread_errors
+
+
+def _quiet_thread_errors(args) -> None:
+    # tensorboardX's writer thread dies on a full disk; the loop reports the disk.
+    if isinstance(args.exc_value, OSError) and args.exc_value.errno == errno.ENOSPC:
+        logging.debug("a writer thread stopped: %r", args.exc_value)
+        return
+    threading.__excepthook__(args)
 
 
 def read_metrics(path: str) -> list[dict]:
-    """The records of a metrics.jsonl file; a torn last line (a killed writer) is skipped."""
+    """The records of a metrics.jsonl file.
+
+    A line that is not a record (a JSON object with an integer ``step``) is skipped with a
+    warning naming the file and line; a torn last line (a writer killed mid-line) is
+    skipped silently, since every resume leaves one.
+    """
     records = []
     if not os.path.exists(path):
         return records
     with open(path) as f:
-        for line in f:
-            try:
-                records.append(json.loads(line))
-            except json.JSONDecodeError:
-                continue
+        lines = f.readlines()
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            if number < len(lines) or line.endswith("\n"):
+                logging.warning("%s line %d is not JSON; skipped: %.80r", path, number, line)
+            continue
+        if not isinstance(record, dict) or not isinstance(record.get("step"), int):
+            logging.warning("%s line %d is not a metric record (an object with an integer 'step'); skipped: %.80r",
+                            path, number, line.strip())
+            continue
+        records.append(record)
     return records
 
 
@@ -92,16 +157,82 @@ class MetricsWriter:
         for name, value in scalars.items():
             self._tb.add_scalar(name, float(value), int(step))
 
+    def write_config(self, config: Mapping[str, Any], metrics: tuple[str, ...] = ("test/accuracy", "train/loss")) -> None:
+        """The run's config for TensorBoard: as text (the whole tree, JSON) and as hparams.
+
+        Hyper-parameters are the config's leaves under flattened names
+        (``optimizer.learning_rate``); TensorBoard's HParams tab then compares runs by them
+        against ``metrics``. Written into this run's own event file (tensorboardX's
+        ``add_hparams`` would start a separate run for them).
+        """
+        if not self.enabled:
+            return
+        from tensorboardX.summary import hparams
+
+        text = json.dumps(config, indent=2, sort_keys=True, default=str)
+        self._tb.add_text("config", "```\n" + text + "\n```", 0)
+        flat = {k: _hparam_value(v) for k, v in flatten(config).items()}
+        writer = self._tb._get_file_writer()
+        for summary in hparams(flat, {m: 0.0 for m in metrics}):
+            writer.add_summary(summary)
+
+    def write_histograms(self, step: int, arrays: Mapping[str, Any]) -> None:
+        """One TensorBoard histogram per array (e.g. the latent weights of every binary layer)."""
+        if not self.enabled:
+            return
+        for name, values in arrays.items():
+            self._tb.add_histogram(name, np.asarray(values, np.float32).ravel(), int(step))
+
     def flush(self) -> None:
         if self.enabled:
             self._file.flush()
             self._tb.flush()
 
     def close(self) -> None:
-        if self.enabled and self._file is not None:
+        if not (self.enabled and self._file is not None):
+            return
+        try:
             self._file.close()
-            self._tb.close()
+        finally:
             self._file = None
+            try:
+                self._tb.close()
+            except OSError:
+                _abandon_tensorboard(self._tb)
+                raise
+
+
+def _abandon_tensorboard(tb) -> None:
+    """After tensorboardX failed to flush (a full disk): stops its writer threads and marks
+    its event writers closed, so that nothing retries the write and prints a traceback at
+    exit (tensorboardX's own ``close`` stops half-way when the flush fails)."""
+    writers = list((getattr(tb, "all_writers", None) or {}).values()) or [getattr(tb, "file_writer", None)]
+    for writer in writers:
+        event_writer = getattr(writer, "event_writer", None)
+        if event_writer is None or not hasattr(event_writer, "_closed"):
+            continue
+        worker = getattr(event_writer, "_worker", None)
+        if worker is not None and worker.is_alive():
+            worker.stop()  # its shutdown signal ends the thread without another write
+        event_writer._closed = True
+
+
+def flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """``{'optimizer.learning_rate': 0.1, ...}``: a nested mapping's leaves under dotted names."""
+    out = {}
+    for key, value in tree.items():
+        if isinstance(value, Mapping):
+            out.update(flatten(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def _hparam_value(value):
+    """TensorBoard hparams take bool, number or string; anything else is shown as text."""
+    if isinstance(value, (bool, int, float, str)):
+        return value
+    return "none" if value is None else str(value)
 
 
 def format_duration(seconds: float) -> str:
@@ -133,6 +264,7 @@ class ProgressReporter:
         self._last_report = -math.inf
         self._bar = None
         self._first = True
+        self._postfix: dict[str, float] = {}
         if enabled and sys.stderr.isatty():
             from tqdm import tqdm
 
@@ -142,20 +274,26 @@ class ProgressReporter:
         elapsed = time.monotonic() - self._start
         return (self._step - self._start_step) / elapsed if elapsed > 0 else 0.0
 
+    def set_postfix(self, postfix: Mapping[str, float]) -> None:
+        """What every following report shows after the rate, e.g. the latest loss."""
+        self._postfix = dict(postfix)
+        if self._bar is not None:
+            self._bar.set_postfix_str(", ".join(f"{k} {v:.4g}" for k, v in self._postfix.items()), refresh=False)
+
     def update(self, step: int, postfix: Mapping[str, float] | None = None, *, force: bool = False) -> None:
-        """Reports that ``step`` updates are done; ``postfix`` adds e.g. the latest loss."""
+        """Reports that ``step`` updates are done; ``postfix`` replaces the shown values."""
         if not self.enabled:
             return
+        if postfix is not None:
+            self.set_postfix(postfix)
         done, self._step = step - self._step, step
         if self._first:
             # Measure the rate from the first reported step on: it excludes compilation.
             self._first = False
             self._start, self._start_step = time.monotonic(), step
-        text = ", ".join(f"{k} {v:.4g}" for k, v in (postfix or {}).items())
+        text = ", ".join(f"{k} {v:.4g}" for k, v in self._postfix.items())
         if self._bar is not None:
             self._bar.update(done)
-            if postfix:
-                self._bar.set_postfix_str(text, refresh=False)
             return
         now = time.monotonic()
         if not force and now - self._last_report < self.every_seconds:

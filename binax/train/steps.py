@@ -24,10 +24,13 @@ __all__ = [
     "TrainState",
     "create_train_state",
     "train_step",
+    "eval_logits",
+    "eval_sums",
     "eval_step",
     "progress_at",
     "latent_kernel_signs",
     "flip_ratio",
+    "update_flip_ratios",
     "COMPUTE_DTYPES",
 ]
 
@@ -115,6 +118,29 @@ def flip_ratio(old_signs: dict[str, np.ndarray], new_signs: dict[str, np.ndarray
     return flips / max(total, 1)
 
 
+def update_flip_ratios(old_params, new_params) -> dict[str, jax.Array]:
+    """The share of binary weights whose sign (0 counts as +1) one update changed.
+
+    ``{'flip_ratio': over all latent kernels, 'flip_ratio/<layer>': per latent kernel}``
+    (empty without latent kernels). Larq's ``FlipRatio`` callback watches the same
+    quantity (Helwegen et al. 2019): how often binary weights still change sign; it falls
+    towards 0 as training settles. Computed inside the jitted step, so averaging it over
+    a metric record's updates gives the same number however the run was interrupted.
+    """
+    out, flipped, total = {}, 0, 0
+    leaves = jax.tree_util.tree_leaves_with_path(old_params)
+    for (path, old), new in zip(leaves, jax.tree.leaves(new_params)):
+        if not layers.is_latent_kernel_path(path):
+            continue
+        n = jnp.sum((old >= 0) != (new >= 0), dtype=jnp.int32)
+        layer = "/".join(str(getattr(k, "key", k)) for k in path[:-1])
+        out[f"flip_ratio/{layer}"] = n.astype(jnp.float32) / old.size
+        flipped, total = flipped + n, total + old.size
+    if total:
+        out["flip_ratio"] = flipped.astype(jnp.float32) / total
+    return out
+
+
 def _cast_floats(tree, dtype):
     return jax.tree.map(lambda x: x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x, tree)
 
@@ -140,7 +166,8 @@ def train_step(
     binary kernels are clipped to ``[-latent_weight_clip, latent_weight_clip]`` if given.
     ``progress`` reaches every binarizer schedule as a traced scalar, so changing it never
     recompiles. Metrics: ``loss``, ``accuracy``, ``grad_norm``, ``update_norm``,
-    ``param_norm`` (global L2 norms over the whole tree).
+    ``param_norm`` (global L2 norms over the whole tree) and the update's flip ratios
+    (:func:`update_flip_ratios`).
     """
     labels = batch["label"]
     images = batch["image"].astype(compute_dtype)
@@ -167,6 +194,7 @@ def train_step(
         "grad_norm": optax.tree.norm(grads),
         "update_norm": optax.tree.norm(updates),
         "param_norm": optax.tree.norm(params),
+        **update_flip_ratios(state.params, params),
     }
     new_state = state.replace(step=state.step + 1, params=params, batch_stats=batch_stats, opt_state=opt_state)
     return new_state, metrics
@@ -187,19 +215,38 @@ def eval_step(
     padded rows out of every sum; batch norm uses its running statistics. Accumulating
     inside the step keeps the whole evaluation to one compiled function.
     """
-    variables = {"params": _cast_floats(state.params, compute_dtype), "batch_stats": state.batch_stats}
-    logits = model.apply(variables, batch["image"].astype(compute_dtype), train=False, progress=progress)
-    logits = logits.astype(jnp.float32)
-    mask = batch["mask"].astype(jnp.float32)
-    loss = optax.softmax_cross_entropy_with_integer_labels(logits, batch["label"])
-    sums = {
-        "loss_sum": jnp.sum(loss * mask),
-        "correct": jnp.sum((jnp.argmax(logits, -1) == batch["label"]) * mask),
-        "count": jnp.sum(mask),
-    }
+    variables = {"params": state.params, "batch_stats": state.batch_stats}
+    logits = eval_logits(model, variables, batch["image"], progress, compute_dtype)
+    sums = eval_sums(logits, batch["label"], batch["mask"])
     if totals is None:
         return sums
     return {k: totals[k] + v for k, v in sums.items()}
+
+
+def eval_logits(model, variables, images: jax.Array, progress, compute_dtype=jnp.float32) -> jax.Array:
+    """The model's eval-mode logits (batch norm on running statistics), as float32.
+
+    The one definition of "the model at inference" that training evaluation, the recipes'
+    deployed-model checks, the mismatch experiment and the export check all use
+    (:func:`binax.train.evaluate`): parameters and images cast to ``compute_dtype``.
+    """
+    variables = {**variables, "params": _cast_floats(variables["params"], compute_dtype)}
+    logits = model.apply(variables, images.astype(compute_dtype), train=False, progress=progress)
+    return logits.astype(jnp.float32)
+
+
+def eval_sums(logits: jax.Array, labels: jax.Array | None, mask: jax.Array) -> dict[str, jax.Array]:
+    """``loss_sum``, ``correct`` and ``count`` over the rows where ``mask`` is 1 (only
+    ``count`` without labels)."""
+    mask = mask.astype(jnp.float32)
+    if labels is None:
+        return {"count": jnp.sum(mask)}
+    loss = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
+    return {
+        "loss_sum": jnp.sum(loss * mask),
+        "correct": jnp.sum((jnp.argmax(logits, -1) == labels) * mask),
+        "count": jnp.sum(mask),
+    }
 
 
 def zero_eval_totals() -> dict[str, np.ndarray]:

@@ -1,6 +1,6 @@
 """XNOR-popcount kernels: dense and 2D convolution on bit-packed ±1 operands.
 
-For ``a, w ∈ {−1, +1}^K`` packed as bits (``binax.export.packing``: bit 1 = +1),
+For ``a, w ∈ {−1, +1}^K`` packed as bits (:mod:`binax.packed.bits`: bit 1 = +1),
 ``a·w = (#agree) − (#disagree) = K − 2·popcount(a XOR w)``; popcounts summed over the
 packed words. Padding bits count in the popcount only where the two operands differ, and
 every binax producer pads with the same ``PAD_BIT``, so with the true ``K`` the result is
@@ -44,7 +44,8 @@ below its own (im2col copies, weight streaming from L2, accumulator traffic).
 
 Between binary layers no float activation is needed: :func:`threshold_to_bits` turns the
 int32 accumulators into the next layer's packed bits with one integer compare per channel
-(BatchNorm followed by sign is ``sign(γ)·sign(x − τ)``; :func:`bn_sign_thresholds`).
+(BatchNorm followed by sign is ``sign(γ)·sign(x − τ)``; the thresholds come from
+:func:`binax.folding.scan_steps`, as the packed chain finds them).
 """
 
 from __future__ import annotations
@@ -57,7 +58,8 @@ import numpy as np
 from jax import lax
 
 from binax._checks import static_int
-from binax.export.packing import PAD_BIT, WORD_BITS, num_words, pack_bits, unpack_bits
+from binax.packed import geometry
+from binax.packed.bits import PAD_BIT, WORD_BITS, num_words, pack_bits, unpack_bits
 
 Array = jax.Array
 
@@ -70,7 +72,6 @@ __all__ = [
     "packed_dense",
     "packed_conv",
     "threshold_to_bits",
-    "bn_sign_thresholds",
 ]
 
 METHODS = ("xor_popcount", "xor_popcount_outer", "xor_popcount_broadcast", "int8_dot")
@@ -117,7 +118,7 @@ def _resolve_method(method: str) -> str:
 def _check_uint32(x: Array, what: str) -> None:
     if x.dtype != jnp.uint32:
         raise ValueError(
-            f"{what} must be packed uint32 words (binax.export.pack_bits); got dtype {x.dtype}."
+            f"{what} must be packed uint32 words (binax.packed.pack_bits); got dtype {x.dtype}."
         )
 
 
@@ -273,43 +274,6 @@ def _dense(a: Array, w: Array, k: int, method: str, group_words: int | None = No
 # ------------------------------------------------------------------------------ conv
 
 
-def _pair(v, what: str) -> tuple[int, int]:
-    if isinstance(v, (int, np.integer)) and not isinstance(v, bool):
-        v = (v, v)
-    try:
-        pair = tuple(static_int(x, what) for x in v)
-    except TypeError:
-        raise ValueError(f"{what} must be an int or a pair of ints; got {v!r}.") from None
-    if len(pair) != 2:
-        raise ValueError(f"{what} must be an int or a pair of ints; got {v!r}.")
-    return pair
-
-
-def _conv_pads(padding, in_hw, window, strides) -> list[tuple[int, int]]:
-    bad = f"padding must be 'SAME', 'VALID' or ((top, bottom), (left, right)); got {padding!r}."
-    if isinstance(padding, str):
-        if padding.upper() not in ("SAME", "VALID"):
-            raise ValueError(bad)
-        return [tuple(p) for p in lax.padtype_to_pads(in_hw, window, strides, padding.upper())]
-    try:
-        pads = [(static_int(lo, "padding", 0), static_int(hi, "padding", 0)) for lo, hi in padding]
-    except (TypeError, ValueError):
-        raise ValueError(bad) from None
-    if len(pads) != 2:
-        raise ValueError(f"explicit padding needs two (low, high) pairs; got {padding!r}.")
-    return pads
-
-
-def _out_of_bounds(in_hw, window, strides, pads, out_hw) -> np.ndarray:
-    """``oob[ho, wo, i·kw + j]``: tap (i, j) of output (ho, wo) reads a padded pixel."""
-    masks = []
-    for size, k, s, (lo, _), o in zip(in_hw, window, strides, pads, out_hw):
-        pos = np.arange(o)[:, None] * s + np.arange(k)[None, :] - lo  # (out, tap)
-        masks.append((pos < 0) | (pos >= size))
-    oob = masks[0][:, None, :, None] | masks[1][None, :, None, :]  # (Ho, Wo, kh, kw)
-    return oob.reshape(out_hw[0], out_hw[1], window[0] * window[1])
-
-
 def _ones_words(c: int) -> np.ndarray:
     """Packed words of ``c`` values +1: all bits set, but ``PAD_BIT`` past position ``c``."""
     words = np.full(num_words(c), 0xFFFFFFFF, np.uint32)
@@ -317,21 +281,6 @@ def _ones_words(c: int) -> np.ndarray:
         tail = (1 << (c % WORD_BITS)) - 1
         words[-1] = tail if PAD_BIT == 0 else 0xFFFFFFFF
     return words
-
-
-def im2col(xp: Array, window, strides, out_hw) -> Array:
-    """(B, Hp, Wp, C) → (B·Ho·Wo, kh·kw·C) patches in (i, j, channel) order, as HWIO kernels.
-
-    ``xp`` is already padded; works on any dtype (packed uint32 words or float values).
-    """
-    (kh, kw), (sh, sw), (ho, wo) = window, strides, out_hw
-    b, cw = xp.shape[0], xp.shape[3]
-    taps = [
-        lax.slice(xp, (0, i, j, 0), (b, i + (ho - 1) * sh + 1, j + (wo - 1) * sw + 1, cw), (1, sh, sw, 1))
-        for i in range(kh)
-        for j in range(kw)
-    ]
-    return jnp.stack(taps, axis=3).reshape(b * ho * wo, kh * kw * cw)
 
 
 def packed_conv(
@@ -357,7 +306,8 @@ def packed_conv(
       w_packed: ``(kh, kw, ceil(C/32), O)`` uint32, ``pack_bits(w, axis=2)`` of an HWIO kernel.
       in_channels: the true number of input channels ``C``.
       strides: an int or ``(sh, sw)``.
-      padding: ``"SAME"``, ``"VALID"`` or ``((top, bottom), (left, right))``.
+      padding: ``"SAME"``, ``"VALID"``, an int or ``((top, bottom), (left, right))``
+        (:func:`binax.packed.geometry.padding_pairs`).
       pad_value: the value of padded pixels: ``+1`` (all-ones words), ``-1`` (zero words)
         or ``0`` (computed as ``-1`` plus the per-position correction
         ``sum over padded taps of sum_c sign(w)``, which does not depend on the image).
@@ -380,15 +330,11 @@ def packed_conv(
     c = _check_k(in_channels, x.shape[3], "in_channels")
     if pad_value not in (-1, 0, 1):
         raise ValueError(f"pad_value must be -1, 0 or +1 (the padded pixels' value); got {pad_value!r}.")
-    strides = _pair(strides, "strides")
+    strides = geometry.ntuple(strides, 2, "strides")
     window = (w.shape[0], w.shape[1])
     in_hw = (x.shape[1], x.shape[2])
-    pads = _conv_pads(padding, in_hw, window, strides)
-    out_hw = tuple(
-        (size + lo + hi - k) // s + 1 for size, (lo, hi), k, s in zip(in_hw, pads, window, strides)
-    )
-    if min(out_hw) < 1:
-        raise ValueError(f"the {window} window does not fit the {in_hw} input with padding {pads}.")
+    pads = geometry.padding_pairs(padding, in_hw, window, strides, nonnegative=True)
+    out_hw = geometry.output_size(in_hw, window, strides, pads)
 
     if pad_value == 1 and any(lo or hi for lo, hi in pads):
         # All C channels +1; the word's padding bits keep PAD_BIT like the kernel's.
@@ -396,7 +342,7 @@ def packed_conv(
         xp = jnp.pad(x ^ pad_word, ((0, 0), pads[0], pads[1], (0, 0))) ^ pad_word
     else:
         xp = jnp.pad(x, ((0, 0), pads[0], pads[1], (0, 0)))  # zero words: every channel -1
-    patches = im2col(xp, window, strides, out_hw)
+    patches = geometry.im2col(xp, window, strides, out_hw)
     o = w.shape[3]
     # Every tap holds C true channels in its words; its padding bits agree with the kernel's.
     k = window[0] * window[1] * c
@@ -405,7 +351,7 @@ def packed_conv(
     if pad_value == 0:
         # Padded pixel: 0 instead of -1 adds +sum_c sign(w[tap, c, o]) per padded tap.
         tap_sums = 2 * _popcount(w.reshape(-1, w.shape[2], o)).sum(1) - c  # PAD_BIT = 0 adds nothing
-        oob = jnp.asarray(_out_of_bounds(in_hw, window, strides, pads, out_hw), jnp.int32)
+        oob = jnp.asarray(geometry.out_of_bounds(in_hw, window, strides, pads, out_hw), jnp.int32)
         out = out + jnp.einsum("hwt,to->hwo", oob, tap_sums)[None]
     return out
 
@@ -416,8 +362,9 @@ def packed_conv(
 def threshold_to_bits(acc, threshold, flip=None, axis: int = -1) -> Array:
     """Next layer's packed bits from int32 accumulators: ``bit = (acc >= threshold) XOR flip``.
 
-    With ``threshold``/``flip`` from :func:`bn_sign_thresholds` this is BatchNorm followed
-    by sign (``sign(γ)·sign(x − τ)``, BinaryBN), computed without float activations.
+    With ``threshold``/``flip`` of BatchNorm followed by sign (``sign(γ)·sign(x − τ)``,
+    BinaryBN; :func:`binax.folding.scan_steps`) this is that pair, computed without float
+    activations.
 
     Args:
       acc: integer accumulators, e.g. ``(..., C)`` from :func:`packed_dense`/:func:`packed_conv`.
@@ -442,37 +389,3 @@ def threshold_to_bits(acc, threshold, flip=None, axis: int = -1) -> Array:
     if flip is not None:
         bits = bits ^ jnp.asarray(flip, jnp.bool_)
     return pack_bits(bits, axis=axis)
-
-
-def bn_sign_thresholds(mean, var, gamma, beta, *, epsilon: float = 1e-5, scale=1.0):
-    """Integer thresholds for ``sign(BN(scale·acc))`` on integer accumulators (export time).
-
-    ``sign(γ(x − μ)/σ + β) = sign(γ)·sign(x − τ)`` with ``τ = μ − β·σ/γ``,
-    ``σ = sqrt(var + ε)`` (methods.md, BinaryBN). With ``x = scale·acc`` and ``scale > 0``
-    (the XNOR-Net ``α = mean|W|`` per output channel, times any input scale),
-    ``x >= τ  ⟺  acc >= ceil(τ / scale)``: the scale folds into the threshold. Then
-    the output is +1 iff ``(acc >= t) XOR (γ < 0)`` (``sign(0) = +1`` on both sides).
-    ``γ = 0`` gives the constant ``sign(β)``; ``scale = 0`` the constant ``sign(BN(0))``.
-
-    Computed in float64 NumPy, once, from concrete parameters (not traceable); float32 BN
-    in a model can differ only where ``BN(x)`` rounds to the other side of 0.
-
-    Returns:
-      ``(threshold, flip)``: int32 and bool NumPy arrays of the broadcast shape, for
-      :func:`threshold_to_bits`.
-    """
-    mean, var, gamma, beta, scale = (np.asarray(v, np.float64) for v in (mean, var, gamma, beta, scale))
-    if np.any(scale < 0) or not np.all(np.isfinite(scale)):
-        raise ValueError(f"scale must be finite and >= 0 (a magnitude such as mean|W|); got {scale}.")
-    if np.any(var + epsilon <= 0):
-        raise ValueError(f"var + epsilon must be > 0; got var={var}, epsilon={epsilon}.")
-    mean, var, gamma, beta, scale = np.broadcast_arrays(mean, var, gamma, beta, scale)
-    sigma = np.sqrt(var + epsilon)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        tau = mean - beta * sigma / gamma
-        t = np.ceil(tau / scale)
-    constant_bit = np.where(gamma == 0, beta >= 0, gamma * (0.0 - mean) / sigma + beta >= 0)
-    is_constant = (gamma == 0) | (scale == 0)
-    threshold = np.where(is_constant, -_INT_INF, np.clip(np.nan_to_num(t), -_INT_INF, _INT_INF))
-    flip = np.where(is_constant, ~constant_bit, gamma < 0)
-    return threshold.astype(np.int32), flip.astype(bool)

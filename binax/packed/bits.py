@@ -1,8 +1,8 @@
 """Bit packing: 32 binary values per ``uint32`` word along one axis.
 
 A binary tensor (``±1`` values, or booleans) is stored one bit per value, which is what
-makes binary weights 32× smaller than float32 and lets inference compute ±1 dot products
-with XOR and popcount (``binax.export.kernels``).
+makes binary weights 32× smaller than float32 and lets training and inference compute ±1
+dot products with XOR and popcount (:mod:`binax.packed.kernels`).
 
 Conventions (the packed file format and the kernels rely on them):
 
@@ -17,7 +17,9 @@ Conventions (the packed file format and the kernels rely on them):
   pads with this same bit, so when two packed operands meet in an XOR, their padding
   bits agree, XOR to 0, and add nothing to a popcount.
 
-Both functions are pure and jit-able (the packed axis and ``n`` are static).
+``pack_bits``/``unpack_bits`` are pure and jit-able (the packed axis and ``n`` are
+static); ``pack_bits_np`` and ``column_sums`` are their host (NumPy) counterparts for
+export time, with the same layout.
 """
 
 from __future__ import annotations
@@ -28,12 +30,22 @@ from typing import Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from binax._checks import static_int
 
 Array = jax.Array
 
-__all__ = ["PAD_BIT", "WORD_BITS", "pack_bits", "unpack_bits", "num_words", "packed_size_bytes"]
+__all__ = [
+    "PAD_BIT",
+    "WORD_BITS",
+    "pack_bits",
+    "unpack_bits",
+    "num_words",
+    "packed_size_bytes",
+    "pack_bits_np",
+    "column_sums",
+]
 
 #: Bits per packed word.
 WORD_BITS = 32
@@ -77,18 +89,22 @@ def pack_bits(x, axis: int = -1) -> Array:
     if not (x.dtype == jnp.bool_ or jnp.issubdtype(x.dtype, jnp.number)):
         raise ValueError(f"pack_bits takes a numeric or boolean array; got dtype {x.dtype}.")
     ax = _axis(axis, x.ndim)
-    bits = x if x.dtype == jnp.bool_ else x >= 0
-    bits = jnp.moveaxis(bits, ax, -1)
-    n = bits.shape[-1]
+    bits = (x if x.dtype == jnp.bool_ else x >= 0).astype(jnp.uint32)
+    n = x.shape[ax]
     nw = num_words(n)
-    pad = nw * WORD_BITS - n
-    if pad:
-        bits = jnp.pad(bits, [(0, 0)] * (bits.ndim - 1) + [(0, pad)], constant_values=bool(PAD_BIT))
-    bits = bits.reshape(*bits.shape[:-1], nw, WORD_BITS).astype(jnp.uint32)
-    shifts = jnp.arange(WORD_BITS, dtype=jnp.uint32)
+    if nw * WORD_BITS != n:
+        pad = [(0, 0)] * x.ndim
+        pad[ax] = (0, nw * WORD_BITS - n)
+        bits = jnp.pad(bits, pad, constant_values=jnp.uint32(PAD_BIT))
+    # The axis is split in place, (..., n, ...) -> (..., words, 32, ...), and reduced over
+    # the 32: moving it last and back would let XLA:CPU give the words a transposed layout
+    # inside a larger program (a strided pass over a whole kernel, 10x this reduction).
+    bits = bits.reshape(*x.shape[:ax], nw, WORD_BITS, *x.shape[ax + 1 :])
+    shift_shape = [1] * bits.ndim
+    shift_shape[ax + 1] = WORD_BITS
+    shifts = jnp.arange(WORD_BITS, dtype=jnp.uint32).reshape(shift_shape)
     # The shifted bits are disjoint, so their sum is their bitwise OR (and cannot overflow).
-    words = jnp.sum(bits << shifts, axis=-1, dtype=jnp.uint32)
-    return jnp.moveaxis(words, -1, ax)
+    return jnp.sum(bits << shifts, axis=ax + 1, dtype=jnp.uint32)
 
 
 def unpack_bits(words, n: int, axis: int = -1, *, dtype=jnp.bool_) -> Array:
@@ -139,3 +155,27 @@ def packed_size_bytes(shape: Sequence[int], axis: int = -1) -> int:
     rest = math.prod(shape[:ax] + shape[ax + 1 :])
     return int(rest * num_words(shape[ax]) * (WORD_BITS // 8))
 
+
+
+def pack_bits_np(bits, axis: int) -> np.ndarray:
+    """:func:`pack_bits` of host booleans in NumPy (export time, no compilation); same words."""
+    bits = np.moveaxis(np.asarray(bits, bool), axis, -1)
+    pad = -bits.shape[-1] % WORD_BITS
+    if pad:
+        fill = np.full(bits.shape[:-1] + (pad,), bool(PAD_BIT))
+        bits = np.concatenate([bits, fill], axis=-1)
+    # packbits keeps the moved axis' strides; the 4-byte view needs a contiguous last axis
+    # (without padding, e.g. 128 inputs, nothing above made a copy).
+    words = np.ascontiguousarray(np.packbits(bits, axis=-1, bitorder="little")).view("<u4").astype(np.uint32)
+    return np.moveaxis(words, -1, axis)
+
+
+def column_sums(bits_packed: np.ndarray, n: int) -> np.ndarray:
+    """``S_b = Σ b`` over every ``±1`` value of each output channel (last axis) of a packed kernel.
+
+    Padding bits are ``PAD_BIT = 0`` and add nothing to the popcount; ``n`` is the number
+    of true values summed per output channel. Host NumPy, int32.
+    """
+    ones = np.unpackbits(np.ascontiguousarray(bits_packed).view(np.uint8)).reshape(*bits_packed.shape, 32)
+    per_out = ones.sum(axis=-1).reshape(-1, bits_packed.shape[-1]).sum(axis=0)
+    return (2 * per_out.astype(np.int64) - n).astype(np.int32)

@@ -1,0 +1,47 @@
+"""The README's Python examples run as written, and `import binax` reaches every submodule."""
+
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def python_blocks() -> list[str]:
+    with open(os.path.join(ROOT, "README.md")) as f:
+        return re.findall(r"```python\n(.*?)```", f.read(), re.S)
+
+
+def run(code: str, cwd: str) -> subprocess.CompletedProcess:
+    env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    return subprocess.run([sys.executable, "-c", code], cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("index", [0, 1], ids=["library", "trained_run"])
+def test_readme_python_examples_run(index, tmp_path):
+    blocks = python_blocks()
+    assert len(blocks) == 2
+    result = run(blocks[index], cwd=str(tmp_path))  # relative paths (runs/digits) land in tmp_path
+    assert result.returncode == 0, result.stderr[-3000:]
+    if index == 1:
+        assert re.search(r"step \d+: test accuracy \d+\.\d+%, logits \(297, 10\)", result.stdout), result.stdout
+
+
+def test_import_binax_is_light_and_every_submodule_is_an_attribute():
+    code = (
+        "import sys, binax\n"
+        "heavy = [m for m in ('orbax.checkpoint', 'tensorboardX', 'tensorflow', 'binax.train', 'binax.export') if m in sys.modules]\n"
+        "print('heavy', heavy)\n"
+        "print(binax.train.restore_variables.__name__, binax.export.__name__, binax.mismatch.__name__, binax.data.create.__name__)\n"
+        "print(sorted(set(binax._LAZY_SUBMODULES) - set(dir(binax))))\n"
+    )
+    result = run(code, cwd=ROOT)
+    assert result.returncode == 0, result.stderr[-2000:]
+    lines = result.stdout.splitlines()
+    assert lines[0] == "heavy []"
+    assert lines[1] == "restore_variables binax.export binax.mismatch create"
+    assert lines[2] == "[]"
