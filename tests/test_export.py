@@ -247,6 +247,15 @@ def test_quantizer_families_match_their_eval_graph(name, cfg):
     assert all(layer.packed for layer in packed.layers.values() if layer.kind != "float_input"), packed.report()
 
 
+def test_binaryduos_decoupled_network_exports_on_the_generic_runtime():
+    # The decoupled network copies each coupled layer's outputs (replicate=2), which the
+    # chain plan does not model: export must still pack it and give its eval logits.
+    packed, ref, x = exported("bnn_mlp", {**MLP, "input_quantizer": "duo_binary", "replicate": 2})
+    assert packed.runtime == "generic"
+    assert_same_logits(packed(x), ref)
+    assert all(layer.packed for layer in packed.layers.values() if layer.kind != "float_input"), packed.report()
+
+
 def test_tanh_sign_is_exported_as_sign():
     """Self-Binarizing inference: the packed model equals the same network with sign."""
     tanh = {**MLP, "input_quantizer": "tanh_sign", "kernel_quantizer": "tanh_sign"}
