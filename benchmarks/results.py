@@ -156,6 +156,13 @@ def compare(a: list[float], b: list[float], alpha: float = ALPHA) -> tuple[str, 
     return ("reproduced" if diff > 0 else "not reproduced"), diff, p
 
 
+def p_text(p: float, a: list, b: list) -> str:
+    """``p = 0.0123``, or why there is no test (a row with fewer than 2 seeds)."""
+    if len(a) < 2 or len(b) < 2:
+        return f"no test with n = {len(a)} and {len(b)}"
+    return f"p = {p:.3g}"
+
+
 def chain_verdict(links: list[str]) -> str:
     """A chain of "A > B" links: reproduced if all are, not reproduced if any is not."""
     if "not reproduced" in links:
@@ -183,15 +190,16 @@ def verdict_lines(rows: list[dict], alpha: float = ALPHA) -> list[str]:
             a, b = (by_spec[s]["accuracies"] for s in (hi, lo))
             verdict, diff, p = compare([100 * v for v in a], [100 * v for v in b], alpha)
             links.append(verdict)
-            texts.append(f"{by_spec[hi]['label']} − {by_spec[lo]['label']} = {diff:+.2f} points (p = {p:.3g}): {verdict}")
+            texts.append(f"{by_spec[hi]['label']} − {by_spec[lo]['label']} = {diff:+.2f} points ({p_text(p, a, b)}): {verdict}")
         lines.append(f"- **{claim}: {chain_verdict(links)}.** " + "; ".join(texts) + ".")
     duo, plain = by_spec.get("method=binaryduo"), by_spec.get("method=duo_binary")
     if duo and duo.get("coupled") and plain and plain.get("accuracies"):
-        verdict, diff, p = compare([100 * v for v in duo["coupled"]], [100 * v for v in plain["accuracies"]], alpha)
+        a, b = duo["coupled"], plain["accuracies"]
+        verdict, diff, p = compare([100 * v for v in a], [100 * v for v in b], alpha)
         lines.append(
             f"- At equal epochs (BinaryDuo's coupled ternary network before fine-tuning, which the "
             f"decoupled network equals exactly): coupled − {plain['label']} = {diff:+.2f} points "
-            f"(p = {p:.3g}): {verdict}."
+            f"({p_text(p, a, b)}): {verdict}."
         )
     sb = by_spec.get("method=sb")
     if sb and sb.get("agreements"):
@@ -206,19 +214,33 @@ def verdict_lines(rows: list[dict], alpha: float = ALPHA) -> list[str]:
     return lines
 
 
-def _machine_line(wall: float) -> str:
-    """Where the runs ran: CPU, cores this process may use, XLA threading flags."""
-    cores = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
-    pinned = f", runs pinned to core(s) {','.join(map(str, cores))}" if cores and len(cores) < os.cpu_count() else ""
-    xla = os.environ.get("XLA_FLAGS")
-    return (
-        f"Machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPU cores{pinned}"
-        f"{f' (XLA_FLAGS={xla})' if xla else ''}, CPU only; {time.strftime('%Y-%m-%d')}; "
-        f"total wall time of this table's runs {wall / 60:.0f} min."
-    )
+def _machine_line(wall: float, where: str | None = None) -> str:
+    """Where the runs ran (``where``, or this process: CPU, cores it may use, XLA
+    threading flags) and their total wall time."""
+    if where is None:
+        cores = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
+        pinned = f", runs pinned to core(s) {','.join(map(str, cores))}" if cores and len(cores) < os.cpu_count() else ""
+        xla = os.environ.get("XLA_FLAGS")
+        where = (
+            f"Machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPU cores{pinned}"
+            f"{f' (XLA_FLAGS={xla})' if xla else ''}, CPU only; {time.strftime('%Y-%m-%d')}"
+        )
+    return f"{where}; total wall time of this table's runs {wall / 60:.0f} min."
 
 
-def write_table(path: str, arch: str, epochs: int, seeds: int, rows: list[dict], wall: float) -> None:
+def _recorded_machine(path: str, arch: str) -> str | None:
+    """The machine line a table's block already states, without its wall time: a
+    ``--table-only`` rewrite describes where the runs ran, not where it is itself run."""
+    if not os.path.exists(path):
+        return None
+    block = open(path).read().partition(f"<!-- results:{arch} -->")[2].partition(f"<!-- /results:{arch} -->")[0]
+    lines = [line for line in block.splitlines() if line.startswith("Machine: ")]
+    return lines[-1].partition("; total wall time")[0] if lines else None
+
+
+def write_table(
+    path: str, arch: str, epochs: int, seeds: int, rows: list[dict], wall: float, where: str | None = None
+) -> None:
     fp = next((r for r in rows if r["spec"] == "method=fp" and r["accuracies"]), None)
     fp_mean = statistics.fmean(fp["accuracies"]) if fp else None
     complete = all(len(r["accuracies"]) == seeds for r in rows)
@@ -253,7 +275,7 @@ def write_table(path: str, arch: str, epochs: int, seeds: int, rows: list[dict],
     for r in rows:
         if r.get("extra"):
             lines += ["", f"{r['label']}: " + "; ".join(r["extra"])]
-    lines += ["", *verdict_lines(rows), "", _machine_line(wall)]
+    lines += ["", *verdict_lines(rows), "", _machine_line(wall, where)]
     text = "\n".join(lines) + "\n"
     begin, end = f"<!-- results:{arch} -->", f"<!-- /results:{arch} -->"
     old = open(path).read() if os.path.exists(path) else "# Results\n\n"
@@ -305,7 +327,8 @@ def main() -> None:
             _add_run(row, seed, summary)
             if row["run"]:
                 write_table(args.output, args.arch, args.epochs, args.seeds, rows, wall)
-    write_table(args.output, args.arch, args.epochs, args.seeds, rows, wall)
+    where = _recorded_machine(args.output, args.arch) if args.table_only else None
+    write_table(args.output, args.arch, args.epochs, args.seeds, rows, wall, where)
 
 
 def _add_run(row: dict, seed: int, summary: dict) -> None:

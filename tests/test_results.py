@@ -39,3 +39,12 @@ def test_verdict_lines_name_every_claim():
     for claim, _ in results.CLAIMS:
         assert claim in text
     assert "is the trained one (Lahoud & Achanta 2019): not reproduced" in text
+
+
+def test_a_row_with_one_seed_says_there_is_no_test():
+    rows = [dict(spec=s, label=s, accuracies=[0.88, 0.881, 0.879], coupled=[], agreements=[])
+            for _, specs in results.CLAIMS for s in specs]
+    rows[0]["accuracies"] = [0.89]
+    text = "\n".join(results.verdict_lines(rows))
+    assert "no test with n = 1 and 3" in text
+    assert "nan" not in text
