@@ -88,7 +88,10 @@ def _binaryduo_widths(name: str, input_shape: tuple, baseline: tuple) -> dict:
     duo = dict(kernel_quantizer="duo_weight", latent_weight_clip=None)
     base = models.create(name, **dict(baseline), input_quantizer="duo_binary", **duo)
     if base.width_multiplier != 1.0 or getattr(base, "replicate", 1) != 1:
-        raise ValueError("binaryduo_widths needs the baseline at width_multiplier=1 and replicate=1.")
+        raise ConfigError(
+            f"binaryduo_widths needs the baseline at width_multiplier=1 and replicate=1; got "
+            f"width_multiplier={base.width_multiplier!r}, replicate={getattr(base, 'replicate', 1)!r}."
+        )
     couplings = transforms.binaryduo_couplings(base)
     # Each layer's width as (config key, index) into the model's widths / hidden_dense.
     where = {s.path[-1]: s.width for s in base.chain() if s.kind == "layer" and s.width is not None}

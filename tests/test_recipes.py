@@ -10,6 +10,7 @@ import sys
 import pytest
 
 from binax import recipes, train
+from binax.errors import ConfigError
 from configs import recipe
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -105,7 +106,7 @@ def test_binaryduo_widths_follow_the_official_rule_and_match_the_binary_cost():
         # Ternary counts as two binary activations: same binary-op count within rounding.
         assert coupled == pytest.approx(base, rel=0.02), arch
     assert recipe.get_config("method=binaryduo").model.widths == (362, 300, 512)
-    with pytest.raises(ValueError, match="width_multiplier=1"):
+    with pytest.raises(ConfigError, match="width_multiplier=1 and replicate=1; got width_multiplier=0.5"):
         recipes.binaryduo_widths("bnn_mlp", (28, 28, 1), widths=(8, 8), width_multiplier=0.5)
 
 
