@@ -72,18 +72,27 @@ def _run_dir(root: str, arch: str, spec: str, seed: int) -> str:
     return os.path.join(root, arch, spec.replace("method=", "").replace(",", "_").replace("=", ""), f"seed{seed}")
 
 
+def _final(workdir: str) -> dict:
+    with open(os.path.join(workdir, "final.json")) as f:
+        return json.load(f)
+
+
 def _finished(workdir: str) -> dict | None:
     """The summary of a finished run: ``recipe.json`` for a multi-stage recipe (written
     after its last stage), else the training run's ``final.json``."""
     recipe_json, final_json = os.path.join(workdir, "recipe.json"), os.path.join(workdir, "final.json")
     if os.path.exists(recipe_json):
         with open(recipe_json) as f:
-            return json.load(f)
+            summary = json.load(f)
+        if "resumed_from_step" not in summary:  # written before recipes recorded it: its stages'
+            stages = [workdir] + [os.path.join(workdir, d) for d in sorted(os.listdir(workdir))]
+            resumed = [_final(d).get("resumed_from_step") for d in stages if os.path.exists(os.path.join(d, "final.json"))]
+            summary["resumed_from_step"] = next((r for r in resumed if r is not None), None)
+        return summary
     if os.path.exists(final_json):
         with open(os.path.join(workdir, "config.json")) as f:
             if json.load(f).get("recipe", {}).get("procedure", "train") == "train":
-                with open(final_json) as g:
-                    return json.load(g)
+                return _final(workdir)
     return None
 
 
@@ -255,7 +264,8 @@ def write_table(
         f"network for the same {epochs} epochs, then fine-tunes the decoupled network for {finetune} more "
         "(its paper's procedure). Test accuracy on the 10,000 test images: mean ± half-width of the 95% "
         "t-interval over seeds. Binary ops: 1-bit products per image of the deployed network "
-        "(`binax.summary`'s binary MACs times their planes; ABC-Net M·N).",
+        "(`binax.summary`'s binary MACs times their planes; ABC-Net M·N). Train time: mean over "
+        "the runs that were not interrupted and resumed.",
         "",
         "| method | test accuracy (%) | gap to FP (points) | binary ops | packed size | float32 size | train time / run |",
         "|---|---|---|---|---|---|---|",
@@ -265,12 +275,12 @@ def write_table(
             continue
         mean, half = t_interval([100 * a for a in r["accuracies"]])
         gap = "—" if fp_mean is None or r["spec"] == "method=fp" else f"{mean - 100 * fp_mean:+.2f}"
-        t = statistics.fmean(r["times"]) if r["times"] else float("nan")
+        t = f"{statistics.fmean(r['times']):.0f} s" if r["times"] else "—"
         interval = "" if math.isnan(half) else f" ± {half:.2f}"
         ops = f"{r['binary_ops'] / 1e6:.3f} M" if r["binary_ops"] else "0"
         lines.append(
             f"| {r['label']} | {mean:.2f}{interval} (n={len(r['accuracies'])}) | {gap} | "
-            f"{ops} | {r['packed'] / 1024:.0f} KiB | {r['float32'] / 1024:.0f} KiB | {t:.0f} s |"
+            f"{ops} | {r['packed'] / 1024:.0f} KiB | {r['float32'] / 1024:.0f} KiB | {t} |"
         )
     for r in rows:
         if r.get("extra"):
@@ -334,7 +344,9 @@ def main() -> None:
 def _add_run(row: dict, seed: int, summary: dict) -> None:
     """Add one finished run's accuracy, time and recipe-specific checks to its table row."""
     row["accuracies"].append(summary["test_accuracy"])
-    row["times"].append(summary.get("train_time_s") or summary.get("wall_time_s") or 0.0)
+    # A resumed run's summary times only its last process: leave it out of the mean.
+    if summary.get("resumed_from_step") is None:
+        row["times"].append(summary.get("train_time_s") or summary.get("wall_time_s") or 0.0)
     if "agreement" in summary:
         row["agreements"].append(summary["agreement"])
         row["extra"].append(
