@@ -48,3 +48,22 @@ def test_a_row_with_one_seed_says_there_is_no_test():
     text = "\n".join(results.verdict_lines(rows))
     assert "no test with n = 1 and 3" in text
     assert "nan" not in text
+
+
+def test_resumed_runs_count_for_accuracy_but_not_for_train_time():
+    row = dict(accuracies=[], times=[], extra=[], agreements=[], coupled=[])
+    results._add_run(row, 0, {"test_accuracy": 0.88, "train_time_s": 300.0, "resumed_from_step": None})
+    results._add_run(row, 1, {"test_accuracy": 0.89, "train_time_s": 40.0, "resumed_from_step": 800})
+    assert row["accuracies"] == [0.88, 0.89]
+    assert row["times"] == [300.0]
+
+
+def test_a_recipe_summary_without_resume_info_reads_its_stages(tmp_path):
+    import json
+
+    (tmp_path / "coupled").mkdir()
+    (tmp_path / "decoupled").mkdir()
+    (tmp_path / "recipe.json").write_text(json.dumps({"test_accuracy": 0.9}))
+    (tmp_path / "coupled" / "final.json").write_text(json.dumps({"resumed_from_step": None}))
+    (tmp_path / "decoupled" / "final.json").write_text(json.dumps({"resumed_from_step": 120}))
+    assert results._finished(str(tmp_path))["resumed_from_step"] == 120
