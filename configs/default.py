@@ -8,9 +8,10 @@ t_min to t_max once per epoch, as IR-Net's code does (15 epochs; shorter runs, e
 
 Measured (what `bash dev.sh run` runs: experiments.run with its GLIBC_TUNABLES), on one
 core of a 2-core AMD EPYC (`taskset -c 0`): 89.42% test accuracy, 4 min 05 s wall time,
-4 min 03 s of CPU time. Earlier, on both cores shared with other jobs (load 6-8): 89.50%,
-11 min 57 s wall; XLA:CPU's thread count changes the order of some sums, hence the few
-images. Without the hardtanh (before the recipe audit, docs/recipes.md)
+4 min 03 s of CPU time. Earlier (same recipe, before the quantizer-descriptor refactor was
+merged), on both cores shared with other jobs (load 6-8): 89.50%, 11 min 57 s wall. XLA:CPU's
+thread count alone changes the order of some sums and so a few test images (README,
+determinism). Without the hardtanh (before the recipe audit, docs/recipes.md)
 the same config reached 88.67%.
 
 How the settings were chosen (before the hardtanh was added; test accuracy after the last
