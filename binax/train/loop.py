@@ -395,9 +395,10 @@ class _Window:
         self.items = [{k: float(v) for k, v in m.items()} for m in fetched]
         return self.items
 
-    def check_finite(self, where: str) -> None:
+    def check_finite(self, where: Callable[[], str]) -> None:
         """Raises :class:`NonFiniteError` at the first update with a non-finite loss,
-        gradient, update or parameter norm; ``where`` names the checkpoint to go back to."""
+        gradient, update or parameter norm; ``where()`` names the checkpoint to go back to
+        (called only then: it waits for a pending save)."""
         for i, m in enumerate(self.host()):
             bad = {k: m[k] for k in FINITE_METRICS if k in m and not math.isfinite(m[k])}
             if bad:
@@ -407,7 +408,7 @@ class _Window:
                     what = f"loss is {m['loss']:.4g} but {what}"
                 raise NonFiniteError(
                     f"training {what} at step {step} (update {step - 1}); the last checkpoint to go "
-                    f"back to is {where}. Change the config (e.g. a lower learning rate) and rerun with "
+                    f"back to is {where()}. Change the config (e.g. a lower learning rate) and rerun with "
                     "the same --workdir to resume there."
                 )
 
@@ -546,8 +547,7 @@ class _Run:
         self._window_clock = (step, now)
 
     def _check_finite(self) -> None:
-        if not all(math.isfinite(m[k]) for m in self.window.host() for k in FINITE_METRICS if k in m):
-            self.window.check_finite(self._last_checkpoint())
+        self.window.check_finite(self._last_checkpoint)
 
     def _save(self, accuracy: float | None = None) -> None:
         """Checkpoints the current step with the open metric window (checked finite first)."""
