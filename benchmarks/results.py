@@ -84,10 +84,10 @@ def _finished(workdir: str) -> dict | None:
     if os.path.exists(recipe_json):
         with open(recipe_json) as f:
             summary = json.load(f)
-        if "resumed_from_step" not in summary:  # written before recipes recorded it: its stages'
-            stages = [workdir] + [os.path.join(workdir, d) for d in sorted(os.listdir(workdir))]
-            resumed = [_final(d).get("resumed_from_step") for d in stages if os.path.exists(os.path.join(d, "final.json"))]
-            summary["resumed_from_step"] = next((r for r in resumed if r is not None), None)
+        # Resumed if any of its training stages (this workdir or a stage's below it) was.
+        stages = [workdir] + [os.path.join(workdir, d) for d in sorted(os.listdir(workdir))]
+        resumed = [_final(d).get("resumed_from_step") for d in stages if os.path.exists(os.path.join(d, "final.json"))]
+        summary["resumed_from_step"] = next((r for r in resumed if r is not None), None)
         return summary
     if os.path.exists(final_json):
         with open(os.path.join(workdir, "config.json")) as f:

@@ -71,7 +71,6 @@ def self_binarizing(config: ml_collections.ConfigDict, workdir: str) -> dict:
         "agreement": float(np.mean(sign_pred == trained_pred)),
         "train_time_s": final.get("train_time_s"),
         "wall_time_s": final.get("wall_time_s"),
-        "resumed_from_step": final.get("resumed_from_step"),
     }
     print(
         f"self-binarizing: tanh(nu_max) {100 * summary['tanh_test_accuracy']:.2f}%, sign + BinaryBN "
@@ -198,10 +197,6 @@ def binaryduo(config: ml_collections.ConfigDict, workdir: str) -> dict:
         "decoupled_widths": list(overrides.get("widths", ())),
         "train_time_s": (coupled_final.get("train_time_s") or 0) + (final.get("train_time_s") or 0),
         "wall_time_s": (coupled_final.get("wall_time_s") or 0) + (final.get("wall_time_s") or 0),
-        # Times cover this process only: say when a stage was resumed.
-        "resumed_from_step": next(
-            (f["resumed_from_step"] for f in (coupled_final, final) if f.get("resumed_from_step") is not None), None
-        ),
     }
     print(
         f"binaryduo: coupled (ternary) {100 * summary['coupled_test_accuracy']:.2f}%, decoupled "

@@ -58,7 +58,7 @@ def test_resumed_runs_count_for_accuracy_but_not_for_train_time():
     assert row["times"] == [300.0]
 
 
-def test_a_recipe_summary_without_resume_info_reads_its_stages(tmp_path):
+def test_a_recipe_summary_reads_resume_info_from_its_stages(tmp_path):
     import json
 
     (tmp_path / "coupled").mkdir()
