@@ -27,6 +27,7 @@ from __future__ import annotations
 import dataclasses
 import importlib
 import inspect
+import sys
 from types import ModuleType
 from typing import Any, Callable, Iterable, Mapping
 
@@ -46,6 +47,7 @@ __all__ = [
     "resolve",
     "deployed",
     "import_plugins",
+    "check_file_spec",
 ]
 
 #: What a quantizer's forward pass can be declared to produce (:attr:`Quantizer.forward`).
@@ -342,6 +344,47 @@ def resolve(spec, **kwargs) -> Callable[[Array, Any], Array] | None:
 
     bound.__name__ = q.name
     return bound
+
+
+def check_file_spec(spec, where: str) -> None:
+    """Refuse a quantizer spec read from a file unless it names a registered quantizer.
+
+    Files are data: a ``config.json`` or packed model must never make binax import a
+    module or call a function it names. A registered name (``"ede_sign"``) is fine. A
+    ``"package.module:attribute"`` reference is accepted only when that module is already
+    imported in this process (by the user: their own code, or ``--import``) and the
+    attribute is a quantizer registered there, so nothing is imported and nothing
+    unregistered is called. ``where`` names the file and key for the error message.
+    """
+    if spec is None:
+        return
+    if not isinstance(spec, str):
+        raise ConfigError(f"{where}: a quantizer read from a file must be a name; got {type(spec).__name__} {spec!r}.")
+    if ":" not in spec:
+        if spec not in _REGISTRY:
+            raise ConfigError(
+                f"{where}: Unknown binarizer {spec!r}; registered: {', '.join(names())} "
+                "(--import the module that registers it)."
+            )
+        return
+    module_name, _, attr = spec.partition(":")
+    module = sys.modules.get(module_name)
+    fn = getattr(module, attr, None) if module is not None else None
+    if fn is None or not any(q.fn is fn for q in _REGISTRY.values()):
+        raise ConfigError(
+            f"{where}: quantizer {spec!r} names code, and binax never imports or calls what a file names; "
+            f"import that module yourself (--import {module_name}) and have it register the quantizer "
+            "(binax.binarizers.register), then load again."
+        )
+
+
+def check_file_config(config: Mapping[str, Any], where: str) -> None:
+    """:func:`check_file_spec` for every ``*quantizer`` key of a (nested) config read from a file."""
+    for key, value in config.items():
+        if hasattr(value, "items"):
+            check_file_config(value, f"{where}: {key}")
+        elif key.endswith("quantizer"):
+            check_file_spec(value, f"{where}: {key}")
 
 
 def import_plugins(modules: Iterable[str] | str | None) -> list[ModuleType]:

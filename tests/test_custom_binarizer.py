@@ -217,13 +217,39 @@ def test_export_command_imports_the_module_or_the_module_attribute(plugin, tmp_p
     assert done.returncode == 0, done.stderr[-2000:]
     assert "2 of 2 quantized layers run on XOR-popcount." in done.stdout
     assert "predictions agree 100%" in done.stdout
-    # A config naming "module:function" needs no flag: the module is imported by the name.
+    # A config naming "module:function" is data too: the module is not imported by the
+    # name the file gives; --import does it, and then the registered function is found.
     by_name = tmp_path / "by_name"
     _workdir(by_name, "my_binarizers:poly_sign")
     command[command.index(str(tmp_path))] = str(by_name)
-    done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True)
+    refused = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True)
+    assert refused.returncode == 1 and "Traceback" not in refused.stderr
+    assert "never imports or calls what a file names" in refused.stderr.strip().splitlines()[-1]
+    done = subprocess.run(command + ["--import", "my_binarizers"], cwd=ROOT, env=env, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-2000:]
     assert "2 of 2 quantized layers run on XOR-popcount." in done.stdout
+
+
+@pytest.mark.parametrize("spec", ["evil_module_binax_test:sign", "os:system", "builtins:exec", "not_registered_name"])
+def test_a_workdir_config_naming_code_is_refused_and_nothing_runs(spec, tmp_path, monkeypatch):
+    """config.json is data: restore_variables never imports or calls what it names."""
+    from binax import train
+
+    sentinel = tmp_path / "SENTINEL"
+    evil = tmp_path / "evil"
+    evil.mkdir()
+    (evil / "evil_module_binax_test.py").write_text(
+        f"open({str(sentinel)!r}, 'w').close()\nsign = lambda x, **k: x\n"
+    )
+    monkeypatch.syspath_prepend(str(evil))
+    _workdir(tmp_path / "w", "ste_sign")
+    config = json.loads((tmp_path / "w" / "config.json").read_text())
+    config["model"]["input_quantizer"] = spec
+    (tmp_path / "w" / "config.json").write_text(json.dumps(config))
+    with pytest.raises(binax.errors.ConfigError, match="input_quantizer") as raised:
+        train.restore_variables(str(tmp_path / "w"))
+    assert str(tmp_path / "w" / "config.json") in str(raised.value)
+    assert not sentinel.exists() and "evil_module_binax_test" not in sys.modules
 
 
 @pytest.mark.slow

@@ -50,7 +50,7 @@ from absl import logging
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from binax import layers
+from binax import layers, quantizer
 from binax.errors import CheckpointError, ConfigError, DiskFullError, NonFiniteError
 from binax.train import checkpoints as ckpt_lib
 from binax.train import evaluation
@@ -321,6 +321,8 @@ def restore_variables(
         raise FileNotFoundError(f"no {path}: is {workdir!r} the --workdir of a binax training run?")
     with open(path) as f:
         config = ml_collections.ConfigDict(json.load(f))
+    # The file is data: a quantizer it names must already be registered here.
+    quantizer.check_file_config(config.model, path)
     ckpts = ckpt_lib.Checkpoints(os.path.join(os.path.abspath(workdir), "checkpoints"), async_save=False)
     try:
         saved = ckpts.all_steps()
