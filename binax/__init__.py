@@ -21,6 +21,7 @@ _LAZY_SUBMODULES = (
     "export",
     "folding",
     "mismatch",
+    "mismatch_study",
     "ops",
     "packed",
     "quantizer",
