@@ -44,6 +44,7 @@ __all__ = [
     "get",
     "names",
     "resolve",
+    "schedule_values",
     "deployed",
     "import_plugins",
 ]
@@ -342,6 +343,18 @@ def resolve(spec, **kwargs) -> Callable[[Array, Any], Array] | None:
 
     bound.__name__ = q.name
     return bound
+
+
+def schedule_values(spec, kwargs: Mapping[str, Any] | None, progress: float) -> dict[str, float]:
+    """The values a quantizer's ``schedule`` supplies at ``progress`` (EDE's ``t`` and ``k``,
+    tanh's ``nu``), as floats; ``{}`` for a quantizer without a schedule (or ``None``).
+    What the training loop logs as scalars: read from the descriptor, for any registered
+    quantizer, built-in or not."""
+    q = describe(spec) if spec is not None else None
+    if q is None or q.schedule is None:
+        return {}
+    _, sched_kwargs = _split_kwargs(q, dict(kwargs or {}))
+    return {k: float(v) for k, v in q.schedule(progress, **sched_kwargs).items()}
 
 
 def import_plugins(modules: Iterable[str] | str | None) -> list[ModuleType]:
