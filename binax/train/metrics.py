@@ -2,7 +2,7 @@
 
 ``workdir/metrics.jsonl`` holds one JSON object per record, ``{"step": s, name: value,
 ...}``; ``workdir/tb`` the same scalars as TensorBoard events (tensorboardX, which needs no
-TensorFlow). Keys under ``perf/`` are wall-clock measurements; every other key is a
+TensorFlow), plus histograms (latent weights, pre-activations: ``binax.train.probes``). Keys under ``perf/`` are wall-clock measurements; every other key is a
 deterministic function of the configuration, so a resumed run writes the same records as
 an uninterrupted one.
 """
