@@ -41,10 +41,10 @@ __all__ = [
     "Quantizer",
     "register",
     "describe",
+    "schedule_values",
     "get",
     "names",
     "resolve",
-    "schedule_values",
     "deployed",
     "import_plugins",
 ]
@@ -267,6 +267,18 @@ def describe(spec) -> Quantizer | None:
     return None if spec is None else _lookup(spec)[0]
 
 
+def schedule_values(spec, kwargs: Mapping[str, Any] | None, progress: float) -> dict[str, float]:
+    """The values a quantizer's ``schedule`` supplies at ``progress`` (EDE's ``t`` and ``k``,
+    tanh's ``nu``), as floats; ``{}`` for a quantizer without a schedule (or ``None``).
+    What the training loop logs as scalars: read from the descriptor, for any registered
+    quantizer, built-in or not."""
+    q = describe(spec) if spec is not None else None
+    if q is None or q.schedule is None:
+        return {}
+    _, sched_kwargs = _split_kwargs(q, dict(kwargs or {}))
+    return {k: float(v) for k, v in q.schedule(progress, **sched_kwargs).items()}
+
+
 def get(name) -> Callable[..., Array]:
     """The function of a quantizer spec (``get("ede_sign")`` is ``binarizers.ede_sign``)."""
     if callable(name) and not isinstance(name, Quantizer):
@@ -343,18 +355,6 @@ def resolve(spec, **kwargs) -> Callable[[Array, Any], Array] | None:
 
     bound.__name__ = q.name
     return bound
-
-
-def schedule_values(spec, kwargs: Mapping[str, Any] | None, progress: float) -> dict[str, float]:
-    """The values a quantizer's ``schedule`` supplies at ``progress`` (EDE's ``t`` and ``k``,
-    tanh's ``nu``), as floats; ``{}`` for a quantizer without a schedule (or ``None``).
-    What the training loop logs as scalars: read from the descriptor, for any registered
-    quantizer, built-in or not."""
-    q = describe(spec) if spec is not None else None
-    if q is None or q.schedule is None:
-        return {}
-    _, sched_kwargs = _split_kwargs(q, dict(kwargs or {}))
-    return {k: float(v) for k, v in q.schedule(progress, **sched_kwargs).items()}
 
 
 def import_plugins(modules: Iterable[str] | str | None) -> list[ModuleType]:
