@@ -3,8 +3,8 @@
 ``--config configs/x.py:quick`` passes ``'quick'`` to the file's ``get_config``;
 ``--config.optimizer.learning_rate=0.01`` overrides one key (the config is locked, so a
 misspelt key is an error). Without ``--config`` this trains ``configs/default.py``; without
-``--workdir`` it uses ``runs/<config file name>[_<arg>]`` under the current directory (and
-says so). A workdir that holds checkpoints is resumed.
+``--workdir`` it uses ``runs/<config file name>[_<arg>]``. A workdir that holds checkpoints
+is resumed.
 """
 
 import importlib.util

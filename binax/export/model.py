@@ -58,7 +58,6 @@ from jax import lax
 
 import binax
 from binax import models
-from binax.summary import layer_kind
 from binax.errors import ConfigError
 from binax.export import chain as chain_lib
 from binax.export.inference import (
@@ -504,6 +503,8 @@ class PackedModel:
 
     def rows(self) -> list[LayerRow]:
         """Per-layer facts: every quantized layer, and for the chain every BatchNorm block."""
+        from binax.summary import layer_kind  # the summary's words for the same layer
+
         rows = []
         stored = {}
         for key, arr in self._arrays.items():
@@ -513,7 +514,7 @@ class PackedModel:
         for path, call in self._calls.items():
             key = "/".join(path)
             layer = self.layers.get(path)
-            cls = layer_kind(call.module)  # the summary's words for the same layer
+            cls = layer_kind(call.module)
             if layer is not None:
                 rows.append(LayerRow(key, cls, _compute_text(layer), ", ".join(stored.get(key, [])), self.meta["layers"][key].get("note", "")))
             elif self._plan is not None and path in self._plan.blocks:

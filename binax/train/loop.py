@@ -55,7 +55,7 @@ from binax.errors import CheckpointError, ConfigError, DiskFullError, NonFiniteE
 from binax.train import checkpoints as ckpt_lib
 from binax.train import evaluation
 from binax.train import metrics as metrics_lib
-from binax.train import optimizers, probes, steps
+from binax.train import optimizers, steps
 from binax.train.workdir import lock_workdir
 
 __all__ = [
@@ -601,9 +601,11 @@ class _Run:
             )
         self.train_seconds += time.monotonic() - t0
 
-    def _probes(self) -> probes.RunProbes:
+    def _probes(self):
         """Schedule scalars and pre-activation histograms (built at first use, on a fixed
-        batch of 256 test examples)."""
+        batch of 256 test examples): a :class:`binax.train.probes.RunProbes`."""
+        from binax.train import probes
+
         if getattr(self, "_run_probes", None) is None:
             self._run_probes = probes.RunProbes(self.trainer.model, self.ds.eval_batches(256))
         return self._run_probes
