@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # binax developer entry point: `bash dev.sh run` trains the default config,
 # `bash dev.sh test` runs the whole test suite (what CI runs), `bash dev.sh test-fast`
-# the tests not marked slow. All set up everything first: Debian's Fashion-MNIST package
-# and a virtual environment at .venv/.
+# the tests not marked slow, `bash dev.sh notebooks` opens notebooks/ in JupyterLab
+# (`--execute`: runs each into an .ipynb). All set up everything first: Debian's
+# Fashion-MNIST package and a virtual environment at .venv/.
 set -euo pipefail
 cd "$(dirname "$0")"
 
@@ -48,6 +49,23 @@ case "$cmd" in
     export GLIBC_TUNABLES=${GLIBC_TUNABLES:-glibc.malloc.arena_max=1:glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=68719476736}
     exec .venv/bin/python -m experiments.run "$@"
     ;;
+  notebooks)
+    setup
+    if [ "${1:-}" = "--execute" ]; then
+      shift
+      # Each notebooks/NN.py runs top to bottom into notebooks/NN.ipynb, outputs included.
+      for nb in notebooks/[0-9]*.py; do .venv/bin/jupytext --to ipynb --execute "$@" "$nb"; done
+    else
+      # Double-clicking a notebooks/*.py opens it as a notebook (jupytext), for this
+      # .venv's JupyterLab only: the default viewer is set in the venv, not in ~/.jupyter.
+      settings=.venv/share/jupyter/lab/settings
+      mkdir -p "$settings"
+      [ -f "$settings/overrides.json" ] || printf '%s\n' \
+        '{"@jupyterlab/docmanager-extension:plugin": {"defaultViewers": {"python": "Jupytext Notebook"}}}' \
+        > "$settings/overrides.json"
+      exec .venv/bin/jupyter lab notebooks "$@"
+    fi
+    ;;
   test | test-fast)
     setup
     # test-fast: the tier without end-to-end runs (pytest -m "not slow"), for edit-test loops.
@@ -62,7 +80,7 @@ case "$cmd" in
     exit "$rc"
     ;;
   *)
-    echo "usage: bash dev.sh {setup|run [flags for experiments.run]|test|test-fast [pytest args]}" >&2
+    echo "usage: bash dev.sh {setup|run [flags for experiments.run]|test|test-fast [pytest args]|notebooks [--execute]}" >&2
     exit 2
     ;;
 esac

@@ -4,7 +4,8 @@ Submodules: ``binarizers`` (forward/backward estimators, registered with their
 ``quantizer`` descriptors), ``packed`` (bit packing, popcount kernels, conv geometry),
 ``ops`` (training fast path), ``layers``, ``models`` (registry, layer chains, tracer),
 ``summary`` (bit-aware model summary), ``folding`` (BN -> sign thresholds), ``data``,
-``train``, ``transforms``, ``mismatch``, ``export`` (bit-packed inference).
+``train``, ``config`` (the training config's keys and defaults), ``transforms``,
+``mismatch``, ``export`` (bit-packed inference).
 """
 
 import importlib as _importlib
@@ -14,11 +15,13 @@ __version__ = "0.1.0"
 # Imported on first attribute access (`binax.train.restore_variables` after `import binax`):
 # they pull in orbax, tensorboardX, optax or the data pipelines, which the core does not need.
 _LAZY_SUBMODULES = (
+    "config",
     "data",
     "errors",
     "export",
     "folding",
     "mismatch",
+    "mismatch_study",
     "ops",
     "packed",
     "quantizer",

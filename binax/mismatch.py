@@ -27,7 +27,8 @@ Layers of the module:
   (``sign_estimators``, ``MULTILEVEL_ACTIVATIONS``, ``fixed_ede``, ``fixed_tanh``).
 
 The study itself (training the networks with ``binax.train``, the data, the tables) is
-an experiment: ``experiments/mismatch.py`` and the notebooks; see docs/mismatch.md.
+an experiment: ``binax.mismatch_study`` (the command ``python -m experiments.mismatch`` and
+the notebooks); see docs/mismatch.md.
 """
 
 from __future__ import annotations

@@ -42,6 +42,7 @@ __all__ = [
     "Quantizer",
     "register",
     "describe",
+    "schedule_values",
     "get",
     "names",
     "resolve",
@@ -266,6 +267,18 @@ def describe(spec) -> Quantizer | None:
     Unknown names raise a ``ConfigError`` (a ``ValueError``) listing the registered ones.
     """
     return None if spec is None else _lookup(spec)[0]
+
+
+def schedule_values(spec, kwargs: Mapping[str, Any] | None, progress: float) -> dict[str, float]:
+    """The values a quantizer's ``schedule`` supplies at ``progress`` (EDE's ``t`` and ``k``,
+    tanh's ``nu``), as floats; ``{}`` for a quantizer without a schedule (or ``None``).
+    What the training loop logs as scalars: read from the descriptor, for any registered
+    quantizer, built-in or not."""
+    q = describe(spec) if spec is not None else None
+    if q is None or q.schedule is None:
+        return {}
+    _, sched_kwargs = _split_kwargs(q, dict(kwargs or {}))
+    return {k: float(v) for k, v in q.schedule(progress, **sched_kwargs).items()}
 
 
 def get(name) -> Callable[..., Array]:

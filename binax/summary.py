@@ -15,7 +15,8 @@ Accounting rules:
 
 * **Parameter bits.** A quantized kernel (``latent_kernel``) counts at its quantizer's
   bits (``binax.binarizers.describe(spec).bits``): 1 for a binarizer, 2 for a ternary
-  or 2-bit quantizer, M for ABC-Net's M weight bases. A ``BinaryBatchNorm``'s ``sign``
+  or 2-bit quantizer, M for ABC-Net's M weight bases (M binary values per weight, shown
+  as ``M×1``: M binary bases, not an M-bit, 2^M-level quantizer). A ``BinaryBatchNorm``'s ``sign``
   is 1 bit. Every other variable (float kernels, biases, BatchNorm scale/bias AND
   statistics, shifts, slopes, thresholds) counts at its dtype's width (32 for float32).
   Memory is the sum of bits; ``params_by_bits`` always adds up to ``params``;
@@ -25,8 +26,9 @@ Accounting rules:
   (``batch_stats``: BatchNorm's running mean and variance) are not.
 * **Type.** A dense/conv layer is ``BinaryDense``/``BinaryConv``/... only when it runs
   on XNOR-popcount (both its input and its kernel are binary planes), ``ABCConv``/
-  ``ABCDense`` for ABC-Net; anything else is ``Dense (float)``/``Conv (float)``/...,
-  whatever its weights' bits (the precision columns give them).
+  ``ABCDense (M×N binary bases)`` for ABC-Net; anything else is ``Dense (float)``/
+  ``Conv (float)``/..., whatever its weights' bits (the precision columns give them).
+  :func:`layer_kind` gives these names; the export report (``binax.export``) uses them too.
 * **MACs.** A dense or conv layer does ``prod(output spatial) × kernel.size`` MACs per
   example (one per weight and output position, ABC-Net's included), at the precision
   ``max(input bits, kernel bits)`` (Larq's rule: float is 32). ``binary_macs`` are the
@@ -35,7 +37,8 @@ Accounting rules:
   DoReFa k > 1 activations or ternary weights.
 * **Binary operations.** A binary MAC with ``P`` input planes and ``Q`` weight planes is
   ``P·Q`` one-bit products: 1 for BNN/XNOR, 2 for BinaryDuo's ternary activations (two
-  binary planes) and ``M·N`` for ABC-Net (M weight bases × N activation bases).
+  binary planes) and ``M·N`` for ABC-Net (M weight bases × N activation bases, whose MACs
+  are therefore binary MACs, in the 1-bit column).
   ``binary_ops`` counts them, next to the MACs instead of inflating them.
 * **Pooling and shortcut rows** (no parameters, no MACs): max/average pooling
   (``nn.max_pool``, ``nn.avg_pool``, ``binax.ops.max_pool``), global pooling (a mean or
@@ -61,7 +64,7 @@ from binax import binarizers, models
 from binax import layers as L
 from binax.errors import ConfigError
 
-__all__ = ["summary", "ModelSummary", "LayerSummary", "Totals"]
+__all__ = ["summary", "layer_kind", "ModelSummary", "LayerSummary", "Totals"]
 
 FLOAT_BITS = 32
 
@@ -103,6 +106,7 @@ class LayerSummary(_Counts):
     binary_ops: int = 0
     input_bits: int | None = None  # of the (quantized) input, for dense/conv layers
     kernel_bits: int | None = None
+    bases: tuple[int, int] | None = None  # ABC-Net: (M weight bases, N activation bases)
 
     @property
     def params(self) -> int:
@@ -125,6 +129,7 @@ class LayerSummary(_Counts):
             "binary_macs": self.binary_macs,
             "float_macs": self.float_macs,
             "binary_ops": self.binary_ops,
+            "bases": list(self.bases) if self.bases else None,
         }
 
 
@@ -216,12 +221,13 @@ class ModelSummary:
         param_bits = sorted({b for row in self.layers for b in row.params_by_bits})
         mac_bits = sorted(self.totals.macs_by_bits)
         header = ["Layer", "Type", "In bits", "W bits", "Output shape"]
-        header += [f"{b}-bit params" for b in param_bits] + ["Memory (KiB)"]
+        header += [f"{self._bits_label(b)} params" for b in param_bits] + ["Memory (KiB)"]
         header += [f"{b}-bit MACs" for b in mac_bits] + ["Binary ops"]
         rows = []
         for r in self.layers:
+            in_bits, w_bits = (f"{r.bases[1]}×1", f"{r.bases[0]}×1") if r.bases else (_bits(r.input_bits), _bits(r.kernel_bits))
             rows.append(
-                [r.name, r.kind, _bits(r.input_bits), _bits(r.kernel_bits), str(r.output_shape)]
+                [r.name, r.kind, in_bits, w_bits, str(r.output_shape)]
                 + [_count(r.params_by_bits.get(b, 0)) for b in param_bits]
                 + [f"{r.memory_bits / 8 / 1024:.2f}"]
                 + [_count(r.macs if r.mac_bits == b else 0) for b in mac_bits]
@@ -237,9 +243,16 @@ class ModelSummary:
         )
         return header, rows, total, set(range(2, len(header)))
 
+    def _bits_label(self, bits: int) -> str:
+        """``'3-bit'``, or ``'3×1-bit'`` where only ABC-Net's weight bases have ``bits``
+        (M binary values per weight, not an M-bit quantizer)."""
+        owners = [r for r in self.layers if r.params_by_bits.get(bits)]
+        abc_only = bits > 1 and owners and all(r.bases and r.bases[0] == bits for r in owners)
+        return f"{bits}×1-bit" if abc_only else f"{bits}-bit"
+
     def _lines(self) -> list[str]:
         t = self.totals
-        by_bits = ", ".join(f"{n:,} {b}-bit" for b, n in sorted(t.params_by_bits.items()))
+        by_bits = ", ".join(f"{n:,} {self._bits_label(b)}" for b, n in sorted(t.params_by_bits.items()))
         lines = [
             f"Total params: {t.params:,} ({by_bits})",
             f"Trainable params: {t.trainable_params:,}; non-trainable (batch statistics): {t.non_trainable_params:,}",
@@ -340,10 +353,22 @@ def _operand_info(module: nn.Module) -> tuple[_Operand, _Operand]:
     return _FLOAT, _FLOAT
 
 
+def layer_kind(module: nn.Module) -> str:
+    """The name a dense/conv layer goes by in the summary and the export report:
+    ``'BinaryConv'`` when it runs on XNOR-popcount (input and kernel binary planes),
+    ``'ABCConv (3×2 binary bases)'`` for ABC-Net (M weight × N activation bases), else
+    ``'Conv (float)'`` (``Dense``, ``DepthwiseConv`` alike), whatever its weights' bits;
+    any other module: its class name (``'BatchNorm'``)."""
+    if not isinstance(module, _MAC_LAYERS):
+        return type(module).__name__
+    in_op, k_op = _operand_info(module)
+    return _kind(module, in_op.planes is not None and k_op.planes is not None)
+
+
 def _kind(module: nn.Module, binary: bool) -> str:
     """'BinaryConv' when the layer runs on XNOR-popcount, else 'Conv (float)' ..."""
     if isinstance(module, (L.ABCDense, L.ABCConv)):
-        return type(module).__name__
+        return f"{type(module).__name__} ({module.m}×{module.n} binary bases)"
     if isinstance(module, L.BinaryDepthwiseConv):
         base = "DepthwiseConv"
     elif isinstance(module, (L.BinaryConv, nn.Conv)):
@@ -382,7 +407,9 @@ def _layer_row(path: tuple[str, ...], calls: list[models.Call], leaves: list[tup
     if is_mac_layer:
         kernel = next(leaf for _, name, leaf in leaves if name in ("latent_kernel", "kernel"))
         binary = in_op.planes is not None and k_op.planes is not None
-        mac_bits = max(in_op.bits, k_op.bits)
+        # ABC-Net's MACs are binary (M·N binary planes: its binary ops say how many).
+        is_abc = isinstance(module, (L.ABCDense, L.ABCConv))
+        mac_bits = 1 if is_abc else max(in_op.bits, k_op.bits)
         for c in calls:
             macs += math.prod(c.out_shape[1:-1]) * math.prod(kernel.shape)
         if binary:
@@ -401,6 +428,7 @@ def _layer_row(path: tuple[str, ...], calls: list[models.Call], leaves: list[tup
         binary_ops=binary_ops,
         input_bits=in_op.bits if in_op else None,
         kernel_bits=k_op.bits if k_op else None,
+        bases=(module.m, module.n) if isinstance(module, (L.ABCDense, L.ABCConv)) else None,
     )
 
 

@@ -4,7 +4,7 @@
 activations, hardtanh before every sign, Qin et al. CVPR 2020, as the official code);
 the first layer (pixels in) and the classifier stay full precision. EDE's t goes from
 t_min to t_max once per epoch, as IR-Net's code does (15 epochs; shorter runs, e.g.
-``:quick``, step it per update: ``configs.common.progress_unit``).
+``:quick``, step it per update: ``binax.config.progress_unit``).
 
 Measured (what `bash dev.sh run` runs: experiments.run with its GLIBC_TUNABLES), on one
 core of a 2-core AMD EPYC (`taskset -c 0`): 89.42% test accuracy, 4 min 05 s wall time,

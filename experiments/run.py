@@ -44,11 +44,12 @@ _DEBUG = flags.DEFINE_bool(
 
 
 def default_workdir(config_path: str) -> str:
-    """``runs/<file stem>[_<arg>]`` under the repository root."""
+    """``runs/<file stem>[_<arg>]`` under the current directory (as any command's
+    relative output path; the run prints where it is)."""
     path, _, arg = config_path.partition(":")
     stem = os.path.splitext(os.path.basename(path))[0]
     suffix = "_" + "".join(ch if ch.isalnum() else "_" for ch in arg) if arg else ""
-    return os.path.join(_ROOT, "runs", stem + suffix)
+    return os.path.abspath(os.path.join("runs", stem + suffix))
 
 
 def _load_config(argv: list[str]) -> ml_collections.ConfigDict:
@@ -123,6 +124,9 @@ def main(argv):
             RETAIN_MALLOC,
         )
     workdir = _WORKDIR.value or default_workdir(config_flags.get_config_filename(flags.FLAGS["config"]))
+    if not _WORKDIR.value:
+        print(f"workdir: {workdir} (no --workdir given: runs/<config> under the current directory)",
+              file=sys.stderr, flush=True)
     try:
         binarizers.import_plugins(_IMPORT.value)
         # A plain config is one training run; a recipe config may have stages (BinaryDuo's

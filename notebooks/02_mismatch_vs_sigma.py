@@ -27,7 +27,7 @@
 #   the smoothed loss of their own forward.
 #
 # The computation is `binax.mismatch.compare_estimators`, run through
-# `experiments.mismatch.run_study` — the same code as the command
+# `binax.mismatch_study.run_study` — the same code as the command
 # `python -m experiments.mismatch` that produced the table in `docs/mismatch.md`. Set
 # `RESULTS_JSON` to that command's output to plot it without recomputing.
 
@@ -46,18 +46,12 @@ else:
 
 # %%
 import json
-import sys
-from pathlib import Path
 
 import matplotlib.pyplot as plt
 import numpy as np
 
-# experiments/ lives at the repository root, next to binax/.
-ROOT = next(p for p in [Path.cwd(), *Path.cwd().parents] if (p / "experiments" / "mismatch.py").exists())
-sys.path.insert(0, str(ROOT))
-from experiments import mismatch as study  # noqa: E402
-
-from binax import mismatch  # noqa: E402
+from binax import mismatch
+from binax import mismatch_study as study
 
 
 def save(fig, name):

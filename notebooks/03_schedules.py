@@ -38,19 +38,13 @@ else:
 LAYER = "fc1"
 
 # %%
-import sys
-from pathlib import Path
-
 import matplotlib.pyplot as plt
 import numpy as np
 
-# experiments/ lives at the repository root, next to binax/: the networks are trained by
-# the study's `train` (binax.train's trainer) and scored by its `accuracy` (binax.train.evaluate).
-ROOT = next(p for p in [Path.cwd(), *Path.cwd().parents] if (p / "experiments" / "mismatch.py").exists())
-sys.path.insert(0, str(ROOT))
-from experiments import mismatch as study  # noqa: E402
-
-from binax import binarizers, mismatch, models  # noqa: E402
+# The networks are trained by the study's `train` (binax.train's trainer) and scored by
+# its `accuracy` (binax.train.evaluate).
+from binax import binarizers, mismatch, models
+from binax import mismatch_study as study
 
 x_test, y_test = study.load_fashion_mnist("test")
 batch = (x_test[:BATCH], y_test[:BATCH])

@@ -757,6 +757,12 @@ def test_the_docs_numpy_reader_reproduces_the_packed_predictions(tmp_path):
     assert imports == ["import json", "import numpy as np"]
     namespace: dict = {}
     exec(compile(reader, "docs/export.md", "exec"), namespace)
+    # Its binary products are float32 (BLAS; exact for |sum| < 2^24), equal to integer ones.
+    words = np.random.default_rng(0).integers(0, 2**32, size=(32, 3), dtype=np.uint32)
+    kernel = namespace["unpack"](words, 1000)
+    assert kernel.dtype == np.float32 and kernel.shape == (1000, 3) and set(np.unique(kernel)) == {-1.0, 1.0}
+    signs = np.where(np.arange(1000) % 7 == 0, -1, 1).astype(np.float32)
+    np.testing.assert_array_equal(signs @ kernel, signs.astype(np.int64) @ kernel.astype(np.int64))
 
     raw = binax.data.load_arrays("fashion_mnist", "test")[0][:200]
     cfg = {"widths": (72, 40, 36, 34)}

@@ -250,7 +250,7 @@ def test_compare_estimators_on_weights_gives_one_row_per_kernel():
 
 @pytest.mark.slow
 def test_experiment_trains_its_networks_with_the_training_system():
-    from experiments import mismatch as study
+    from binax import mismatch_study as study
 
     clipped = mismatch.sign_estimators()["clipped STE"]
     result = study.train(clipped, widths=(32, 32), steps=60, snapshot_steps=(0, 30))
@@ -268,7 +268,7 @@ def test_experiment_trains_its_networks_with_the_training_system():
 
 
 def test_experiment_tables_and_verdict_read_the_rows():
-    from experiments import mismatch as study
+    from binax import mismatch_study as study
 
     def row(network, estimator, sigma, corrected, n=64):
         return dict(network=network, estimator=estimator, reference="x", wrt="activations", layer="fc1 (input)",

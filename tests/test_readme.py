@@ -6,6 +6,7 @@ import subprocess
 import sys
 
 import pytest
+from conftest import importable
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -22,13 +23,19 @@ def run(code: str, cwd: str) -> subprocess.CompletedProcess:
 
 @pytest.mark.slow
 @pytest.mark.parametrize("index", [0, 1], ids=["library", "trained_run"])
-def test_readme_python_examples_run(index, tmp_path):
+def test_readme_python_examples_run_from_any_directory_with_the_package_alone(index, tmp_path, installed_only_env):
     blocks = python_blocks()
     assert len(blocks) == 2
-    result = run(blocks[index], cwd=str(tmp_path))  # relative paths (runs/digits) land in tmp_path
+    env = dict(installed_only_env, JAX_PLATFORMS="cpu")
+    cwd = tmp_path / "elsewhere"
+    cwd.mkdir()
+    assert importable(env, "binax", cwd) and not importable(env, "configs", cwd)  # as a user's install
+    result = subprocess.run([sys.executable, "-c", blocks[index]], cwd=cwd, env=env, capture_output=True, text=True,
+                            timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     if index == 1:
         assert re.search(r"step \d+: test accuracy \d+\.\d+%, logits \(297, 10\)", result.stdout), result.stdout
+        assert (cwd / "runs" / "digits" / "config.json").exists()  # relative paths land in the cwd
 
 
 def test_import_binax_is_light_and_every_submodule_is_an_attribute():

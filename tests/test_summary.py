@@ -2,6 +2,10 @@
 by hand; Larq's columns (precision, trainable split) and the pooling/shortcut rows."""
 
 import json
+import re
+
+import jax
+import jax.numpy as jnp
 
 import pytest
 
@@ -92,18 +96,47 @@ def test_resnet18_has_its_pooling_and_shortcut_rows():
     assert all(r.params == 0 and r.macs == 0 for r in s.layers if r.kind in ("MaxPool", "AvgPool", "Add (shortcut)"))
 
 
-def test_abc_layers_count_m_bits_and_m_times_n_binary_ops_next_to_their_macs():
+def test_abc_layers_count_m_binary_bases_and_m_times_n_binary_ops_next_to_their_binary_macs():
     m, n = 3, 2
     s = binax.summary(models.create("cnn_small", layer_type="abc", abc_m=m, abc_n=n), (28, 28, 1))
     base = 28 * 28 * 9 * 32 * 32 + 14 * 14 * 9 * 32 * 64 + 14 * 14 * 9 * 64 * 64
     weights = 9 * (32 * 32 + 32 * 64 + 64 * 64)
     assert s.binary_macs == base  # one MAC per weight and output position: not inflated
     assert s.binary_ops == m * n * base  # M weight bases x N activation bases
-    assert s.totals.params_by_bits[m] == weights and s.totals.macs_by_bits[m] == base
-    assert s.binary_params == 0  # M-bit weights, not 1-bit
+    assert s.totals.params_by_bits[m] == weights and s.totals.macs_by_bits[1] == base
+    assert s.binary_params == 0  # M binary values per weight, stored as M bits
     abc = s.layer("conv1")
-    assert abc.kind == "ABCConv" and abc.memory_bits == m * 9 * 32 * 32 + 32 * 2 * n  # + shifts, betas
-    assert (abc.input_bits, abc.kernel_bits, abc.mac_bits) == (n, m, m)
+    assert abc.kind == "ABCConv (3×2 binary bases)" and abc.bases == (m, n)
+    assert abc.memory_bits == m * 9 * 32 * 32 + 32 * 2 * n  # + shifts, betas
+    assert (abc.input_bits, abc.kernel_bits, abc.mac_bits) == (n, m, 1)
+    # A Larq user reads "3-bit" as an 8-level quantizer: the table says binary bases.
+    table = str(s)
+    assert not re.search(r"(?<![0-9×])[23]-bit", table), table
+    assert "3×1-bit params" in table and "1-bit MACs" in table
+    row = next(line for line in table.splitlines() if line.startswith("conv1 "))
+    assert row.split()[1:6] == ["ABCConv", "(3×2", "binary", "bases)", "2×1"], row
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [dict(layer_type="abc", abc_m=3, abc_n=3), dict(input_quantizer="ste_sign", kernel_quantizer="xnor_weight"),
+     dict(input_quantizer=None)],
+    ids=["abc", "xnor", "float_input"],
+)
+def test_summary_and_export_report_name_every_layer_alike(overrides):
+    """One vocabulary: the export report's type column is the summary's type column."""
+    import binax.export
+
+    model = models.create("bnn_mlp", widths=(64, 64), **overrides)
+    variables = jax.jit(lambda x: model.init(jax.random.key(0), x, train=False))(jnp.zeros((1, 28, 28, 1)))
+    kinds = {r.name: r.kind for r in binax.summary(model, (28, 28, 1)).layers}
+    packed = binax.export.export(model, variables, preprocessing="fashion_mnist")
+    rows = packed.rows()
+    assert {r.path for r in rows} >= {"fc0", "fc1", "classifier"}
+    for r in rows:
+        assert r.kind == kinds[r.path], (r.path, r.kind, kinds[r.path])
+    assert kinds["classifier"] == "Dense (float)"
+    assert "not quantized" not in packed.report()
 
 
 @pytest.mark.parametrize(

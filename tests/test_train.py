@@ -15,7 +15,7 @@ import optax
 import pytest
 
 import binax.models
-from binax import train
+from binax import binarizers, train
 from binax.train import optimizers, steps
 from configs import digits_mlp
 
@@ -411,6 +411,20 @@ def test_tensorboard_holds_the_config_hparams_flip_ratios_and_latent_weight_hist
     assert [e.step for e in acc.Histograms("latent_weights/fc1")] == [5, 10]
     histogram = acc.Histograms("latent_weights/fc1")[-1].histogram_value
     assert histogram.num == 32 * 32
+    # ... and of what each sign binarizes (fc1's input: ede_sign), on 256 fixed test images.
+    assert [e.step for e in acc.Histograms("pre_activations/fc1")] == [5, 10]
+    assert acc.Histograms("pre_activations/fc1")[-1].histogram_value.num == 256 * 32
+    assert not [t for t in tags["histograms"] if t.startswith("pre_activations/") and t != "pre_activations/fc1"]
+    # EDE's t and k as scalars at every record, the schedule's values at the record's progress.
+    records = [r for r in train.read_metrics(str(logged_run / "metrics.jsonl")) if "progress" in r]
+    for name in ("ede_sign", "libra_pb"):
+        t_events = acc.Scalars(f"schedule/{name}/t")
+        assert [e.step for e in t_events] == [r["step"] for r in records] and len(records) >= 4
+        for event, record in zip(t_events, records):
+            t, k = binarizers.ede_params(record["progress"], t_min=0.1, t_max=10.0)
+            assert event.value == pytest.approx(float(t), rel=1e-5)
+            assert record[f"schedule/{name}/k"] == pytest.approx(float(k), rel=1e-5)
+        assert t_events[0].value < t_events[-1].value  # t grows over training
     # The config as text, and as hparams for TensorBoard's HParams tab.
     config_text = acc.Tensors("config/text_summary")[0].tensor_proto.string_val[0].decode()
     assert '"widths": [\n      32,\n      32\n    ]' in config_text

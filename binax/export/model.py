@@ -503,6 +503,8 @@ class PackedModel:
 
     def rows(self) -> list[LayerRow]:
         """Per-layer facts: every quantized layer, and for the chain every BatchNorm block."""
+        from binax.summary import layer_kind  # the summary's words for the same layer
+
         rows = []
         stored = {}
         for key, arr in self._arrays.items():
@@ -512,7 +514,7 @@ class PackedModel:
         for path, call in self._calls.items():
             key = "/".join(path)
             layer = self.layers.get(path)
-            cls = type(call.module).__name__
+            cls = layer_kind(call.module)
             if layer is not None:
                 rows.append(LayerRow(key, cls, _compute_text(layer), ", ".join(stored.get(key, [])), self.meta["layers"][key].get("note", "")))
             elif self._plan is not None and path in self._plan.blocks:
@@ -522,7 +524,7 @@ class PackedModel:
                 else:
                     rows.append(LayerRow(key, cls, "float", "float32 variables", self._plan.not_fused.get(path, "")))
             elif isinstance(call.module, EXPORTED_TYPES + (nn.Dense, nn.Conv)):
-                rows.append(LayerRow(key, cls, "float (not quantized)", "float32 variables"))
+                rows.append(LayerRow(key, cls, "float", "float32 variables"))
         return rows
 
     def report(self) -> str:
@@ -561,7 +563,7 @@ def _compute_text(layer: PackedLayer) -> str:
         then = "thresholds" if layer.info.get("scale_in_thresholds") else "x scale"
         return f"xor-popcount ({code.quantizer}: {planes}) -> int32 -> {then}"
     if layer.kind == "abc":
-        return f"xor-popcount (ABC {layer.module.m} bases x {layer.module.n} activations)"
+        return f"xor-popcount ({layer.module.m}·{layer.module.n} = {layer.module.m * layer.module.n} binary ops per MAC)"
     if layer.kind == "float_input":
         return "float (kernel unpacked from bits)"
     return "float"

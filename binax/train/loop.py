@@ -538,6 +538,8 @@ class _Run:
         record.update({k: float(v) for k, v in jax.device_get(self.p_learning_rates(step - 1)).items()})
         record["progress"] = self.trainer.progress_fn(step - 1)
         record["epoch"] = step / self.steps_per_epoch
+        if self.is_main:  # EDE's t and k, tanh's nu, ...: TensorBoard scalars like the losses
+            record.update(self._probes().scalars(record["progress"]))
         now = time.monotonic()
         elapsed = now - self._window_clock[1]
         if elapsed > 0 and step > self._window_clock[0]:
@@ -601,6 +603,15 @@ class _Run:
             )
         self.train_seconds += time.monotonic() - t0
 
+    def _probes(self):
+        """Schedule scalars and pre-activation histograms (built at first use, on a fixed
+        batch of 256 test examples): a :class:`binax.train.probes.RunProbes`."""
+        from binax.train import probes
+
+        if getattr(self, "_run_probes", None) is None:
+            self._run_probes = probes.RunProbes(self.trainer.model, self.ds.eval_batches(256))
+        return self._run_probes
+
     def _latent_weights(self) -> dict[str, np.ndarray]:
         """``{'latent_weights/<layer>': latent kernel}`` on the host, for histograms."""
         out = {}
@@ -633,7 +644,9 @@ class _Run:
                 f"loss {self.last_eval['test/loss']:.4f}"
             )
         if self.is_main:
-            self.writer.write_histograms(self.step, self._latent_weights())
+            variables = {"params": self.state.params, "batch_stats": self.state.batch_stats}
+            pre = self._probes().histograms(variables, self.trainer.progress_fn(self.step))
+            self.writer.write_histograms(self.step, {**self._latent_weights(), **pre})
         if last:
             # The result first: a full disk at the last checkpoint must not lose it.
             self._write_final(final_checkpoint=None)

@@ -2,7 +2,7 @@
 
 ``workdir/metrics.jsonl`` holds one JSON object per record, ``{"step": s, name: value,
 ...}``; ``workdir/tb`` the same scalars as TensorBoard events (tensorboardX, which needs no
-TensorFlow). Keys under ``perf/`` are wall-clock measurements; every other key is a
+TensorFlow), plus histograms (latent weights, pre-activations: ``binax.train.probes``). Keys under ``perf/`` are wall-clock measurements; every other key is a
 deterministic function of the configuration, so a resumed run writes the same records as
 an uninterrupted one.
 """
@@ -67,7 +67,9 @@ def _quiet_unraisable(unraisable) -> None:
 
 
 def quiet_checkpoint_logs() -> None:
-    """Hides orbax's INFO lines (several per save) from absl logging; warnings still show.
+    """Hides orbax's INFO lines (several per save) from absl logging, and jax's INFO lines
+    about backends absent from this machine (``Unable to initialize backend 'tpu'``);
+    warnings still show.
 
     Also keeps a failed asynchronous checkpoint write on a full disk from printing
     screens of tracebacks from orbax's threads: the loop stops with one line that says
@@ -77,11 +79,25 @@ def quiet_checkpoint_logs() -> None:
     absl_logger = logging.get_absl_logger()
     if not any(isinstance(f, _QuietCheckpointRecords) for f in absl_logger.filters):
         absl_logger.addFilter(_QuietCheckpointRecords(f"{os.sep}orbax{os.sep}"))
+    # jax probes every backend it knows at first use and logs each that is absent
+    # ("Unable to initialize backend 'tpu': ... libtpu.so") at INFO: noise on every run
+    # without that hardware. Only those lines go; a backend that is present still runs,
+    # and jax's warnings (a GPU without a CUDA jaxlib) still show.
+    probe_logger = std_logging.getLogger("jax._src.xla_bridge")
+    if not any(isinstance(f, _QuietBackendProbe) for f in probe_logger.filters):
+        probe_logger.addFilter(_QuietBackendProbe())
     asyncio_logger = std_logging.getLogger("asyncio")
     if not any(isinstance(f, _QuietDiskFull) for f in asyncio_logger.filters):
         asyncio_logger.addFilter(_QuietDiskFull())
     sys.unraisablehook = _quiet_unraisable
     threading.excepthook = _quiet_thread_errors
+
+
+class _QuietBackendProbe(std_logging.Filter):
+    """Drops jax's INFO lines about backends it could not initialize (absent hardware)."""
+
+    def filter(self, record: std_logging.LogRecord) -> bool:
+        return not (record.levelno < std_logging.WARNING and str(record.msg).startswith("Unable to initialize backend"))
 
 
 def _quiet_thread_errors(args) -> None:

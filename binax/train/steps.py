@@ -79,7 +79,7 @@ def progress_at(step, *, steps_per_epoch: int, num_epochs: int, unit: str = "epo
     epoch, as IR-Net's official code steps its EDE schedule; ``unit='step'``:
     ``step / (steps_per_epoch * num_epochs)``. Both reach 1 after the last update, which is
     the progress the final evaluation uses. ``'epoch'`` with one epoch keeps progress at 0
-    for the whole run, and warns (``configs.common.progress_unit`` picks ``'step'`` for
+    for the whole run, and warns (``binax.config.progress_unit`` picks ``'step'`` for
     short runs). A traced ``step`` gives a float32 array (used
     inside the jitted step); a Python int gives a float (for logging, without compiling).
     """
