@@ -29,7 +29,7 @@ import binax
 import binax.data
 import binax.export as bx
 from binax import layers as L
-from binax.errors import ConfigError
+from binax.errors import ConfigError, PackedFileError
 from binax.export import inference as inf
 from binax.export.preprocessing import as_preprocessing
 from binax.packed import bits as packing
@@ -417,8 +417,8 @@ def test_file_round_trip_is_one_npz_without_latent_weights(tmp_path):
         names = z.namelist()
     assert not any("latent" in n for n in names)
     meta = json.loads(str(np.load(path)["meta"]))
-    assert meta["format_version"] == bx.FORMAT_VERSION == 2 and meta["model"] == "bnn_mlp"
-    assert meta["module"] == "binax.models.mlp:MLP"
+    assert meta["format_version"] == bx.FORMAT_VERSION == 3 and meta["model"] == "bnn_mlp"
+    assert meta["model_class"] == "MLP" and "module" not in meta  # a class name as text, no import path
     assert meta["config"]["widths"] == list(MLP["widths"]) and meta["input_shape"] == [28, 28, 1]
     assert meta["preprocessing"]["normalize"] is None  # exported with preprocessing=None
     loaded = bx.load(path)
@@ -507,8 +507,8 @@ def test_bad_inputs_raise_clear_errors(tmp_path):
         bx.export(model, variables, preprocessing=None, input_shape=28)
     with pytest.raises(ConfigError, match="the input shape is unknown"):
         bx.export(model, variables, preprocessing=None)
-    with pytest.raises(ConfigError, match="cannot be stored"):
-        bx.export(model.clone(input_quantizer=binax.binarizers.sign), variables, **shape)
+    with pytest.raises(ConfigError, match="is not a registered quantizer; a packed model file names quantizers by registry"):
+        bx.export(model.clone(input_quantizer=lambda v: v), variables, **shape)
     with pytest.raises(ConfigError, match="variables lack"):
         bx.export(model, variables, **shape)
     with pytest.raises(ConfigError, match="no packed-chain plan"):
@@ -516,10 +516,10 @@ def test_bad_inputs_raise_clear_errors(tmp_path):
     path = tmp_path / "old.npz"
     meta = {**packed.meta, "format_version": bx.FORMAT_VERSION + 1}
     np.savez(path, meta=np.asarray(json.dumps(meta)), **packed.arrays())
-    with pytest.raises(ConfigError, match="format version"):
+    with pytest.raises(PackedFileError, match="format version"):
         bx.load(path)
     np.savez(tmp_path / "other.npz", a=np.zeros(3))
-    with pytest.raises(ConfigError, match="not a binax packed model file"):
+    with pytest.raises(PackedFileError, match="not a binax packed model file"):
         bx.load(tmp_path / "other.npz")
 
 
@@ -530,19 +530,24 @@ class WiderMLP(binax.models.mlp.MLP):
 def test_export_takes_the_module_and_records_how_to_rebuild_it(tmp_path):
     from binax.export.model import module_identity
 
-    name, where, config = module_identity(binax.models.create("vgg7_tiny", width_multiplier=0.5))
-    assert (name, where, config["width_multiplier"]) == ("vgg7_tiny", "binax.models.vgg:VGG", 0.5)
+    name, where, config, _ = module_identity(binax.models.create("vgg7_tiny", width_multiplier=0.5))
+    assert (name, where, config["width_multiplier"]) == ("vgg7_tiny", "VGG", 0.5)
     assert module_identity(binax.models.create("cnn_small"))[0] == "cnn_small"  # the same class as vgg_small
     base = binax.models.create("bnn_mlp", **MLP)
     mine = WiderMLP(**{f.name: getattr(base, f.name) for f in dataclasses.fields(base) if f.name not in ("parent", "name")})
-    name, where, config = module_identity(mine)
-    assert name is None and where == f"{__name__}:WiderMLP" and config["widths"] == list(MLP["widths"])
+    name, where, config, _ = module_identity(mine)
+    assert name is None and where == "WiderMLP" and config["widths"] == list(MLP["widths"])
     x = images_for((28, 28, 1))
     variables, ref, _ = calibrated(mine, x)
     packed = bx.export(mine, variables, preprocessing=None, input_shape=(28, 28, 1))
     assert_same_logits(packed(x), ref)
     packed.save(tmp_path / "mine.npz")
-    loaded = bx.load(tmp_path / "mine.npz")
+    # The file names the class as text only: loading runs the module the caller passes.
+    with pytest.raises(PackedFileError, match=r"mine.npz: its model is a class of your own \(WiderMLP\).*load\(path, model=\.\.\.\)"):
+        bx.load(tmp_path / "mine.npz")
+    with pytest.raises(PackedFileError, match=r"config keys that differ: \['widths'\]"):
+        bx.load(tmp_path / "mine.npz", model=mine.clone(widths=(72, 40, 37)))
+    loaded = bx.load(tmp_path / "mine.npz", model=mine)
     assert type(loaded.model) is WiderMLP and loaded.name == "WiderMLP"
     np.testing.assert_array_equal(loaded(x), packed(x))
 

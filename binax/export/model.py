@@ -34,9 +34,11 @@ layer by layer, what runs packed and what runs in float, and why.
 
 The file is ONE ``.npz`` (format in docs/export.md): arrays under ``variables/…``,
 ``layers/…``, ``thresholds/…`` and ``preprocessing/table`` plus a JSON ``meta`` entry
-(format name and version, the module's class and config, preprocessing, input shape,
-layer order, the chain's steps, per-layer facts). :func:`load` needs ``binax.models`` (to
-rebuild the module) but not ``binax.train`` and no latent weights;
+(format name and version, the model's registry name and config, its quantizers' declared
+forwards, preprocessing, input shape, layer order, the chain's steps, per-layer facts).
+:func:`load` rebuilds the module from ``binax.models``' registry (never importing anything
+the file names; :mod:`binax.export.packed_file`), needs neither ``binax.train`` nor latent
+weights;
 :meth:`PackedModel.save_portable` writes the same inference as a serialized
 ``jax.export`` (StableHLO) that runs with ``jax`` alone.
 """
@@ -44,7 +46,6 @@ rebuild the module) but not ``binax.train`` and no latent weights;
 from __future__ import annotations
 
 import dataclasses
-import importlib
 import json
 import os
 from typing import Any, Mapping, Sequence
@@ -57,9 +58,10 @@ from flax.core import unfreeze
 from jax import lax
 
 import binax
-from binax import models
-from binax.errors import ConfigError
+from binax import binarizers, models
+from binax.errors import ConfigError, PackedFileError
 from binax.export import chain as chain_lib
+from binax.export import packed_file
 from binax.export.inference import (
     EXPORTED_TYPES,
     LayerExport,
@@ -88,9 +90,8 @@ __all__ = [
     "inference_model",
 ]
 
-FORMAT = "binax.export.packed_model"
-# 2: the module's class and full config, preprocessing, layer order and chain steps.
-FORMAT_VERSION = 2
+FORMAT = packed_file.FORMAT
+FORMAT_VERSION = packed_file.FORMAT_VERSION
 RUNTIMES = ("auto", "chain", "generic")
 
 
@@ -134,13 +135,27 @@ def _fields(model: nn.Module) -> dict[str, Any]:
     return {f.name: getattr(model, f.name) for f in dataclasses.fields(model) if f.name not in ("parent", "name")}
 
 
-def module_identity(model: nn.Module) -> tuple[str | None, str, dict]:
-    """``(registry name or None, 'module:Class', config)`` that rebuild ``model``.
+def _registered_name(spec, key: str) -> str:
+    """The registry name of a config's quantizer spec; a spec registered under no name (a
+    plain callable, an unregistered descriptor) cannot be stored in a file."""
+    q = binarizers.describe(spec)
+    if q.name not in binarizers.names() or binarizers.describe(q.name) is not q:
+        raise ConfigError(
+            f"{key} {spec!r:.60} is not a registered quantizer; a packed model file names quantizers by registry "
+            f"name only: register it (binax.binarizers.register(name, fn, bits=..., forward=...)) and use its name."
+        )
+    return q.name
+
+
+def module_identity(model: nn.Module) -> tuple[str | None, str, dict, dict]:
+    """``(registry name or None, class name, config, quantizers)`` that the file records.
 
     A registry model is recorded by its name and the keys of its config
     (``binax.models.create(name, **config)`` gives the same module; of several names of
-    one class the one whose defaults differ least); any other module by its class and
-    every field.
+    one class the one whose defaults differ least); any other module by its class name
+    (text, never imported) and every field. Quantizers are stored by registry name
+    (``"my_module:fn"`` becomes the name it is registered under), and ``quantizers``
+    records each one's declared forward (:func:`binax.export.packed_file.quantizer_record`).
     """
     cls = type(model)
     fields = _fields(model)
@@ -159,24 +174,37 @@ def module_identity(model: nn.Module) -> tuple[str | None, str, dict]:
         diff = sum(common.freeze(defaults[k]) != config[k] for k in defaults)
         if best is None or diff < best[0]:
             best = (diff, name, config)
-    where = f"{cls.__module__}:{cls.__qualname__}"
-    if best is not None:
-        return best[1], where, _jsonable(best[2], "config")
-    return None, where, _jsonable(fields, "config")
+    name, config = (best[1], dict(best[2])) if best is not None else (None, dict(fields))
+    quantizers = {}
+    for key in packed_file.QUANTIZER_KEYS:
+        if config.get(key) is not None:
+            kwargs = dict(config.get(key + "_kwargs") or {})
+            quantizers[key] = packed_file.quantizer_record(config[key], kwargs)
+            config[key] = _registered_name(config[key], key)
+    return name, cls.__qualname__, _jsonable(config, "config"), _jsonable(quantizers, "quantizers")
 
 
-def _build_module(meta: Mapping[str, Any]) -> nn.Module:
-    """The module a file records (:func:`module_identity`)."""
-    if meta.get("model") is not None:
-        return models.create(meta["model"], **meta["config"])
-    module_name, _, qualname = meta["module"].partition(":")
+def _build_module(meta: Mapping[str, Any], path="the packed model") -> nn.Module:
+    """The registry module a file records (:func:`module_identity`), rebuilt from
+    ``binax.models``' registry: nothing the file names is imported or called."""
+    name = meta.get("model")
+    if name is None:
+        raise PackedFileError(
+            f"{path}: its model is a class of your own ({meta.get('model_class')}), not in binax.models' registry, "
+            f"and loading never imports code a file names: pass the module, load(path, model=...), or register "
+            f"the class (binax.models.register) before export."
+        )
+    if name not in models.names():
+        raise PackedFileError(
+            f"{path}: model {name!r:.80} is not in binax.models' registry ({', '.join(models.names())}); import the "
+            f"module that registers it before loading (the file never names code to import), or pass load(path, model=...)."
+        )
     try:
-        obj = importlib.import_module(module_name)
-        for part in qualname.split("."):
-            obj = getattr(obj, part)
-    except (ImportError, AttributeError) as e:
-        raise ConfigError(f"the packed model's module class {meta['module']!r} cannot be imported: {e}") from None
-    return obj(**{k: common.freeze(v) for k, v in meta["config"].items()})
+        return models.create(name, **packed_file.loadable_config(meta, path))
+    except PackedFileError:
+        raise
+    except ConfigError as e:
+        raise PackedFileError(f"{path}: its config does not build {name!r}: {e}") from None
 
 
 # ------------------------------------------------------------------------- trace
@@ -269,7 +297,7 @@ class PackedModel:
     def __init__(self, meta: Mapping[str, Any], arrays: Mapping[str, np.ndarray], *, _traced=None):
         self.meta = json.loads(json.dumps(meta))  # a plain copy
         self._arrays = {k: np.asarray(v) for k, v in arrays.items()}
-        self.name = self.meta["model"] or self.meta["module"].rpartition(":")[2]
+        self.name = self.meta["model"] or self.meta["model_class"]
         self.config = self.meta["config"]
         self.input_shape = tuple(self.meta["input_shape"])
         self.runtime = self.meta["runtime"]
@@ -486,9 +514,7 @@ class PackedModel:
         Run it with jax alone: ``jax.export.deserialize(open(path, 'rb').read()).call(images)``.
         """
         data = self.jax_export(platforms=platforms).serialize()
-        with open(os.fspath(path), "wb") as f:
-            f.write(data)
-        return len(data)
+        return packed_file.atomic_write(path, lambda f: f.write(data))
 
     # ---- sizes and report
 
@@ -638,13 +664,13 @@ def export(
         raise ConfigError(f"runtime must be one of {RUNTIMES}; got {runtime!r}.")
     pre = as_preprocessing(preprocessing, input_shape)
     shape = pre.shape
-    registry_name, module_path, config = module_identity(model)
+    registry_name, class_name, config, quantizers = module_identity(model)
     model = inference_model(model)
     ops = chain_lib.plan_ops(model)
     if runtime == "chain" and ops is None:
         names = [n for n in models.names() if chain_lib.plan_ops(models.create(n)) is not None]
         raise ConfigError(
-            f"{registry_name or module_path} has no packed-chain plan (models with one: {names}); use runtime='generic'."
+            f"{registry_name or class_name} has no packed-chain plan (models with one: {names}); use runtime='generic'."
         )
     calls, abstract = trace(model, shape)
     variables = unfreeze(dict(variables)) if isinstance(variables, Mapping) else variables
@@ -670,8 +696,9 @@ def export(
         "format_version": FORMAT_VERSION,
         "binax_version": binax.__version__,
         "model": registry_name,
-        "module": module_path,
+        "model_class": class_name,
         "config": config,
+        "quantizers": quantizers,
         "input_shape": list(shape),
         "preprocessing": pre.to_json(),
         "runtime": "chain" if use_chain else "generic",
@@ -708,11 +735,14 @@ def export(
         meta["not_fused"] = {"/".join(p): v for p, v in plan.not_fused.items()}
         meta["chain"] = _chain_json(ops, exports, plan, calls)
 
-    for col in ("params", "batch_stats"):
-        for path, leaf in _flatten(variables.get(col, {})).items():
+    # The model's variables (what its trace declares), as float32: the runtime computes
+    # in float32 whatever the training dtype.
+    for col, tree in unfreeze(abstract).items():
+        for path in _flatten(tree):
             if any(path[: len(s)] == s for s in skip):
                 continue
-            arrays["variables/" + "/".join((col,) + path)] = np.asarray(leaf)
+            leaf = _subtree(variables.get(col, {}), path)
+            arrays["variables/" + "/".join((col,) + path)] = np.asarray(leaf, np.float32)
     return PackedModel(meta, arrays, _traced=(model, calls))
 
 
@@ -720,42 +750,56 @@ def export(
 
 
 def save(model: PackedModel, path: str | os.PathLike) -> int:
-    """Writes ``model`` as one ``.npz`` (deflate-compressed) and returns its size in bytes."""
-    path = os.fspath(path)
-    entries = {"meta": np.asarray(json.dumps(model.meta, sort_keys=True))}
-    for key, arr in model.arrays().items():
-        if key == "meta":
-            raise ConfigError("'meta' is reserved for the metadata entry.")
-        entries[key] = arr
-    np.savez_compressed(path, **entries)
-    if not path.endswith(".npz") and os.path.exists(path + ".npz"):
-        os.replace(path + ".npz", path)
-    return os.path.getsize(path)
+    """Writes ``model`` as one ``.npz`` (deflate-compressed) at ``path`` exactly (no suffix
+    added), atomically (its folder is created if missing); returns its size in bytes."""
+    return packed_file.write(path, model.meta, model.arrays())
 
 
 def read_meta(path: str | os.PathLike) -> dict:
-    """The metadata of a packed model file, checked for the format and its version."""
-    with np.load(os.fspath(path), allow_pickle=False) as data:
-        return _meta(data, path)
+    """The metadata of a packed model file, checked for the format, its version and the
+    fields loading reads (:class:`binax.errors.PackedFileError` otherwise)."""
+    return packed_file.check_meta(packed_file.read(path)[0], path)
 
 
-def _meta(data, path) -> dict:
-    if "meta" not in data.files:
-        raise ConfigError(f"{path} is not a binax packed model file (no 'meta' entry).")
-    meta = json.loads(str(data["meta"]))
-    if meta.get("format") != FORMAT:
-        raise ConfigError(f"{path}: format {meta.get('format')!r} is not {FORMAT!r}.")
-    if meta.get("format_version") != FORMAT_VERSION:
-        raise ConfigError(
-            f"{path}: format version {meta.get('format_version')!r}; this binax reads version {FORMAT_VERSION} "
-            f"(export the model again with this binax)."
-        )
-    return meta
+def load(path: str | os.PathLike, *, model: nn.Module | None = None) -> PackedModel:
+    """Reads a packed model file written by :func:`save` / :meth:`PackedModel.save`, as data.
 
+    The model is rebuilt from ``binax.models``' registry by the name and config the file
+    records, its quantizers from ``binax.binarizers``' registry by name; nothing the file
+    names is imported or called (docs/export.md says what loading trusts). A model of a
+    class of your own (recorded by class name only) is run on the module you pass as
+    ``model``, which must have the file's config.
 
-def load(path: str | os.PathLike) -> PackedModel:
-    """Reads a packed model file written by :func:`save` / :meth:`PackedModel.save`."""
-    with np.load(os.fspath(path), allow_pickle=False) as data:
-        meta = _meta(data, path)
-        arrays = {k: data[k] for k in data.files if k != "meta"}
-    return PackedModel(meta, arrays)
+    Raises:
+      binax.errors.PackedFileError: one line naming the file and what is wrong with it (not
+        a zip, truncated or damaged, another format version, malformed metadata, a model
+        or quantizer that is not registered, a missing array, a wrong dtype or shape,
+        non-finite values).
+    """
+    meta, arrays = packed_file.read(path)
+    meta = packed_file.check_meta(meta, path)
+    try:
+        Preprocessing.from_json(meta["preprocessing"])
+    except (ConfigError, TypeError) as e:
+        raise PackedFileError(f"{path}: its preprocessing record is not valid: {e}") from None
+    if model is None:
+        module = _build_module(meta, path)
+    else:
+        _, cls_name, config, _ = module_identity(model)
+        if cls_name != meta["model_class"] or config != meta["config"]:
+            diff = sorted(k for k in set(config) | set(meta["config"]) if config.get(k) != meta["config"].get(k))
+            raise PackedFileError(
+                f"{path}: the model passed ({cls_name}) is not the one exported ({meta['model_class']}); "
+                f"config keys that differ: {diff[:5]}."
+            )
+        module = model
+    module = inference_model(module)
+    try:
+        calls, abstract = trace(module, tuple(meta["input_shape"]))
+    except ConfigError as e:
+        raise PackedFileError(f"{path}: its model does not take input_shape {meta['input_shape']}: {e}") from None
+    if meta["runtime"] == "chain" and chain_lib.plan_ops(module) is None:
+        raise PackedFileError(f"{path}: runtime 'chain', but {meta['model'] or meta['model_class']} has no chain plan.")
+    want = packed_file.expected_arrays(meta, calls, unfreeze(abstract), path)
+    packed_file.check_arrays(arrays, want, path)
+    return PackedModel(meta, arrays, _traced=(module, calls))
