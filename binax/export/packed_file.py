@@ -195,16 +195,17 @@ def check_meta(meta: Any, path) -> dict:
             raise _fail(path, f"layers[{key!r}] must be {{'kind': one of {KINDS}, 'info': {{...}}}}; got {entry!r:.80}.")
         code = entry["info"].get("code")
         if code is not None:
-            _check_code(code, f"layers[{key!r}].info.code", path)
+            _check_code(code, f"layers[{key!r}].info.code", path, must_exist=False)
     return meta
 
 
-def _check_code(code: Any, where: str, path) -> None:
-    """An activation code: a registered quantizer name, plain keywords, finite levels."""
+def _check_code(code: Any, where: str, path, *, must_exist: bool) -> None:
+    """An activation code: a quantizer registry name (registered: ``must_exist``), plain
+    keywords, finite levels."""
     if not isinstance(code, dict):
         raise _fail(path, f"{where} must be an object; got {code!r:.80}.")
     name = code.get("quantizer")
-    _registry_name(name, f"{where}.quantizer", path, must_exist=True)
+    _registry_name(name, f"{where}.quantizer", path, must_exist=must_exist)
     if not isinstance(code.get("kwargs"), dict):
         raise _fail(path, f"{where}.kwargs must be an object; got {code.get('kwargs')!r:.80}.")
     planes = code.get("planes")
@@ -377,6 +378,8 @@ def expected_arrays(meta: Mapping[str, Any], calls: Mapping[tuple, Any], abstrac
         call = calls.get(p)
         if call is None or not isinstance(call.module, EXPORTED_TYPES):
             raise _fail(path, f"layers[{key!r}] is not a quantized layer of this {meta['model'] or meta['model_class']}.")
+        if "code" in entry["info"]:  # what the runtime quantizes inputs with: registered here
+            _check_code(entry["info"]["code"], f"layers[{key!r}].info.code", path, must_exist=True)
         node = params
         for k in p:
             node = node.get(k, {})

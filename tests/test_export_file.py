@@ -1,0 +1,339 @@
+"""The packed model file is data: loading never imports or calls what a file names, a
+binarizer of the user's own loads from its recorded declaration, and every damaged or
+foreign file is one ``PackedFileError`` line naming the file and what is wrong."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+import zipfile
+
+import jax
+import numpy as np
+import pytest
+
+import binax
+import binax.export as bx
+from binax.errors import BinaxError, PackedFileError
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+WIDTHS = (40, 36)
+
+
+@pytest.fixture(scope="module")
+def packed():
+    """A small bnn_mlp exported with Fashion-MNIST's preprocessing (random weights)."""
+    model = binax.models.create("bnn_mlp", widths=WIDTHS)
+    variables = jax.jit(lambda x: model.init(jax.random.key(0), x, train=False))(np.zeros((1, 28, 28, 1), np.float32))
+    return bx.export(model, jax.tree.map(np.asarray, variables), preprocessing="fashion_mnist")
+
+
+def write_npz(path, meta, arrays) -> str:
+    """A file as an attacker or a broken tool would write it: any meta, any arrays."""
+    np.savez(path, meta=np.asarray(json.dumps(meta)), **arrays)
+    return str(path)
+
+
+def assert_one_line(err: pytest.ExceptionInfo, path) -> str:
+    message = str(err.value)
+    assert isinstance(err.value, BinaxError) and "\n" not in message, message
+    assert message.startswith(f"{path}: "), message
+    return message
+
+
+# ------------------------------------------------------------------------- defect 1: no code runs
+
+
+@pytest.fixture
+def trap(tmp_path, monkeypatch):
+    """(sentinel path, module name): importing the module, or running the shell command
+    the malicious files carry, creates the sentinel."""
+    sentinel = tmp_path / "SENTINEL"
+    (tmp_path / "binax_trap_mod.py").write_text(f"open({str(sentinel)!r}, 'w').close()\ndef f(*a, **k):\n    return a\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.chdir(tmp_path)
+    sys.modules.pop("binax_trap_mod", None)
+    yield sentinel, "binax_trap_mod"
+    sys.modules.pop("binax_trap_mod", None)
+
+
+def malicious(packed, sentinel, trap_module):
+    """{case: (meta changes, config changes)} that name code to run or import."""
+    shell = {"args": f"touch {sentinel}", "shell": True}
+    return {
+        "subprocess_run": ({"model": None, "module": "subprocess:run", "model_class": "run"}, shell, None),
+        "os_system": ({"model": None, "module": "os:system"}, {"command": f"touch {sentinel}"}, None),
+        "builtins_exec": ({"model": None, "module": "builtins:exec"}, {"source": f"open({str(sentinel)!r}, 'w')"}, None),
+        "module_import": ({"model": None, "module": f"{trap_module}:f"}, {}, None),
+        "model_as_path": ({"model": f"{trap_module}:f"}, None, None),
+        "quantizer_os_system": ({}, {"input_quantizer": "os:system", "kernel_quantizer": "os:system"}, None),
+        "quantizer_import": ({}, {"input_quantizer": f"{trap_module}:f", "input_quantizer_kwargs": shell}, None),
+        "kernel_quantizer_import": ({}, {"kernel_quantizer": f"{trap_module}:f"}, None),
+        "code_quantizer_import": ({}, None, f"{trap_module}:f"),
+    }
+
+
+CASES = list(malicious(None, "S", "m"))
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_loading_a_malicious_file_runs_and_imports_nothing(packed, trap, tmp_path, case):
+    sentinel, trap_module = trap
+    meta_changes, config, code_quantizer = malicious(packed, sentinel, trap_module)[case]
+    meta = json.loads(json.dumps(packed.meta))
+    meta.update(meta_changes)
+    if config is not None:
+        meta["config"] = {**meta["config"], **config} if meta.get("model") else config
+        for key in ("input_quantizer", "kernel_quantizer"):
+            if key in config and key in meta.get("quantizers", {}):
+                meta["quantizers"][key]["name"] = config[key]
+    if code_quantizer is not None:
+        meta["layers"]["fc1"]["info"]["code"]["quantizer"] = code_quantizer
+    path = write_npz(tmp_path / f"{case}.npz", meta, packed.arrays())
+    with pytest.raises(PackedFileError) as err:
+        bx.load(path)
+    message = assert_one_line(err, path)
+    assert not sentinel.exists(), f"loading {case} ran code"
+    assert trap_module not in sys.modules, f"loading {case} imported {trap_module}"
+    assert any(s in message for s in ("class of your own", "registry name", "not in binax.models' registry")), message
+
+
+def test_read_meta_of_a_malicious_file_imports_nothing(packed, trap, tmp_path):
+    sentinel, trap_module = trap
+    meta = {**packed.meta, "model": None, "module": f"{trap_module}:f"}
+    path = write_npz(tmp_path / "m.npz", meta, packed.arrays())
+    assert bx.read_meta(path)["model"] is None and not sentinel.exists() and trap_module not in sys.modules
+
+
+# ------------------------------------------------------------------------- a binarizer of the user's own
+
+PLUGIN = '''
+import jax.numpy as jnp
+from binax import binarizers
+
+
+def my_sign(x, width=1.0):
+    return jnp.where(x >= 0, 1.0, -1.0).astype(x.dtype)
+
+
+def my_levels(x):
+    return jnp.round(jnp.clip(x, 0.0, 1.0) * 3) / 3
+
+
+def my_scaled(w):
+    return jnp.where(w >= 0, 1.0, -1.0) * jnp.mean(jnp.abs(w), axis=tuple(range(w.ndim - 1)))
+
+
+binarizers.register("my_sign_t19", my_sign, bits=1, forward="sign")
+binarizers.register("my_levels_t19", my_levels, bits=2, forward="levels", levels=(0.0, 1 / 3, 3), binary_planes=3)
+binarizers.register("my_scaled_t19", my_scaled, bits=1, forward="scaled_sign")
+'''
+
+LOADER = """
+import sys, numpy as np
+import binax.export as bx
+from binax.errors import PackedFileError
+try:
+    model = bx.load(sys.argv[1])
+except PackedFileError as e:
+    print("REFUSED", e)
+    raise SystemExit(0)
+np.save(sys.argv[1] + ".out.npy", np.asarray(model(np.load(sys.argv[2]))))
+assert "my_plugin_t19" not in sys.modules
+print("LOADED", model.report().splitlines()[-1])
+"""
+
+
+@pytest.fixture(scope="module")
+def plugin(tmp_path_factory):
+    directory = tmp_path_factory.mktemp("plugin")
+    (directory / "my_plugin_t19.py").write_text(textwrap.dedent(PLUGIN))
+    sys.path.insert(0, str(directory))
+    try:
+        import my_plugin_t19  # noqa: F401
+
+        yield directory
+    finally:
+        sys.path.remove(str(directory))
+
+
+def _load_elsewhere(path, raw, tmp_path):
+    np.save(tmp_path / "raw.npy", raw)
+    env = {**os.environ, "PYTHONPATH": ROOT, "JAX_PLATFORMS": "cpu"}  # the plugin's folder is not on it
+    out = subprocess.run(
+        [sys.executable, "-c", LOADER, str(path), str(tmp_path / "raw.npy")],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300,
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    return out.stdout.strip()
+
+
+def test_a_custom_binarizers_file_loads_without_its_module_from_its_declared_forward(plugin, tmp_path):
+    config = {"widths": WIDTHS, "input_quantizer": "my_plugin_t19:my_sign", "input_quantizer_kwargs": {"width": 0.5},
+              "kernel_quantizer": "my_scaled_t19"}
+    model = binax.models.create("bnn_mlp", **config)
+    variables = jax.jit(lambda x: model.init(jax.random.key(1), x, train=False))(np.zeros((1, 28, 28, 1), np.float32))
+    packed = bx.export(model, variables, preprocessing="fashion_mnist")
+    assert packed.meta["config"]["input_quantizer"] == "my_sign_t19"  # the registry name, not module:attr
+    assert packed.meta["quantizers"]["input_quantizer"]["forward"] == "sign"
+    packed.save(tmp_path / "m.npz")
+    raw = binax.data.load_arrays("fashion_mnist", "test")[0][:16]
+    printed = _load_elsewhere(tmp_path / "m.npz", raw, tmp_path)
+    assert printed == "LOADED 1 of 1 quantized layers run on XOR-popcount.", printed
+    np.testing.assert_array_equal(np.load(tmp_path / "m.npz.out.npy"), packed(raw))
+
+
+def test_a_custom_binarizer_whose_forward_is_not_enough_needs_its_module(plugin, tmp_path):
+    model = binax.models.create("bnn_mlp", widths=WIDTHS, input_quantizer="my_levels_t19")
+    variables = jax.jit(lambda x: model.init(jax.random.key(1), x, train=False))(np.zeros((1, 28, 28, 1), np.float32))
+    bx.export(model, variables, preprocessing="fashion_mnist").save(tmp_path / "l.npz")
+    printed = _load_elsewhere(tmp_path / "l.npz", np.zeros((1, 28, 28, 1), np.uint8), tmp_path)
+    assert printed.startswith(f"REFUSED {tmp_path / 'l.npz'}: input quantizer 'my_levels_t19' is not registered"), printed
+    assert "import the module that registers it" in printed
+    assert bx.load(tmp_path / "l.npz").name == "bnn_mlp"  # here it is registered: it loads
+
+
+def test_a_quantizer_registered_differently_than_at_export_is_refused(packed, tmp_path):
+    meta = json.loads(json.dumps(packed.meta))
+    meta["quantizers"]["input_quantizer"]["forward"] = "scaled_sign"
+    path = write_npz(tmp_path / "q.npz", meta, packed.arrays())
+    with pytest.raises(PackedFileError) as err:
+        bx.load(path)
+    assert "registered here with forward 'sign'" in assert_one_line(err, path)
+
+
+# ------------------------------------------------------------------------- defect 8: one line per failure
+
+
+def _rewrite(src, dst, *, drop=(), replace=None):
+    """Copies the zip ``src`` to ``dst`` without the entries ``drop`` and with ``replace``'s bytes."""
+    with zipfile.ZipFile(src) as zin, zipfile.ZipFile(dst, "w") as zout:
+        for info in zin.infolist():
+            if info.filename in drop:
+                continue
+            zout.writestr(info.filename, (replace or {}).get(info.filename, zin.read(info)))
+
+
+def _npy(arr) -> bytes:
+    import io
+
+    buf = io.BytesIO()
+    np.save(buf, arr, allow_pickle=True)
+    return buf.getvalue()
+
+
+def _damage(case, packed, good, path):
+    """Writes the damaged file of ``case`` at ``path``."""
+    data = open(good, "rb").read()
+    meta = json.loads(json.dumps(packed.meta))
+    arrays = packed.arrays()
+    if case == "not_a_zip":
+        open(path, "w").write("this is a text file\n")
+    elif case == "a_npy_file":
+        with open(path, "wb") as f:
+            np.save(f, np.zeros(3))
+    elif case == "missing":
+        pass
+    elif case == "truncated":
+        open(path, "wb").write(data[: len(data) // 2])
+    elif case == "flipped_byte":
+        info = zipfile.ZipFile(good).getinfo("layers/fc1/bits.npy")
+        start = info.header_offset + 30 + len(info.filename) + int.from_bytes(data[info.header_offset + 28 : info.header_offset + 30], "little")
+        offset = start + info.compress_size // 2  # inside the deflated array
+        open(path, "wb").write(data[:offset] + bytes([data[offset] ^ 0xFF]) + data[offset + 1 :])
+    elif case == "missing_meta":
+        _rewrite(good, path, drop=("meta.npy",))
+    elif case == "missing_array":
+        _rewrite(good, path, drop=("layers/fc1/bits.npy",))
+    elif case == "pickled_array":
+        _rewrite(good, path, replace={"layers/fc1/alpha.npy": _npy(np.array([{"a": 1}], dtype=object))})
+    elif case == "malformed_json":
+        _rewrite(good, path, replace={"meta.npy": _npy(np.asarray('{"format": "binax.export.packed_model", '))})
+    elif case == "meta_not_an_object":
+        write_npz(path, [1, 2], arrays)
+    elif case in ("older_version", "newer_version"):
+        write_npz(path, {**meta, "format_version": 2 if case == "older_version" else bx.FORMAT_VERSION + 1}, arrays)
+    elif case == "missing_meta_field":
+        del meta["layers"]
+        write_npz(path, meta, arrays)
+    elif case == "nan":
+        write_npz(path, meta, {**arrays, "variables/params/fc0/kernel": np.full_like(arrays["variables/params/fc0/kernel"], np.nan)})
+    elif case == "inf_table":
+        table = arrays["preprocessing/table"].copy()
+        table[0, 3] = np.inf
+        write_npz(path, meta, {**arrays, "preprocessing/table": table})
+    elif case == "wrong_dtype":
+        write_npz(path, meta, {**arrays, "layers/fc1/bits": arrays["layers/fc1/bits"].astype(np.int64)})
+    elif case == "wrong_shape":
+        write_npz(path, meta, {**arrays, "variables/batch_stats/bn0/mean": arrays["variables/batch_stats/bn0/mean"][:-1]})
+    elif case == "unexpected_array":
+        write_npz(path, meta, {**arrays, "layers/fc9/bits": np.zeros(3, np.uint32)})
+    elif case == "bad_layout":
+        meta["layers"]["fc1"]["info"]["layout"] = "spiral"
+        write_npz(path, meta, arrays)
+    else:
+        raise AssertionError(case)
+
+
+FAILURES = {
+    "not_a_zip": "not a binax packed model file (not a zip archive",
+    "a_npy_file": "not a binax packed model file (not a zip archive",
+    "missing": "cannot read the file (No such file or directory)",
+    "truncated": "truncated or damaged: its zip directory is missing",
+    "flipped_byte": "entry 'layers/fc1/bits' is damaged or truncated",
+    "missing_meta": "not a binax packed model file (no 'meta' entry)",
+    "missing_array": "missing array 'layers/fc1/bits' (uint32[2, 36])",
+    "pickled_array": "entry 'layers/fc1/alpha' is damaged or truncated (Object arrays cannot be loaded",
+    "malformed_json": "malformed JSON metadata (Expecting property name enclosed in double quotes at line 1",
+    "meta_not_an_object": "the metadata must be a JSON object; got list",
+    "older_version": "format version 2 (older than this binax's); this binax reads version 3 only",
+    "newer_version": "format version 4 (another than this binax's); this binax reads version 3 only",
+    "missing_meta_field": "the metadata lacks the field 'layers'",
+    "nan": "array 'variables/params/fc0/kernel' holds 31360 non-finite value(s)",
+    "inf_table": "array 'preprocessing/table' holds 1 non-finite value(s)",
+    "wrong_dtype": "array 'layers/fc1/bits' is int64[2, 36]; the model needs uint32[2, 36]",
+    "wrong_shape": "array 'variables/batch_stats/bn0/mean' is float32[39]; the model needs float32[40]",
+    "unexpected_array": "unexpected array(s) ['layers/fc9/bits']",
+    "bad_layout": "layers['fc1'].info.layout = 'spiral' does not fit the layer's kernel (40, 36)",
+}
+
+
+@pytest.fixture(scope="module")
+def good_file(packed, tmp_path_factory):
+    path = tmp_path_factory.mktemp("good") / "good.npz"
+    packed.save(path)
+    return str(path)
+
+
+@pytest.mark.parametrize("case", list(FAILURES))
+def test_each_damaged_or_foreign_file_is_one_line_naming_the_file_and_the_fault(packed, good_file, tmp_path, case):
+    path = str(tmp_path / f"{case}.npz")
+    _damage(case, packed, good_file, path)
+    with pytest.raises(PackedFileError) as err:
+        bx.load(path)
+    message = assert_one_line(err, path)
+    assert FAILURES[case] in message, message
+
+
+def test_the_good_file_loads(packed, good_file):
+    """The damage above is all that differs: the undamaged file loads and agrees."""
+    raw = np.random.default_rng(0).integers(0, 256, (4, 28, 28, 1), dtype=np.uint8)
+    np.testing.assert_array_equal(bx.load(good_file)(raw), packed(raw))
+
+
+def test_files_are_written_atomically_into_new_folders(packed, tmp_path, monkeypatch):
+    path = tmp_path / "new" / "sub" / "m.npz"
+    assert packed.save(path) == os.path.getsize(path)
+    before = open(path, "rb").read()
+
+    def crash(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(np, "savez_compressed", crash)
+    with pytest.raises(OSError, match="No space left"):
+        packed.save(path)
+    assert open(path, "rb").read() == before  # the old file intact
+    assert os.listdir(path.parent) == ["m.npz"]  # no temporary file left behind
