@@ -337,3 +337,139 @@ def test_files_are_written_atomically_into_new_folders(packed, tmp_path, monkeyp
         packed.save(path)
     assert open(path, "rb").read() == before  # the old file intact
     assert os.listdir(path.parent) == ["m.npz"]  # no temporary file left behind
+
+
+# ------------------------------------------------------------------------- defect 9: the artifact and the command
+
+
+def test_the_artifact_check_fails_only_on_a_real_difference():
+    from experiments.export import ARTIFACT_RTOL, compare_logits
+
+    ref = np.random.default_rng(0).normal(size=(16, 10)).astype(np.float32) * 5
+    noise = ref + np.float32(1e-6) * np.sign(ref)  # what XLA's reordered float sums give
+    assert compare_logits(ref, noise)[0]
+    assert compare_logits(ref, ref)[0]
+    off = ref.copy()
+    off[3] += 2 * ARTIFACT_RTOL * np.abs(ref).max()
+    ok, text = compare_logits(ref, off)
+    assert not ok and "OVER the tolerance" in text
+    flipped = ref.copy()
+    flipped[5] = ref[5][::-1]
+    ok, text = compare_logits(ref, flipped)
+    assert not ok and "predictions identical on 15 of 16 images" in text
+    nan = ref.copy()
+    nan[0, 0] = np.nan
+    assert not compare_logits(ref, nan)[0]
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory):
+    """A training run's workdir: config.json and one checkpoint (step 7, accuracy 0.625)."""
+    import optax
+
+    from binax.train import Checkpoints, TrainState
+    from configs import common as config_common
+
+    path = tmp_path_factory.mktemp("run")
+    config = config_common.base_config()
+    config.model = config_common.model_config("bnn_mlp", widths=WIDTHS)
+    (path / "config.json").write_text(config.to_json_best_effort())
+    model = binax.models.create("bnn_mlp", widths=WIDTHS)
+    variables = jax.jit(lambda x: model.init(jax.random.key(0), x, train=False))(np.zeros((1, 28, 28, 1), np.float32))
+    state = TrainState(
+        step=np.int32(7), params=variables["params"], batch_stats=variables["batch_stats"],
+        opt_state=optax.sgd(0.1).init(variables["params"]), rng=jax.random.PRNGKey(0),
+    )
+    ckpts = Checkpoints(str(path / "checkpoints"))
+    ckpts.save(7, state, accuracy=0.625)
+    ckpts.close()
+    return path
+
+
+def test_the_export_command_stops_when_the_artifact_disagrees(workdir, tmp_path, monkeypatch, capsys):
+    from experiments import export as export_cli
+
+    real = jax.export.deserialize
+
+    class Shifted:
+        def __init__(self, exported):
+            self.exported = exported
+
+        def call(self, x):
+            logits = np.asarray(self.exported.call(x))
+            return logits + np.float32(1e-3) * np.abs(logits).max() * (np.arange(logits.shape[-1]) == 0)
+
+    monkeypatch.setattr(jax.export, "deserialize", lambda data: Shifted(real(data)))
+    with pytest.raises(export_cli.CheckFailed, match=r"disagrees with .*m\.npz: predictions identical on \d+ of 4.*OVER the tolerance"):
+        export_cli.run(str(workdir), str(tmp_path / "m.npz"), "best", "auto", None, check=4)
+    printed = capsys.readouterr().out
+    assert "checkpoint step 7 (best; eval accuracy 62.50% saved with it)" in printed
+
+
+def _site(packages, directory) -> str:
+    """A folder of links to exactly ``packages`` (and their vendored ``<name>.libs``) as
+    installed for this interpreter."""
+    import importlib.util
+
+    os.makedirs(directory)
+    for name in packages:
+        spec = importlib.util.find_spec(name)
+        assert spec is not None and spec.submodule_search_locations, name
+        source = spec.submodule_search_locations[0]
+        os.symlink(source, os.path.join(directory, name))
+        libs = source.rstrip(os.sep) + ".libs"
+        if os.path.isdir(libs):
+            os.symlink(libs, os.path.join(directory, name + ".libs"))
+    return str(directory)
+
+
+ISOLATED = """
+import sys
+sys.path.insert(0, sys.argv[1])
+for name in ("binax", "flax", "optax"):
+    try:
+        __import__(name)
+    except ImportError:
+        pass
+    else:
+        raise SystemExit(f"{name} is importable here")
+import numpy as np, jax
+exported = jax.export.deserialize(open(sys.argv[2], "rb").read())
+np.save(sys.argv[3] + ".out.npy", np.asarray(exported.call(np.load(sys.argv[3]))))
+import os, sysconfig
+stdlib = os.path.realpath(sysconfig.get_paths()["stdlib"])
+roots = {os.path.realpath(os.path.join(sys.argv[1], n)): n for n in os.listdir(sys.argv[1])}
+used = set()
+for m in list(sys.modules.values()):
+    f = os.path.realpath(getattr(m, "__file__", None) or stdlib)
+    if not f.startswith(stdlib):
+        used.add(next((n for r, n in roots.items() if f.startswith(r + os.sep)), "OUTSIDE " + f))
+print(sorted(used))
+"""
+
+
+@pytest.mark.slow  # two fresh interpreters importing jax: about 20 s on 2 busy cores
+def test_the_artifact_runs_with_jax_its_dependencies_and_flatbuffers_alone(packed, tmp_path):
+    """``python -I -S`` (no site-packages, no PYTHONPATH) with a path of links to exactly
+    the packages docs/export.md names: binax, flax and optax are not importable there."""
+    from binax.export import PORTABLE_REQUIREMENTS
+    from experiments.export import compare_logits
+
+    packed.save_portable(tmp_path / "m.jaxexport")
+    raw = binax.data.load_arrays("fashion_mnist", "test")[0][:32]
+    np.save(tmp_path / "raw.npy", raw)
+    env = {"JAX_PLATFORMS": "cpu", "PATH": os.environ.get("PATH", "")}
+
+    def run(packages, site):
+        args = [sys.executable, "-I", "-S", "-c", ISOLATED, _site(packages, tmp_path / site), str(tmp_path / "m.jaxexport"), str(tmp_path / "raw.npy")]
+        return subprocess.run(args, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+
+    out = run(PORTABLE_REQUIREMENTS, "site")
+    assert out.returncode == 0, out.stderr[-3000:]
+    imported = set(eval(out.stdout.strip().splitlines()[-1]))  # the linked packages modules came from
+    assert "jax" in imported and "flatbuffers" in imported and imported <= set(PORTABLE_REQUIREMENTS), imported
+    ok, text = compare_logits(np.asarray(packed(raw)), np.load(tmp_path / "raw.npy.out.npy"))
+    assert ok, text
+    # flatbuffers is a true requirement (jax does not install it): without it, no artifact.
+    missing = run([p for p in PORTABLE_REQUIREMENTS if p != "flatbuffers"], "site_without")
+    assert missing.returncode != 0 and "install 'flatbuffers'" in missing.stderr

@@ -19,6 +19,7 @@ with the training fast path (:mod:`binax.ops`). From a training run's workdir::
 
 from binax.export.model import (
     FORMAT_VERSION,
+    PORTABLE_REQUIREMENTS,
     PackedModel,
     export,
     inference_config,
@@ -31,6 +32,7 @@ from binax.export.preprocessing import Preprocessing
 
 __all__ = [
     "FORMAT_VERSION",
+    "PORTABLE_REQUIREMENTS",
     "export",
     "inference_config",
     "inference_model",

@@ -80,6 +80,7 @@ Array = jax.Array
 __all__ = [
     "FORMAT",
     "FORMAT_VERSION",
+    "PORTABLE_REQUIREMENTS",
     "RUNTIMES",
     "PackedModel",
     "export",
@@ -93,6 +94,10 @@ __all__ = [
 FORMAT = packed_file.FORMAT
 FORMAT_VERSION = packed_file.FORMAT_VERSION
 RUNTIMES = ("auto", "chain", "generic")
+#: What running a :meth:`PackedModel.save_portable` artifact needs: jax and the packages
+#: jax itself requires, and flatbuffers, which ``jax.export.deserialize`` imports but jax
+#: does not install (tests/test_export_file.py runs an artifact with exactly these).
+PORTABLE_REQUIREMENTS = ("jax", "jaxlib", "numpy", "ml_dtypes", "opt_einsum", "scipy", "flatbuffers")
 
 
 # ------------------------------------------------------------------------- config
