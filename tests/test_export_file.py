@@ -20,7 +20,7 @@ import binax.export as bx
 from binax.errors import BinaxError, PackedFileError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-WIDTHS = (40, 36)
+WIDTHS = (40, 36, 34)  # fc1 and fc2 binary, bn1 between them fused into thresholds
 
 
 @pytest.fixture(scope="module")
@@ -182,7 +182,7 @@ def test_a_custom_binarizers_file_loads_without_its_module_from_its_declared_for
     packed.save(tmp_path / "m.npz")
     raw = binax.data.load_arrays("fashion_mnist", "test")[0][:16]
     printed = _load_elsewhere(tmp_path / "m.npz", raw, tmp_path)
-    assert printed == "LOADED 1 of 1 quantized layers run on XOR-popcount.", printed
+    assert printed == "LOADED 2 of 2 quantized layers run on XOR-popcount.", printed
     np.testing.assert_array_equal(np.load(tmp_path / "m.npz.out.npy"), packed(raw))
 
 
@@ -249,7 +249,7 @@ def _damage(case, packed, good, path):
     elif case == "missing_array":
         _rewrite(good, path, drop=("layers/fc1/bits.npy",))
     elif case == "pickled_array":
-        _rewrite(good, path, replace={"layers/fc1/alpha.npy": _npy(np.array([{"a": 1}], dtype=object))})
+        _rewrite(good, path, replace={"layers/fc2/alpha.npy": _npy(np.array([{"a": 1}], dtype=object))})
     elif case == "malformed_json":
         _rewrite(good, path, replace={"meta.npy": _npy(np.asarray('{"format": "binax.export.packed_model", '))})
     elif case == "meta_not_an_object":
@@ -271,11 +271,68 @@ def _damage(case, packed, good, path):
         write_npz(path, meta, {**arrays, "variables/batch_stats/bn0/mean": arrays["variables/batch_stats/bn0/mean"][:-1]})
     elif case == "unexpected_array":
         write_npz(path, meta, {**arrays, "layers/fc9/bits": np.zeros(3, np.uint32)})
-    elif case == "bad_layout":
-        meta["layers"]["fc1"]["info"]["layout"] = "spiral"
+    elif case == "meta_not_a_string":
+        _rewrite(good, path, replace={"meta.npy": _npy(np.zeros(3))})
+    elif case == "threshold_dtype":
+        write_npz(path, meta, {**arrays, "thresholds/bn1/threshold": arrays["thresholds/bn1/threshold"].astype(np.int64)})
+    elif case in META_EDITS:
+        META_EDITS[case][0](meta)
         write_npz(path, meta, arrays)
     else:
         raise AssertionError(case)
+
+
+def _set(*keys_value):
+    """An edit of ``meta``: the value at the key path (None deletes it)."""
+    *keys, value = keys_value
+
+    def edit(meta):
+        node = meta
+        for k in keys[:-1]:
+            node = node[k]
+        if value is None:
+            del node[keys[-1]]
+        else:
+            node[keys[-1]] = value
+
+    return edit
+
+
+def _edits(*edits):
+    return lambda meta: [e(meta) for e in edits]
+
+
+FC1 = ("layers", "fc1", "info")
+#: Metadata a broken or hostile tool could write: {case: (edit, what the error says)}.
+META_EDITS = {
+    "bad_layout": (_set(*FC1, "layout", "spiral"), "layers['fc1'].info.layout = 'spiral' does not fit the layer's kernel (40, 36)"),
+    "wrong_format": (_set("format", "other"), "format 'other' is not 'binax.export.packed_model'"),
+    "field_type": (_set("config", []), "metadata field 'config' must be dict; got []"),
+    "bad_input_shape": (_set("input_shape", [28, -28, 1]), "input_shape must be a list of positive ints"),
+    "bad_runtime": (_set("runtime", "fast"), "runtime 'fast' is not one of ('chain', 'generic')"),
+    "chain_without_fused": (_set("fused", None), "the metadata of a chain model needs the object 'fused'"),
+    "bad_fused": (_set("fused", "bn1", "producer", ["nope"]), "fused['bn1'] must name its producer and consumer layers"),
+    "fused_not_xnor": (_set("layers", "fc2", "kind", "float"), "fused['bn1'] must join two xnor layers"),
+    "bad_kind": (_set("layers", "fc1", "kind", "magic"), "layers['fc1'] must be {'kind': one of"),
+    "bad_code_step": (_set(*FC1, "code", "step", 0), "layers['fc1'].info.code.step must be a finite number > 0"),
+    "bad_code_planes": (_set(*FC1, "code", "planes", 0), "layers['fc1'].info.code.planes must be an int in [1, 64]"),
+    "bad_code_kwargs": (_set(*FC1, "code", "kwargs", []), "layers['fc1'].info.code.kwargs must be an object"),
+    "unregistered_code": (_set(*FC1, "code", "quantizer", "no_such_q"), "layers['fc1'].info.code.quantizer = 'no_such_q' is not a registered quantizer"),
+    "quantizer_record": (_set("quantizers", "input_quantizer", None), "quantizers['input_quantizer'] must record 'ste_sign'"),
+    "quantizer_kwargs": (_set("config", "input_quantizer_kwargs", [1]), "config.input_quantizer_kwargs must be an object"),
+    "config_unknown_key": (_set("config", "depth", 3), "its config does not build 'bnn_mlp': Unknown config key(s) ['depth']"),
+    "bad_preprocessing": (_set("preprocessing", "normalize", "cube"), "its preprocessing record is not valid: normalize='cube'"),
+    "unknown_layer": (lambda m: m["layers"].update(fc7=m["layers"]["fc1"]), "layers['fc7'] is not a quantized layer of this bnn_mlp"),
+    "in_channels": (_set(*FC1, "in_channels", 41), "layers['fc1'].info.in_channels = 41; the layer has 40"),
+    "column_sums": (_set(*FC1, "column_sums_n", 1), "layers['fc1'].info.column_sums_n = 1; the layer has 40 inputs"),
+    "map_shape": (_edits(_set(*FC1, "layout", "map"), _set(*FC1, "map_shape", [1, 1, 41])), "map_shape = [1, 1, 41] is not (H, W, C) of the layer's 40 inputs"),
+    "pack_axis": (_edits(_set("layers", "fc1", "kind", "float_input"), _set(*FC1, "pack_axis", 5)), "layers['fc1'].info.pack_axis = 5 is not an axis of the kernel (40, 36)"),
+    "no_chain_plan": (_set("config", "replicate", 2), "runtime 'chain', but bnn_mlp has no chain plan"),
+    "too_small_input": (
+        _edits(_set("model", "cnn_small"), _set("config", {}), _set("input_shape", [2, 2, 1])),
+        "its model does not take input_shape [2, 2, 1]: VGG needs inputs of at least 4x4 pixels",
+    ),
+}
 
 
 FAILURES = {
@@ -286,7 +343,7 @@ FAILURES = {
     "flipped_byte": "entry 'layers/fc1/bits' is damaged or truncated",
     "missing_meta": "not a binax packed model file (no 'meta' entry)",
     "missing_array": "missing array 'layers/fc1/bits' (uint32[2, 36])",
-    "pickled_array": "entry 'layers/fc1/alpha' is damaged or truncated (Object arrays cannot be loaded",
+    "pickled_array": "entry 'layers/fc2/alpha' is damaged or truncated (Object arrays cannot be loaded",
     "malformed_json": "malformed JSON metadata (Expecting property name enclosed in double quotes at line 1",
     "meta_not_an_object": "the metadata must be a JSON object; got list",
     "older_version": "format version 2 (older than this binax's); this binax reads version 3 only",
@@ -297,7 +354,9 @@ FAILURES = {
     "wrong_dtype": "array 'layers/fc1/bits' is int64[2, 36]; the model needs uint32[2, 36]",
     "wrong_shape": "array 'variables/batch_stats/bn0/mean' is float32[39]; the model needs float32[40]",
     "unexpected_array": "unexpected array(s) ['layers/fc9/bits']",
-    "bad_layout": "layers['fc1'].info.layout = 'spiral' does not fit the layer's kernel (40, 36)",
+    "meta_not_a_string": "'meta' must be one JSON string; got float64 of shape (3,)",
+    "threshold_dtype": "array 'thresholds/bn1/threshold' is int64[1, 36]; the model needs int32[1, 36]",
+    **{case: text for case, (_, text) in META_EDITS.items()},
 }
 
 

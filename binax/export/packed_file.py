@@ -315,9 +315,7 @@ def _layer_arrays(key: str, entry: Mapping, module, params: Mapping, path) -> di
     abstract parameters and the entry's layout facts."""
     kind, info = entry["kind"], entry["info"]
     where = f"layers[{key!r}].info"
-    latent = params.get("latent_kernel", params.get("kernel"))
-    if latent is None:
-        raise _fail(path, f"layers[{key!r}] is not a quantized layer of this model.")
+    latent = params["latent_kernel"] if "latent_kernel" in params else params["kernel"]
     shape = tuple(latent.shape)
     out_ch = shape[-1]
     f32, u32 = np.dtype(np.float32), np.dtype(np.uint32)
