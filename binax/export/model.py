@@ -498,9 +498,10 @@ class PackedModel:
 
         Raw values past ``max_value`` give NaN logits for their image (the artifact cannot
         raise). The arrays pass an optimization barrier so that the compiler does not
-        fold them as constants: the artifact computes what :meth:`__call__` computes, bit
-        for bit at the same batch size. ``platforms``: ``jax.export``'s (default: this
-        backend).
+        fold them as constants: the artifact computes what :meth:`__call__` computes, with
+        the same predictions and logits within float rounding (XLA compiles it by itself
+        and may order the float stages' sums differently; docs/export.md). ``platforms``:
+        ``jax.export``'s (default: this backend).
         """
         arrays = jax.tree.map(np.asarray, self._host_arrays)
         raw = self.preprocessing.takes_raw
@@ -516,7 +517,9 @@ class PackedModel:
     def save_portable(self, path: str | os.PathLike, *, platforms: Sequence[str] | None = None) -> int:
         """Writes :meth:`jax_export` serialized to ``path``; returns its size in bytes.
 
-        Run it with jax alone: ``jax.export.deserialize(open(path, 'rb').read()).call(images)``.
+        Written atomically (missing folders created). Run it without binax (``jax`` and
+        ``flatbuffers``: :data:`PORTABLE_REQUIREMENTS`):
+        ``jax.export.deserialize(open(path, 'rb').read()).call(images)``.
         """
         data = self.jax_export(platforms=platforms).serialize()
         return packed_file.atomic_write(path, lambda f: f.write(data))
