@@ -17,6 +17,7 @@ import pytest
 
 import binax
 import binax.export as bx
+from binax import quantizer as quantizer_registry
 from binax.errors import BinaxError, PackedFileError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -135,6 +136,7 @@ binarizers.register("my_scaled_t19", my_scaled, bits=1, forward="scaled_sign")
 LOADER = """
 import sys, numpy as np
 import binax.export as bx
+from binax import quantizer as quantizer_registry
 from binax.errors import PackedFileError
 try:
     model = bx.load(sys.argv[1])
@@ -186,14 +188,18 @@ def test_a_custom_binarizers_file_loads_without_its_module_from_its_declared_for
     np.testing.assert_array_equal(np.load(tmp_path / "m.npz.out.npy"), packed(raw))
 
 
-def test_a_custom_binarizer_whose_forward_is_not_enough_needs_its_module(plugin, tmp_path):
+def test_a_custom_binarizer_whose_forward_is_not_enough_needs_its_module(plugin, tmp_path, monkeypatch):
     model = binax.models.create("bnn_mlp", widths=WIDTHS, input_quantizer="my_levels_t19")
     variables = jax.jit(lambda x: model.init(jax.random.key(1), x, train=False))(np.zeros((1, 28, 28, 1), np.float32))
-    bx.export(model, variables, preprocessing="fashion_mnist").save(tmp_path / "l.npz")
-    printed = _load_elsewhere(tmp_path / "l.npz", np.zeros((1, 28, 28, 1), np.uint8), tmp_path)
-    assert printed.startswith(f"REFUSED {tmp_path / 'l.npz'}: input quantizer 'my_levels_t19' is not registered"), printed
-    assert "import the module that registers it" in printed
-    assert bx.load(tmp_path / "l.npz").name == "bnn_mlp"  # here it is registered: it loads
+    path = tmp_path / "l.npz"
+    bx.export(model, variables, preprocessing="fashion_mnist").save(path)
+    assert bx.load(path).name == "bnn_mlp"  # registered: it loads
+    monkeypatch.delitem(quantizer_registry._REGISTRY, "my_levels_t19")  # as in a process without the module
+    with pytest.raises(PackedFileError) as err:
+        bx.load(path)
+    message = assert_one_line(err, path)
+    assert message.startswith(f"{path}: input quantizer 'my_levels_t19' is not registered in this process"), message
+    assert "import the module that registers it" in message
 
 
 def test_a_quantizer_registered_differently_than_at_export_is_refused(packed, tmp_path):
