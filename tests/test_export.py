@@ -667,7 +667,7 @@ print(exported.in_avals, exported.out_avals)
 
 
 @pytest.mark.slow
-def test_the_jax_export_artifact_runs_with_jax_alone_and_equals_the_runtime(tmp_path):
+def test_the_jax_export_artifact_runs_without_binax_and_agrees_with_the_runtime(tmp_path):
     """Chain (raw uint8 in) and generic (float in) runtimes; two batch sizes; a process
     that never imports binax."""
     raw_model, _, raw = raw_exported()

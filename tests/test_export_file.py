@@ -513,7 +513,6 @@ print(sorted(used))
 """
 
 
-@pytest.mark.slow  # two fresh interpreters importing jax: about 20 s on 2 busy cores
 def test_the_artifact_runs_with_jax_its_dependencies_and_flatbuffers_alone(packed, tmp_path):
     """``python -I -S`` (no site-packages, no PYTHONPATH) with a path of links to exactly
     the packages docs/export.md names: binax, flax and optax are not importable there."""
