@@ -9,7 +9,7 @@ Reading one trusts nothing it says beyond data:
   name that is not registered in this process is never imported: a file cannot make
   binax import a module or call a function it names;
 * every array is checked against what the rebuilt model needs (key, dtype, shape, finite
-  floats) before any inference runs.
+  floats) before any inference runs (:mod:`binax.export.file_arrays`).
 
 Every failure is one :class:`binax.errors.PackedFileError` line naming the file and what
 is wrong with it.
@@ -43,8 +43,8 @@ __all__ = [
     "check_meta",
     "quantizer_record",
     "loadable_config",
-    "expected_arrays",
-    "check_arrays",
+    "check_code",
+    "fail",
 ]
 
 FORMAT = "binax.export.packed_model"
@@ -94,7 +94,7 @@ def write(path: str | os.PathLike, meta: Mapping[str, Any], arrays: Mapping[str,
 # ------------------------------------------------------------------------- reading
 
 
-def _fail(path, what: str) -> PackedFileError:
+def fail(path, what: str) -> PackedFileError:
     return PackedFileError(f"{os.fspath(path)}: {what}")
 
 
@@ -105,35 +105,35 @@ def read(path: str | os.PathLike) -> tuple[Any, dict[str, np.ndarray]]:
         with open(path, "rb") as f:
             head = f.read(4)
     except OSError as e:
-        raise _fail(path, f"cannot read the file ({e.strerror or e}).") from None
+        raise fail(path, f"cannot read the file ({e.strerror or e}).") from None
     if not zipfile.is_zipfile(path):
         if head.startswith(b"PK"):
-            raise _fail(path, "truncated or damaged: its zip directory is missing (was the copy cut short?).")
-        raise _fail(path, "not a binax packed model file (not a zip archive of .npy arrays).")
+            raise fail(path, "truncated or damaged: its zip directory is missing (was the copy cut short?).")
+        raise fail(path, "not a binax packed model file (not a zip archive of .npy arrays).")
     arrays: dict[str, np.ndarray] = {}
     try:
         with zipfile.ZipFile(path) as z:
             for info in z.infolist():
                 key = info.filename
                 if not key.endswith(".npy"):
-                    raise _fail(path, f"unexpected entry {key!r} (a packed file holds only .npy arrays).")
+                    raise fail(path, f"unexpected entry {key!r} (a packed file holds only .npy arrays).")
                 key = key[: -len(".npy")]
                 try:
                     data = z.read(info)  # checks the entry's CRC-32
                     arrays[key] = np.lib.format.read_array(io.BytesIO(data), allow_pickle=False)
                 except (zipfile.BadZipFile, zlib.error, EOFError, OSError, ValueError) as e:
-                    raise _fail(path, f"entry {key!r} is damaged or truncated ({_one_line(e)}).") from None
+                    raise fail(path, f"entry {key!r} is damaged or truncated ({_one_line(e)}).") from None
     except (zipfile.BadZipFile, zlib.error, EOFError, OSError) as e:
-        raise _fail(path, f"truncated or damaged zip ({_one_line(e)}).") from None
+        raise fail(path, f"truncated or damaged zip ({_one_line(e)}).") from None
     if "meta" not in arrays:
-        raise _fail(path, "not a binax packed model file (no 'meta' entry).")
+        raise fail(path, "not a binax packed model file (no 'meta' entry).")
     meta = arrays.pop("meta")
     if meta.ndim != 0 or meta.dtype.kind != "U":
-        raise _fail(path, f"'meta' must be one JSON string; got {meta.dtype} of shape {meta.shape}.")
+        raise fail(path, f"'meta' must be one JSON string; got {meta.dtype} of shape {meta.shape}.")
     try:
         return json.loads(str(meta)), arrays
     except json.JSONDecodeError as e:
-        raise _fail(path, f"malformed JSON metadata ({e.msg} at line {e.lineno} column {e.colno}).") from None
+        raise fail(path, f"malformed JSON metadata ({e.msg} at line {e.lineno} column {e.colno}).") from None
 
 
 def _one_line(e: BaseException) -> str:
@@ -158,74 +158,74 @@ _META_TYPES: dict[str, tuple[type, ...]] = {
 def check_meta(meta: Any, path) -> dict:
     """``meta`` checked: an object of this format and version with the fields loading reads."""
     if not isinstance(meta, dict):
-        raise _fail(path, f"the metadata must be a JSON object; got {type(meta).__name__}.")
+        raise fail(path, f"the metadata must be a JSON object; got {type(meta).__name__}.")
     if meta.get("format") != FORMAT:
-        raise _fail(path, f"format {meta.get('format')!r} is not {FORMAT!r} (not a binax packed model file).")
+        raise fail(path, f"format {meta.get('format')!r} is not {FORMAT!r} (not a binax packed model file).")
     version = meta.get("format_version")
     if version != FORMAT_VERSION:
         age = "older" if isinstance(version, int) and version < FORMAT_VERSION else "another"
-        raise _fail(
+        raise fail(
             path,
             f"format version {version!r} ({age} than this binax's); this binax reads version {FORMAT_VERSION} only: "
             f"export the model again with this binax (binax.export.export, or python -m experiments.export).",
         )
     for key, types in _META_TYPES.items():
         if key not in meta:
-            raise _fail(path, f"the metadata lacks the field {key!r}.")
+            raise fail(path, f"the metadata lacks the field {key!r}.")
         if not isinstance(meta[key], types):
             want = " or ".join("null" if t is type(None) else t.__name__ for t in types)
-            raise _fail(path, f"metadata field {key!r} must be {want}; got {meta[key]!r:.80}.")
+            raise fail(path, f"metadata field {key!r} must be {want}; got {meta[key]!r:.80}.")
     shape = meta["input_shape"]
     if not shape or not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in shape):
-        raise _fail(path, f"input_shape must be a list of positive ints; got {shape!r:.80}.")
+        raise fail(path, f"input_shape must be a list of positive ints; got {shape!r:.80}.")
     if meta["runtime"] not in ("chain", "generic"):
-        raise _fail(path, f"runtime {meta['runtime']!r} is not one of ('chain', 'generic').")
+        raise fail(path, f"runtime {meta['runtime']!r} is not one of ('chain', 'generic').")
     if meta["runtime"] == "chain":
         for key in ("fused", "not_fused"):
             if not isinstance(meta.get(key), dict):
-                raise _fail(path, f"the metadata of a chain model needs the object {key!r}.")
+                raise fail(path, f"the metadata of a chain model needs the object {key!r}.")
         for block, entry in meta["fused"].items():
             ok = isinstance(entry, dict) and all(
                 isinstance(entry.get(k), list) and "/".join(map(str, entry[k])) in meta["layers"] for k in ("producer", "consumer")
             )
             if not ok:
-                raise _fail(path, f"fused[{block!r}] must name its producer and consumer layers; got {entry!r:.80}.")
+                raise fail(path, f"fused[{block!r}] must name its producer and consumer layers; got {entry!r:.80}.")
     for key, entry in meta["layers"].items():
         if not isinstance(entry, dict) or entry.get("kind") not in KINDS or not isinstance(entry.get("info"), dict):
-            raise _fail(path, f"layers[{key!r}] must be {{'kind': one of {KINDS}, 'info': {{...}}}}; got {entry!r:.80}.")
+            raise fail(path, f"layers[{key!r}] must be {{'kind': one of {KINDS}, 'info': {{...}}}}; got {entry!r:.80}.")
         code = entry["info"].get("code")
         if code is not None:
-            _check_code(code, f"layers[{key!r}].info.code", path, must_exist=False)
+            check_code(code, f"layers[{key!r}].info.code", path, must_exist=False)
     return meta
 
 
-def _check_code(code: Any, where: str, path, *, must_exist: bool) -> None:
+def check_code(code: Any, where: str, path, *, must_exist: bool) -> None:
     """An activation code: a quantizer registry name (registered: ``must_exist``), plain
     keywords, finite levels."""
     if not isinstance(code, dict):
-        raise _fail(path, f"{where} must be an object; got {code!r:.80}.")
+        raise fail(path, f"{where} must be an object; got {code!r:.80}.")
     name = code.get("quantizer")
     _registry_name(name, f"{where}.quantizer", path, must_exist=must_exist)
     if not isinstance(code.get("kwargs"), dict):
-        raise _fail(path, f"{where}.kwargs must be an object; got {code.get('kwargs')!r:.80}.")
+        raise fail(path, f"{where}.kwargs must be an object; got {code.get('kwargs')!r:.80}.")
     planes = code.get("planes")
     if not (isinstance(planes, int) and not isinstance(planes, bool) and 1 <= planes <= 64):
-        raise _fail(path, f"{where}.planes must be an int in [1, 64]; got {planes!r:.80}.")
+        raise fail(path, f"{where}.planes must be an int in [1, 64]; got {planes!r:.80}.")
     for k in ("low", "step"):
         v = code.get(k)
         if not (isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)) or (k == "step" and v <= 0):
-            raise _fail(path, f"{where}.{k} must be a finite number{' > 0' if k == 'step' else ''}; got {v!r:.80}.")
+            raise fail(path, f"{where}.{k} must be a finite number{' > 0' if k == 'step' else ''}; got {v!r:.80}.")
 
 
 def _registry_name(name: Any, where: str, path, *, must_exist: bool) -> None:
     if not isinstance(name, str) or not _NAME.fullmatch(name):
-        raise _fail(
+        raise fail(
             path,
             f"{where} = {name!r:.80} is not a quantizer registry name; a packed file names quantizers by "
             f"registry name only (binax.binarizers.names()), never a module path, and loading never imports one.",
         )
     if must_exist and name not in binarizers.names():
-        raise _fail(path, f"{where} = {name!r} is not a registered quantizer ({', '.join(binarizers.names())}).")
+        raise fail(path, f"{where} = {name!r} is not a registered quantizer ({', '.join(binarizers.names())}).")
 
 
 # ------------------------------------------------------------------------- quantizers
@@ -264,14 +264,14 @@ def loadable_config(meta: Mapping[str, Any], path) -> dict:
         _registry_name(spec, f"config.{key}", path, must_exist=False)
         rec = records.get(key)
         if not (isinstance(rec, dict) and rec.get("name") == spec and rec.get("forward") in FORWARDS):
-            raise _fail(path, f"quantizers[{key!r}] must record {spec!r} and its declared forward; got {rec!r:.80}.")
+            raise fail(path, f"quantizers[{key!r}] must record {spec!r} and its declared forward; got {rec!r:.80}.")
         kwargs = config.get(key + "_kwargs") or {}
         if not isinstance(kwargs, dict):
-            raise _fail(path, f"config.{key}_kwargs must be an object; got {kwargs!r:.80}.")
+            raise fail(path, f"config.{key}_kwargs must be an object; got {kwargs!r:.80}.")
         if spec in binarizers.names():
             have = quantizer_record(spec, kwargs)
             if (have["forward"], have["levels"]) != (rec["forward"], rec.get("levels")):
-                raise _fail(
+                raise fail(
                     path,
                     f"quantizer {spec!r} ({key}) is registered here with forward {have['forward']!r}, levels "
                     f"{have['levels']}, but the file was exported with forward {rec['forward']!r}, levels "
@@ -286,7 +286,7 @@ def loadable_config(meta: Mapping[str, Any], path) -> dict:
         elif rec["forward"] == "sign":
             stand_in = "sign"
         else:
-            raise _fail(
+            raise fail(
                 path,
                 f"input quantizer {spec!r} is not registered in this process and its declared forward "
                 f"{rec['forward']!r} does not determine inference (only 'sign' does); import the module that "
@@ -294,134 +294,3 @@ def loadable_config(meta: Mapping[str, Any], path) -> dict:
             )
         config[key], config[key + "_kwargs"] = stand_in, {}
     return config
-
-
-# ------------------------------------------------------------------------- arrays
-
-
-def _words(n: int) -> int:
-    return -(-int(n) // 32)
-
-
-def _int(info: Mapping, key: str, where: str, path) -> int:
-    v = info.get(key)
-    if not (isinstance(v, int) and not isinstance(v, bool) and v >= 0):
-        raise _fail(path, f"{where}.{key} must be a non-negative int; got {v!r:.80}.")
-    return v
-
-
-def _layer_arrays(key: str, entry: Mapping, module, params: Mapping, path) -> dict[str, tuple]:
-    """``{name: (dtype, shape)}`` a layer entry must store, from the rebuilt module's
-    abstract parameters and the entry's layout facts."""
-    kind, info = entry["kind"], entry["info"]
-    where = f"layers[{key!r}].info"
-    latent = params["latent_kernel"] if "latent_kernel" in params else params["kernel"]
-    shape = tuple(latent.shape)
-    out_ch = shape[-1]
-    f32, u32 = np.dtype(np.float32), np.dtype(np.uint32)
-    want: dict[str, tuple] = {}
-    folded = bool(info.get("scale_in_thresholds"))
-    if "bias" in params and not folded:
-        want["bias"] = (f32, (out_ch,))
-    abc = kind == "abc" or (kind == "float_input" and "shifts" in params)
-    if abc:
-        m = _int(info, "m", where, path) if kind == "float_input" else getattr(module, "m", 0)
-        want.update(alphas=(f32, (m,)), betas=(f32, tuple(params["betas"].shape)), shifts=(f32, tuple(params["shifts"].shape)))
-    if kind == "float":
-        want["kernel"] = (f32, shape)
-        return want
-    if kind == "float_input":
-        axis = _int(info, "pack_axis", where, path)
-        if axis >= len(shape):
-            raise _fail(path, f"{where}.pack_axis = {axis} is not an axis of the kernel {shape}.")
-        packed = shape[:axis] + (_words(shape[axis]),) + shape[axis + 1 :]
-        want["bits"] = (u32, ((m,) if abc else ()) + packed)
-        if not abc:
-            want["alpha"] = (f32, (out_ch,))
-        return want
-    layout = info.get("layout")
-    outputs = out_ch * (m if abc else 1)
-    if layout == "dense" and len(shape) == 2:
-        channels, bits = shape[0], (_words(shape[0]), outputs)
-    elif layout == "conv" and len(shape) >= 3:
-        channels, bits = shape[-2], shape[:-2] + (_words(shape[-2]), outputs)
-    elif layout == "map" and len(shape) == 2:
-        ms = info.get("map_shape")
-        if not (isinstance(ms, list) and len(ms) == 3 and all(isinstance(v, int) and v > 0 for v in ms)) or math.prod(ms) != shape[0]:
-            raise _fail(path, f"{where}.map_shape = {ms!r:.80} is not (H, W, C) of the layer's {shape[0]} inputs.")
-        channels, bits = ms[2], (ms[0], ms[1], _words(ms[2]), outputs)
-    else:
-        raise _fail(path, f"{where}.layout = {layout!r:.80} does not fit the layer's kernel {shape}.")
-    if info.get("in_channels") != channels:
-        raise _fail(path, f"{where}.in_channels = {info.get('in_channels')!r:.80}; the layer has {channels}.")
-    if kind == "xnor":
-        if info.get("column_sums_n") != math.prod(shape[:-1]):
-            raise _fail(path, f"{where}.column_sums_n = {info.get('column_sums_n')!r:.80}; the layer has {math.prod(shape[:-1])} inputs.")
-        if not folded:
-            want["alpha"] = (f32, (out_ch,))
-    want["bits"] = (u32, bits)
-    return want
-
-
-def expected_arrays(meta: Mapping[str, Any], calls: Mapping[tuple, Any], abstract: Mapping, path) -> dict[str, tuple]:
-    """``{key: (dtype, shape)}`` of every array the file must hold for the rebuilt model
-    (``calls``/``abstract``: :func:`binax.models.trace` of it)."""
-    from binax.export.inference import EXPORTED_TYPES
-
-    params = abstract.get("params", {})
-    want: dict[str, tuple] = {}
-    skip: set[tuple] = set()
-    for key, entry in meta["layers"].items():
-        p = tuple(key.split("/"))
-        call = calls.get(p)
-        if call is None or not isinstance(call.module, EXPORTED_TYPES):
-            raise _fail(path, f"layers[{key!r}] is not a quantized layer of this {meta['model'] or meta['model_class']}.")
-        if "code" in entry["info"]:  # what the runtime quantizes inputs with: registered here
-            _check_code(entry["info"]["code"], f"layers[{key!r}].info.code", path, must_exist=True)
-        node = params
-        for k in p:
-            node = node.get(k, {})
-        for name, spec in _layer_arrays(key, entry, call.module, node, path).items():
-            want[f"layers/{key}/{name}"] = spec
-        skip.add(p)
-    for block, entry in meta.get("fused", {}).items() if meta["runtime"] == "chain" else ():
-        producer = meta["layers"]["/".join(entry["producer"])]
-        consumer = meta["layers"]["/".join(entry["consumer"])]
-        if producer["kind"] != "xnor" or consumer["kind"] != "xnor" or "code" not in consumer["info"]:
-            raise _fail(path, f"fused[{block!r}] must join two xnor layers.")
-        out_ch = want[f"layers/{'/'.join(entry['producer'])}/bits"][1][-1]
-        planes = consumer["info"]["code"]["planes"]
-        want[f"thresholds/{block}/threshold"] = (np.dtype(np.int32), (planes, out_ch))
-        want[f"thresholds/{block}/flip"] = (np.dtype(np.bool_), (planes, out_ch))
-        skip.add(tuple(block.split("/")))
-    for col, tree in abstract.items():
-        for p, leaf in _leaves(tree):
-            if not any(p[: len(s)] == s for s in skip):
-                want["variables/" + "/".join((col,) + p)] = (np.dtype(np.float32), tuple(leaf.shape))
-    if meta["preprocessing"].get("normalize") is not None:
-        want["preprocessing/table"] = (np.dtype(np.float32), (meta["input_shape"][-1], meta["preprocessing"].get("max_value", 255) + 1))
-    return want
-
-
-def _leaves(tree, prefix=()):
-    for k, v in tree.items():
-        if isinstance(v, Mapping):
-            yield from _leaves(v, prefix + (str(k),))
-        else:
-            yield prefix + (str(k),), v
-
-
-def check_arrays(arrays: Mapping[str, np.ndarray], want: Mapping[str, tuple], path) -> None:
-    """Every wanted array present with its dtype and shape, nothing else, floats finite."""
-    for key, (dtype, shape) in want.items():
-        if key not in arrays:
-            raise _fail(path, f"missing array {key!r} ({dtype}{list(shape)}).")
-        arr = arrays[key]
-        if arr.dtype != dtype or tuple(arr.shape) != tuple(shape):
-            raise _fail(path, f"array {key!r} is {arr.dtype}{list(arr.shape)}; the model needs {dtype}{list(shape)}.")
-        if dtype.kind == "f" and not np.all(np.isfinite(arr)):
-            bad = int(np.size(arr) - np.count_nonzero(np.isfinite(arr)))
-            raise _fail(path, f"array {key!r} holds {bad} non-finite value(s) (NaN or infinity).")
-    extra = sorted(set(arrays) - set(want))
-    if extra:
-        raise _fail(path, f"unexpected array(s) {extra[:3]} (not part of this model).")
