@@ -184,6 +184,19 @@ def assert_same_logits(got, want):
     assert np.ptp(want, axis=0).max() > 0  # the images give different logits: not trivial
 
 
+def assert_loads_back(packed, directory) -> None:
+    """The saved file passes every check of ``load`` (arrays by key, dtype and shape for
+    this layout) and holds the same record and arrays; no inference is compiled here."""
+    path = os.path.join(str(directory), "roundtrip.npz")
+    packed.save(path)
+    loaded = bx.load(path)
+    assert loaded.meta == packed.meta and loaded.runtime == packed.runtime
+    want = packed.arrays()
+    assert sorted(loaded.arrays()) == sorted(want)
+    for key, arr in loaded.arrays().items():
+        np.testing.assert_array_equal(arr, want[key], err_msg=key)
+
+
 def _freeze(cfg: dict) -> tuple:
     return tuple(sorted((k, _freeze(v) if isinstance(v, dict) else v) for k, v in cfg.items()))
 
@@ -215,9 +228,10 @@ def exported(name: str, cfg: dict, runtime: str = "auto", ref_cfg: dict | None =
     "name",
     [pytest.param(n, marks=pytest.mark.slow) if n.startswith(("resnet", "reactnet", "vgg_small")) else n for n in binax.models.names()],
 )
-def test_every_registry_model_matches_its_eval_graph(name):
+def test_every_registry_model_matches_its_eval_graph(name, tmp_path):
     packed, ref, x = exported(name, small_config(name))
     assert_same_logits(packed(x), ref)
+    assert_loads_back(packed, tmp_path)
     assert any(layer.packed for layer in packed.layers.values()), packed.report()
     # Binary layers with sign-like inputs all run on XOR-popcount.
     assert "float (kernel unpacked" not in packed.report()
@@ -245,38 +259,42 @@ CNN = {"width_multiplier": 0.1}
     ],
     ids=["xnor", "irnet", "duo_binary", "heaviside", "dorefa2", "ste_tern_act", "all_binary", "abc_chain", "abc_generic"],
 )
-def test_quantizer_families_match_their_eval_graph(name, cfg):
+def test_quantizer_families_match_their_eval_graph(name, cfg, tmp_path):
     cfg = dict(cfg)
     runtime = cfg.pop("runtime", "auto")
     packed, ref, x = exported(name, cfg, runtime=runtime)
     assert packed.runtime == ("chain" if runtime == "auto" else runtime)  # bnn_mlp has a chain plan
     assert_same_logits(packed(x), ref)
+    assert_loads_back(packed, tmp_path)
     assert all(layer.packed for layer in packed.layers.values() if layer.kind != "float_input"), packed.report()
 
 
-def test_binaryduos_decoupled_network_exports_on_the_generic_runtime():
+def test_binaryduos_decoupled_network_exports_on_the_generic_runtime(tmp_path):
     # The decoupled network copies each coupled layer's outputs (replicate=2), which the
     # chain plan does not model: export must still pack it and give its eval logits.
     packed, ref, x = exported("bnn_mlp", {**MLP, "input_quantizer": "duo_binary", "replicate": 2})
     assert packed.runtime == "generic"
     assert_same_logits(packed(x), ref)
+    assert_loads_back(packed, tmp_path)
     assert all(layer.packed for layer in packed.layers.values() if layer.kind != "float_input"), packed.report()
 
 
-def test_tanh_sign_is_exported_as_sign():
+def test_tanh_sign_is_exported_as_sign(tmp_path):
     """Self-Binarizing inference: the packed model equals the same network with sign."""
     tanh = {**MLP, "input_quantizer": "tanh_sign", "kernel_quantizer": "tanh_sign"}
     sign = {**MLP, "input_quantizer": "sign", "kernel_quantizer": "sign"}
     packed, ref, x = exported("bnn_mlp", tanh, ref_cfg=sign)
     assert_same_logits(packed(x), ref)
+    assert_loads_back(packed, tmp_path)
     assert bx.inference_config(tanh)["input_quantizer"] == "sign"
     assert packed.config["input_quantizer"] == "tanh_sign"  # the file keeps the training config
     assert "xor-popcount (sign" in packed.report()
 
 
-def test_two_plane_thresholds_and_unfused_blocks_are_reported():
+def test_two_plane_thresholds_and_unfused_blocks_are_reported(tmp_path):
     packed, ref, x = exported("vgg7_tiny", small_config("vgg7_tiny"))
     assert_same_logits(packed(x), ref)
+    assert_loads_back(packed, tmp_path)
     th = packed.arrays()["thresholds/bn2/threshold"]
     assert th.shape[0] == 2  # duo_ternary: two planes, x >= 0.25 and x >= 0.75 after BN
     report = packed.report()
@@ -284,7 +302,7 @@ def test_two_plane_thresholds_and_unfused_blocks_are_reported():
     assert "feeds a float layer" in report  # fc_bn1 -> relu -> float classifier
 
 
-def test_non_monotone_block_is_computed_in_float():
+def test_non_monotone_block_is_computed_in_float(tmp_path):
     """RPReLU with a negative slope: sign(BN -> RPReLU) is not a threshold; the chain
     decodes to float there and stays exact."""
     cfg = {"widths": (72, 40, 36, 34), "activation": "rprelu"}  # bn1, bn2 sit between binary layers
@@ -296,15 +314,17 @@ def test_non_monotone_block_is_computed_in_float():
     ref = np.asarray(fn(variables, x)[0])
     packed = bx.export(model, variables, preprocessing=None, input_shape=shape)
     assert_same_logits(packed(x), ref)
+    assert_loads_back(packed, tmp_path)
     assert "thresholds/bn1/threshold" not in packed.arrays()
     assert "thresholds/bn2/threshold" in packed.arrays()
     assert "not monotone" in packed.report()
 
 
-def test_unsupported_kernel_quantizer_falls_back_to_float_and_says_so():
+def test_unsupported_kernel_quantizer_falls_back_to_float_and_says_so(tmp_path):
     cfg = {**MLP, "kernel_quantizer": "ste_tern"}
     packed, ref, x = exported("bnn_mlp", cfg)
     assert_same_logits(packed(x), ref)
+    assert_loads_back(packed, tmp_path)
     assert {layer.kind for layer in packed.layers.values()} == {"float"}
     assert "kernel quantizer 'ste_tern' is not ±α per channel" in packed.report()
 

@@ -103,9 +103,11 @@ def module_identity(model: nn.Module) -> tuple[str | None, str, dict, dict]:
     quantizers = {}
     for key in packed_file.QUANTIZER_KEYS:
         if config.get(key) is not None:
-            kwargs = dict(config.get(key + "_kwargs") or {})
+            kwargs = dict(config.get(key + "_kwargs") or {})  # a mapping or (key, value) pairs
             quantizers[key] = packed_file.quantizer_record(config[key], kwargs)
             config[key] = _registered_name(config[key], key)
+            if key + "_kwargs" in config:
+                config[key + "_kwargs"] = kwargs
     return name, cls.__qualname__, _jsonable(config, "config"), _jsonable(quantizers, "quantizers")
 
 
