@@ -19,6 +19,7 @@ __all__ = [
     "NonFiniteError",
     "DiskFullError",
     "MissingDependencyError",
+    "PackedFileError",
 ]
 
 
@@ -57,3 +58,8 @@ class DiskFullError(BinaxError, OSError):
 
 class MissingDependencyError(BinaxError, ImportError):
     """An optional package a feature needs is not installed; the message gives the pip command."""
+
+
+class PackedFileError(BinaxError, ValueError):
+    """A packed model file that cannot be loaded (not a zip, truncated, damaged, another
+    format version, or arrays that do not fit its model); the message names the file."""

@@ -201,7 +201,7 @@ def test_a_trained_run_naming_module_attribute_restores_and_exports(plugin, tmp_
     assert step == 5 and binarizers.describe(model.input_quantizer).name == "poly_sign"
     packed = bx.export(model, variables, preprocessing=bx.Preprocessing.from_config(config))
     assert all(layer.packed for layer in packed.layers.values())
-    assert packed.meta["config"]["input_quantizer"] == "my_binarizers:poly_sign"
+    assert packed.meta["config"]["input_quantizer"] == "poly_sign"  # the file names the registry name, no module
     assert packed.preprocessing.dataset == "fashion_mnist"
 
 

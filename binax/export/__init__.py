@@ -4,8 +4,8 @@
   (``packed(raw_images) -> logits``, ``.forward(inputs)``, ``.report()``,
   ``.save(path)``, ``.save_portable(path)``) and ``load(path)``: every registry model,
   packed weights in one ``.npz`` file (format: docs/export.md), packed inference
-  (``chain`` / ``generic`` runtimes), and a ``jax.export`` artifact that runs with jax
-  alone.
+  (``chain`` / ``generic`` runtimes), and a ``jax.export`` artifact that runs without
+  binax. ``load`` reads a file as data (:mod:`binax.export.packed_file`).
 * ``preprocessing``: :class:`Preprocessing`, what the training pipeline did to raw images.
 * ``inference``: a quantized layer in inference form (activation codes, packed kernels).
 * ``chain``: sequential models whose binary layers pass packed bits to each other.
@@ -19,6 +19,7 @@ with the training fast path (:mod:`binax.ops`). From a training run's workdir::
 
 from binax.export.model import (
     FORMAT_VERSION,
+    PORTABLE_REQUIREMENTS,
     PackedModel,
     export,
     inference_config,
@@ -31,6 +32,7 @@ from binax.export.preprocessing import Preprocessing
 
 __all__ = [
     "FORMAT_VERSION",
+    "PORTABLE_REQUIREMENTS",
     "export",
     "inference_config",
     "inference_model",

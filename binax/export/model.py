@@ -34,9 +34,11 @@ layer by layer, what runs packed and what runs in float, and why.
 
 The file is ONE ``.npz`` (format in docs/export.md): arrays under ``variables/…``,
 ``layers/…``, ``thresholds/…`` and ``preprocessing/table`` plus a JSON ``meta`` entry
-(format name and version, the module's class and config, preprocessing, input shape,
-layer order, the chain's steps, per-layer facts). :func:`load` needs ``binax.models`` (to
-rebuild the module) but not ``binax.train`` and no latent weights;
+(format name and version, the model's registry name and config, its quantizers' declared
+forwards, preprocessing, input shape, layer order, the chain's steps, per-layer facts).
+:func:`load` rebuilds the module from ``binax.models``' registry (never importing anything
+the file names; :mod:`binax.export.packed_file`), needs neither ``binax.train`` nor latent
+weights;
 :meth:`PackedModel.save_portable` writes the same inference as a serialized
 ``jax.export`` (StableHLO) that runs with ``jax`` alone.
 """
@@ -44,7 +46,6 @@ rebuild the module) but not ``binax.train`` and no latent weights;
 from __future__ import annotations
 
 import dataclasses
-import importlib
 import json
 import os
 from typing import Any, Mapping, Sequence
@@ -58,8 +59,10 @@ from jax import lax
 
 import binax
 from binax import models
-from binax.errors import ConfigError
+from binax.errors import ConfigError, PackedFileError
 from binax.export import chain as chain_lib
+from binax.export import file_arrays, packed_file
+from binax.export.identity import _build_module, _jsonable, inference_config, inference_model, module_identity
 from binax.export.inference import (
     EXPORTED_TYPES,
     LayerExport,
@@ -70,7 +73,6 @@ from binax.export.inference import (
     quantize_kernels,
 )
 from binax.export.preprocessing import Preprocessing, as_preprocessing
-from binax.models import common
 from binax.packed.kernels import CPU_COMPILER_OPTIONS
 
 Array = jax.Array
@@ -78,6 +80,7 @@ Array = jax.Array
 __all__ = [
     "FORMAT",
     "FORMAT_VERSION",
+    "PORTABLE_REQUIREMENTS",
     "RUNTIMES",
     "PackedModel",
     "export",
@@ -88,95 +91,13 @@ __all__ = [
     "inference_model",
 ]
 
-FORMAT = "binax.export.packed_model"
-# 2: the module's class and full config, preprocessing, layer order and chain steps.
-FORMAT_VERSION = 2
+FORMAT = packed_file.FORMAT
+FORMAT_VERSION = packed_file.FORMAT_VERSION
 RUNTIMES = ("auto", "chain", "generic")
-
-
-# ------------------------------------------------------------------------- config
-
-
-def _jsonable(value, where: str):
-    """Config values as JSON (dicts, lists, str, numbers, bools, None); callables refused."""
-    if hasattr(value, "to_dict"):
-        value = value.to_dict()
-    if isinstance(value, Mapping):
-        return {str(k): _jsonable(v, f"{where}.{k}") for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_jsonable(v, f"{where}[{i}]") for i, v in enumerate(value)]
-    if isinstance(value, (np.generic,)):
-        return value.item()
-    if value is None or isinstance(value, (str, bool, int, float)):
-        return value
-    raise ConfigError(
-        f"config value {where} = {value!r} cannot be stored in a packed model file; use registry "
-        f"names (binax.binarizers.names()) and plain numbers, strings, lists and dicts."
-    )
-
-
-def inference_config(config: Mapping[str, Any]) -> dict:
-    """The config a model runs at inference: ``config`` with
-    :func:`binax.models.inference_overrides` (e.g. ``tanh_sign`` quantizers become ``sign``)."""
-    return {**dict(config), **models.inference_overrides(config)}
-
-
-def inference_model(model: nn.Module) -> nn.Module:
-    """``model`` as it runs at inference (:func:`binax.models.inference_overrides`: e.g.
-    ``tanh_sign`` quantizers become ``sign``); the same module when nothing changes."""
-    overrides = models.inference_overrides(model)
-    if not overrides:
-        return model
-    return model.clone(parent=None, **{k: common.freeze(v) for k, v in overrides.items()})
-
-
-def _fields(model: nn.Module) -> dict[str, Any]:
-    return {f.name: getattr(model, f.name) for f in dataclasses.fields(model) if f.name not in ("parent", "name")}
-
-
-def module_identity(model: nn.Module) -> tuple[str | None, str, dict]:
-    """``(registry name or None, 'module:Class', config)`` that rebuild ``model``.
-
-    A registry model is recorded by its name and the keys of its config
-    (``binax.models.create(name, **config)`` gives the same module; of several names of
-    one class the one whose defaults differ least); any other module by its class and
-    every field.
-    """
-    cls = type(model)
-    fields = _fields(model)
-    best = None
-    for name in models.names():
-        if type(models.create(name)) is not cls:
-            continue
-        defaults = models.get_config(name).to_dict()
-        config = {k: fields[k] for k in defaults}
-        try:
-            rebuilt = models.create(name, **config)
-        except (ConfigError, ValueError):
-            continue
-        if _fields(rebuilt) != fields:
-            continue  # a field outside this name's config differs from its default
-        diff = sum(common.freeze(defaults[k]) != config[k] for k in defaults)
-        if best is None or diff < best[0]:
-            best = (diff, name, config)
-    where = f"{cls.__module__}:{cls.__qualname__}"
-    if best is not None:
-        return best[1], where, _jsonable(best[2], "config")
-    return None, where, _jsonable(fields, "config")
-
-
-def _build_module(meta: Mapping[str, Any]) -> nn.Module:
-    """The module a file records (:func:`module_identity`)."""
-    if meta.get("model") is not None:
-        return models.create(meta["model"], **meta["config"])
-    module_name, _, qualname = meta["module"].partition(":")
-    try:
-        obj = importlib.import_module(module_name)
-        for part in qualname.split("."):
-            obj = getattr(obj, part)
-    except (ImportError, AttributeError) as e:
-        raise ConfigError(f"the packed model's module class {meta['module']!r} cannot be imported: {e}") from None
-    return obj(**{k: common.freeze(v) for k, v in meta["config"].items()})
+#: What running a :meth:`PackedModel.save_portable` artifact needs: jax and the packages
+#: jax itself requires, and flatbuffers, which ``jax.export.deserialize`` imports but jax
+#: does not install (tests/test_export_file.py runs an artifact with exactly these).
+PORTABLE_REQUIREMENTS = ("jax", "jaxlib", "numpy", "ml_dtypes", "opt_einsum", "scipy", "flatbuffers")
 
 
 # ------------------------------------------------------------------------- trace
@@ -269,7 +190,7 @@ class PackedModel:
     def __init__(self, meta: Mapping[str, Any], arrays: Mapping[str, np.ndarray], *, _traced=None):
         self.meta = json.loads(json.dumps(meta))  # a plain copy
         self._arrays = {k: np.asarray(v) for k, v in arrays.items()}
-        self.name = self.meta["model"] or self.meta["module"].rpartition(":")[2]
+        self.name = self.meta["model"] or self.meta["model_class"]
         self.config = self.meta["config"]
         self.input_shape = tuple(self.meta["input_shape"])
         self.runtime = self.meta["runtime"]
@@ -465,9 +386,10 @@ class PackedModel:
 
         Raw values past ``max_value`` give NaN logits for their image (the artifact cannot
         raise). The arrays pass an optimization barrier so that the compiler does not
-        fold them as constants: the artifact computes what :meth:`__call__` computes, bit
-        for bit at the same batch size. ``platforms``: ``jax.export``'s (default: this
-        backend).
+        fold them as constants: the artifact computes what :meth:`__call__` computes, with
+        the same predictions and logits within float rounding (XLA compiles it by itself
+        and may order the float stages' sums differently; docs/export.md). ``platforms``:
+        ``jax.export``'s (default: this backend).
         """
         arrays = jax.tree.map(np.asarray, self._host_arrays)
         raw = self.preprocessing.takes_raw
@@ -483,12 +405,12 @@ class PackedModel:
     def save_portable(self, path: str | os.PathLike, *, platforms: Sequence[str] | None = None) -> int:
         """Writes :meth:`jax_export` serialized to ``path``; returns its size in bytes.
 
-        Run it with jax alone: ``jax.export.deserialize(open(path, 'rb').read()).call(images)``.
+        Written atomically (missing folders created). Run it without binax (``jax`` and
+        ``flatbuffers``: :data:`PORTABLE_REQUIREMENTS`):
+        ``jax.export.deserialize(open(path, 'rb').read()).call(images)``.
         """
         data = self.jax_export(platforms=platforms).serialize()
-        with open(os.fspath(path), "wb") as f:
-            f.write(data)
-        return len(data)
+        return packed_file.atomic_write(path, lambda f: f.write(data))
 
     # ---- sizes and report
 
@@ -640,13 +562,13 @@ def export(
         raise ConfigError(f"runtime must be one of {RUNTIMES}; got {runtime!r}.")
     pre = as_preprocessing(preprocessing, input_shape)
     shape = pre.shape
-    registry_name, module_path, config = module_identity(model)
+    registry_name, class_name, config, quantizers = module_identity(model)
     model = inference_model(model)
     ops = chain_lib.plan_ops(model)
     if runtime == "chain" and ops is None:
         names = [n for n in models.names() if chain_lib.plan_ops(models.create(n)) is not None]
         raise ConfigError(
-            f"{registry_name or module_path} has no packed-chain plan (models with one: {names}); use runtime='generic'."
+            f"{registry_name or class_name} has no packed-chain plan (models with one: {names}); use runtime='generic'."
         )
     calls, abstract = trace(model, shape)
     variables = unfreeze(dict(variables)) if isinstance(variables, Mapping) else variables
@@ -672,8 +594,9 @@ def export(
         "format_version": FORMAT_VERSION,
         "binax_version": binax.__version__,
         "model": registry_name,
-        "module": module_path,
+        "model_class": class_name,
         "config": config,
+        "quantizers": quantizers,
         "input_shape": list(shape),
         "preprocessing": pre.to_json(),
         "runtime": "chain" if use_chain else "generic",
@@ -710,11 +633,14 @@ def export(
         meta["not_fused"] = {"/".join(p): v for p, v in plan.not_fused.items()}
         meta["chain"] = _chain_json(ops, exports, plan, calls)
 
-    for col in ("params", "batch_stats"):
-        for path, leaf in _flatten(variables.get(col, {})).items():
+    # The model's variables (what its trace declares), as float32: the runtime computes
+    # in float32 whatever the training dtype.
+    for col, tree in unfreeze(abstract).items():
+        for path in _flatten(tree):
             if any(path[: len(s)] == s for s in skip):
                 continue
-            arrays["variables/" + "/".join((col,) + path)] = np.asarray(leaf)
+            leaf = _subtree(variables.get(col, {}), path)
+            arrays["variables/" + "/".join((col,) + path)] = np.asarray(leaf, np.float32)
     return PackedModel(meta, arrays, _traced=(model, calls))
 
 
@@ -722,42 +648,56 @@ def export(
 
 
 def save(model: PackedModel, path: str | os.PathLike) -> int:
-    """Writes ``model`` as one ``.npz`` (deflate-compressed) and returns its size in bytes."""
-    path = os.fspath(path)
-    entries = {"meta": np.asarray(json.dumps(model.meta, sort_keys=True))}
-    for key, arr in model.arrays().items():
-        if key == "meta":
-            raise ConfigError("'meta' is reserved for the metadata entry.")
-        entries[key] = arr
-    np.savez_compressed(path, **entries)
-    if not path.endswith(".npz") and os.path.exists(path + ".npz"):
-        os.replace(path + ".npz", path)
-    return os.path.getsize(path)
+    """Writes ``model`` as one ``.npz`` (deflate-compressed) at ``path`` exactly (no suffix
+    added), atomically (its folder is created if missing); returns its size in bytes."""
+    return packed_file.write(path, model.meta, model.arrays())
 
 
 def read_meta(path: str | os.PathLike) -> dict:
-    """The metadata of a packed model file, checked for the format and its version."""
-    with np.load(os.fspath(path), allow_pickle=False) as data:
-        return _meta(data, path)
+    """The metadata of a packed model file, checked for the format, its version and the
+    fields loading reads (:class:`binax.errors.PackedFileError` otherwise)."""
+    return packed_file.check_meta(packed_file.read(path)[0], path)
 
 
-def _meta(data, path) -> dict:
-    if "meta" not in data.files:
-        raise ConfigError(f"{path} is not a binax packed model file (no 'meta' entry).")
-    meta = json.loads(str(data["meta"]))
-    if meta.get("format") != FORMAT:
-        raise ConfigError(f"{path}: format {meta.get('format')!r} is not {FORMAT!r}.")
-    if meta.get("format_version") != FORMAT_VERSION:
-        raise ConfigError(
-            f"{path}: format version {meta.get('format_version')!r}; this binax reads version {FORMAT_VERSION} "
-            f"(export the model again with this binax)."
-        )
-    return meta
+def load(path: str | os.PathLike, *, model: nn.Module | None = None) -> PackedModel:
+    """Reads a packed model file written by :func:`save` / :meth:`PackedModel.save`, as data.
 
+    The model is rebuilt from ``binax.models``' registry by the name and config the file
+    records, its quantizers from ``binax.binarizers``' registry by name; nothing the file
+    names is imported or called (docs/export.md says what loading trusts). A model of a
+    class of your own (recorded by class name only) is run on the module you pass as
+    ``model``, which must have the file's config.
 
-def load(path: str | os.PathLike) -> PackedModel:
-    """Reads a packed model file written by :func:`save` / :meth:`PackedModel.save`."""
-    with np.load(os.fspath(path), allow_pickle=False) as data:
-        meta = _meta(data, path)
-        arrays = {k: data[k] for k in data.files if k != "meta"}
-    return PackedModel(meta, arrays)
+    Raises:
+      binax.errors.PackedFileError: one line naming the file and what is wrong with it (not
+        a zip, truncated or damaged, another format version, malformed metadata, a model
+        or quantizer that is not registered, a missing array, a wrong dtype or shape,
+        non-finite values).
+    """
+    meta, arrays = packed_file.read(path)
+    meta = packed_file.check_meta(meta, path)
+    try:
+        Preprocessing.from_json(meta["preprocessing"])
+    except (ConfigError, TypeError) as e:
+        raise PackedFileError(f"{path}: its preprocessing record is not valid: {e}") from None
+    if model is None:
+        module = _build_module(meta, path)
+    else:
+        _, cls_name, config, _ = module_identity(model)
+        if cls_name != meta["model_class"] or config != meta["config"]:
+            diff = sorted(k for k in set(config) | set(meta["config"]) if config.get(k) != meta["config"].get(k))
+            raise PackedFileError(
+                f"{path}: the model passed ({cls_name}) is not the one exported ({meta['model_class']}); "
+                f"config keys that differ: {diff[:5]}."
+            )
+        module = model
+    module = inference_model(module)
+    try:
+        calls, abstract = trace(module, tuple(meta["input_shape"]))
+    except ConfigError as e:
+        raise PackedFileError(f"{path}: its model does not take input_shape {meta['input_shape']}: {e}") from None
+    if meta["runtime"] == "chain" and chain_lib.plan_ops(module) is None:
+        raise PackedFileError(f"{path}: runtime 'chain', but {meta['model'] or meta['model_class']} has no chain plan.")
+    want = file_arrays.expected_arrays(meta, calls, unfreeze(abstract), path)
+    file_arrays.check_arrays(arrays, want, path)
+    return PackedModel(meta, arrays, _traced=(module, calls))
