@@ -81,6 +81,14 @@ def _padding(path, module, float_input: bool) -> str:
     return pad.lower()
 
 
+def max_pool_fields(op) -> dict:
+    """Keras ``MaxPool2D`` arguments of a chain's max-pool step ('SAME'/'VALID' padding)."""
+    pad = op.padding
+    if not isinstance(pad, str) or pad.upper() not in ("SAME", "VALID"):
+        raise _refuse("max_pool", f"padding {pad!r} (LCE export maps 'SAME' and 'VALID')")
+    return {"pool": list(op.window), "strides": list(op.strides), "padding": pad.lower()}
+
+
 def _strides(module) -> list[int]:
     s = module.strides
     return [int(s), int(s)] if isinstance(s, int) else [int(v) for v in s]
@@ -168,12 +176,29 @@ def _binary_layer(b: _Builder, path, layer, arrays: Mapping) -> bool:
     return False
 
 
-def _activation(b: _Builder, path, name: str) -> None:
+def _binary_bn_affine(params: Mapping) -> dict[str, np.ndarray]:
+    """A BinaryBatchNorm on a float input (``s`` where ``x >= τ``, else ``−s``) as ``y = s·x + b``
+    whose sign is that output: ``x − τ`` for ``s = +1``; ``τ⁻ − x`` for ``s = −1``, with ``τ⁻``
+    the float below ``τ`` (so ``x = τ`` gives −1, as BinaryBatchNorm does). The sign of a
+    float difference is exact, so no rounding moves a bit."""
+    tau = np.asarray(params["threshold"], np.float32)
+    s = np.where(np.asarray(params["sign"]) < 0, -1.0, 1.0).astype(np.float32)
+    tau = np.where(s < 0, np.nextafter(tau, np.float32(-np.inf)), tau).astype(np.float32)
+    return {"scale": s, "bias": (-s * tau).astype(np.float32)}
+
+
+def _activation(b: _Builder, path, name: str, rprelu: Mapping | None = None, rank: int = 2) -> None:
     if name in (None, "none"):
         return
-    if name == "rprelu":
-        raise _refuse(path, "RPReLU outside a fused block (not mapped)")
-    b.add("activation", path, activation=name)
+    if name != "rprelu":
+        b.add("activation", path, activation=name)
+        return
+    # ReActNet's RPReLU: shift, PReLU (slope per channel), shift (binax.layers.RPReLU).
+    ones = np.ones_like(np.asarray(rprelu["slope"], np.float32))
+    b.add("affine", path + ("shift_in",), {"scale": ones, "bias": rprelu["shift_in"]})
+    slope = np.asarray(rprelu["slope"], np.float32).reshape((1,) * (rank - 2) + (-1,))
+    b.add("prelu", path, {"alpha": slope}, shared_axes=list(range(1, rank - 1)) or None)
+    b.add("affine", path + ("shift_out",), {"scale": ones, "bias": rprelu["shift_out"]})
 
 
 def keras_layers(packed: PackedModel) -> tuple[list[dict], dict[str, np.ndarray]]:
@@ -192,16 +217,17 @@ def keras_layers(packed: PackedModel) -> tuple[list[dict], dict[str, np.ndarray]
     host = packed._host_arrays
     float_vars = host["variables"]
     b = _Builder()
+    rank = 1 + len(packed.input_shape)  # of the values between layers (PReLU's shared axes)
     for op in plan.ops:
         path = op.path
         if op.kind == "flatten":
             b.add("flatten", ("flatten",))
+            rank = 2
         elif op.kind == "max_pool":
-            if not isinstance(op.padding, str):
-                raise _refuse("max_pool", f"padding {op.padding!r}")
-            b.add("max_pool", ("pool",), pool=list(op.window), strides=list(op.strides), padding=op.padding.lower())
+            b.add("max_pool", ("pool",), **max_pool_fields(op))
         elif op.kind == "activation":
-            _activation(b, path, op.activation)
+            params = float_vars["params"]
+            _activation(b, path, op.activation, _node(params, path) if op.activation == "rprelu" else None, rank)
         elif op.kind == "layer":
             layer = plan.layers.get(path)
             if layer is None:
@@ -223,8 +249,9 @@ def keras_layers(packed: PackedModel) -> tuple[list[dict], dict[str, np.ndarray]
             if path in plan.fused:
                 th = host["thresholds"][path]
                 t, flip = np.asarray(th["threshold"]), np.asarray(th["flip"])
-                if t.shape[0] != 1:
-                    raise _refuse(path, f"{t.shape[0]} activation planes (LCE takes one sign plane)")
+                # One plane: the consumer's code is sign (a multi-plane consumer is refused
+                # first, as the layers before it are mapped before its block).
+                assert t.shape[0] == 1, t.shape
                 s = np.where(flip[0], -1.0, 1.0).astype(np.float32)
                 # s·(acc − t + ½): the sign of it is (acc >= t) XOR flip for integer acc.
                 bias = (s * (0.5 - t[0].astype(np.float64))).astype(np.float32)
@@ -232,20 +259,18 @@ def keras_layers(packed: PackedModel) -> tuple[list[dict], dict[str, np.ndarray]
                 continue
             block = plan.blocks[path]
             if isinstance(block.norm, L.BinaryBatchNorm):
-                raise _refuse(path, "BinaryBatchNorm feeding a float layer (not mapped)")
-            if block.act_module is not None:
-                raise _refuse(path, "RPReLU after a BatchNorm that is not fused (not monotone)")
+                b.add("affine", path, _binary_bn_affine(_node(float_vars["params"], path)))
+                continue
             v = {col: _node(tree, path) for col, tree in float_vars.items()}
-            norm = block.norm
-            if not (norm.use_scale and norm.use_bias):
-                raise _refuse(path, "BatchNorm without scale or bias (not mapped)")
+            mean, var = v["batch_stats"]["mean"], v["batch_stats"]["var"]
+            params = v.get("params") or {}
+            gamma, beta = params.get("scale", np.ones_like(mean)), params.get("bias", np.zeros_like(mean))
             b.add(
-                "batch_norm",
-                path,
-                {"gamma": v["params"]["scale"], "beta": v["params"]["bias"], "mean": v["batch_stats"]["mean"], "var": v["batch_stats"]["var"]},
-                epsilon=float(norm.epsilon),
+                "batch_norm", path, {"gamma": gamma, "beta": beta, "mean": mean, "var": var}, epsilon=float(block.norm.epsilon)
             )
-            _activation(b, path, block.activation)
+            act = "rprelu" if block.act_module is not None else block.activation
+            params = float_vars["params"]
+            _activation(b, block.act_path, act, _node(params, block.act_path) if act == "rprelu" else None, rank)
         else:
             raise _refuse(path or op.kind, f"chain step {op.kind!r}")
     return b.layers, b.arrays
@@ -279,7 +304,8 @@ def run_lce(
     Writes ``workdir/<name>.tflite`` for each; with ``inputs[name]`` (preprocessed float
     inputs) also returns the Keras model's and LCE's interpreter's logits
     (``result['keras']``, ``result['lce']``); with ``timing={'repeats': r, 'warmup': w}``
-    the interpreter's seconds per batch (``result['seconds']``).
+    the interpreter's wall and CPU seconds per batch (``result['seconds']``,
+    ``result['cpu_seconds']``).
 
     Raises:
       binax.errors.ConfigError: a model that does not map (:func:`keras_layers`).

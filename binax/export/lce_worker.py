@@ -25,16 +25,11 @@ import os
 import sys
 import time
 
-# Keras 2 (tf_keras) for larq, decided before TensorFlow is imported. jax is kept out:
-# TensorFlow's converter imports it if it can, and this process may run a NumPy that
-# binax's jax does not accept.
-os.environ["TF_USE_LEGACY_KERAS"] = "1"
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-sys.modules.setdefault("jax", None)
+import numpy as np
 
-import numpy as np  # noqa: E402
-
-LAYER_TYPES = ("quant_conv", "quant_dense", "conv", "dense", "affine", "batch_norm", "max_pool", "flatten", "activation")
+LAYER_TYPES = (
+    "quant_conv", "quant_dense", "conv", "dense", "affine", "batch_norm", "prelu", "max_pool", "flatten", "activation"
+)
 ACTIVATIONS = ("relu", "hardtanh", "tanh")
 EXIT_NUMPY = 3  # the interpreter cannot run under this NumPy
 
@@ -74,6 +69,9 @@ def _keras_layer(tf, lq, spec: dict, arrays):
         return tf.keras.layers.Lambda(lambda x: x * scale + bias, name=name)
     if kind == "batch_norm":
         return tf.keras.layers.BatchNormalization(epsilon=float(spec["epsilon"]), name=name)
+    if kind == "prelu":
+        # One slope per channel, shared over the spatial axes of a feature map.
+        return tf.keras.layers.PReLU(shared_axes=spec.get("shared_axes"), name=name)
     if kind == "max_pool":
         return tf.keras.layers.MaxPool2D(tuple(spec["pool"]), tuple(spec["strides"]), spec["padding"], name=name)
     if kind == "flatten":
@@ -92,6 +90,8 @@ def _weights(spec: dict, arrays) -> list[np.ndarray] | None:
         return [arrays[spec["kernel"]]] + ([arrays[spec["bias"]]] if "bias" in spec else [])
     if kind == "batch_norm":
         return [arrays[spec[k]] for k in ("gamma", "beta", "mean", "var")]
+    if kind == "prelu":
+        return [arrays[spec["alpha"]]]
     return None
 
 
@@ -134,17 +134,19 @@ def predict(interpreter, x: np.ndarray, batch: int) -> np.ndarray:
     return np.concatenate(out)
 
 
-def time_interpreter(interpreter, shape, repeats: int, warmup: int) -> list[float]:
-    """Seconds per ``predict`` call on one random batch, ``repeats`` times after ``warmup``."""
+def time_interpreter(interpreter, shape, repeats: int, warmup: int) -> tuple[list[float], list[float]]:
+    """Wall and CPU (this process, all threads) seconds per ``predict`` call on one random
+    batch, ``repeats`` times after ``warmup``."""
     x = [np.random.default_rng(0).standard_normal(shape).astype(np.float32)]
     for _ in range(warmup):
         interpreter.interpreter.predict(x)
-    times = []
+    wall, cpu = [], []
     for _ in range(repeats):
-        t = time.perf_counter()
+        t, c = time.perf_counter(), time.process_time()
         interpreter.interpreter.predict(x)
-        times.append(time.perf_counter() - t)
-    return times
+        wall.append(time.perf_counter() - t)
+        cpu.append(time.process_time() - c)
+    return wall, cpu
 
 
 def run_job(tf, lq, lce, Interpreter, job: dict) -> dict:
@@ -168,7 +170,9 @@ def run_job(tf, lq, lce, Interpreter, job: dict) -> dict:
     if job.get("timing"):
         t = job["timing"]
         shape = (int(job["batch"]), *job["input_shape"])
-        result["seconds"] = time_interpreter(interpreter, shape, int(t["repeats"]), int(t.get("warmup", 2)))
+        result["seconds"], result["cpu_seconds"] = time_interpreter(
+            interpreter, shape, int(t["repeats"]), int(t.get("warmup", 2))
+        )
     return result
 
 
@@ -178,6 +182,12 @@ def main(argv: list[str]) -> int:
         return 2
     with open(argv[1]) as f:
         jobs = json.load(f)["jobs"]
+    # Keras 2 (tf_keras) for larq, decided before TensorFlow is imported. jax is kept out:
+    # TensorFlow's converter imports it if it can, and this process may run a NumPy that
+    # binax's jax does not accept.
+    os.environ["TF_USE_LEGACY_KERAS"] = "1"
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    sys.modules.setdefault("jax", None)
     import larq as lq
     import larq_compute_engine as lce
     import tensorflow as tf
