@@ -298,12 +298,14 @@ def run_lce(
     inputs: Mapping[str, np.ndarray] | None = None,
     timing: Mapping[str, Any] | None = None,
     threads: int = 1,
+    keras_count: int | None = None,
 ) -> dict[str, dict]:
     """Converts several packed models in ONE worker process (TensorFlow starts once).
 
     Writes ``workdir/<name>.tflite`` for each; with ``inputs[name]`` (preprocessed float
     inputs) also returns the Keras model's and LCE's interpreter's logits
-    (``result['keras']``, ``result['lce']``); with ``timing={'repeats': r, 'warmup': w}``
+    (``result['keras']``, ``result['lce']``; Keras on the first ``keras_count`` only when
+    given); with ``timing={'repeats': r, 'warmup': w}``
     the interpreter's wall and CPU seconds per batch (``result['seconds']``,
     ``result['cpu_seconds']``).
 
@@ -334,7 +336,7 @@ def run_lce(
         if inputs is not None and name in inputs:
             ipath = os.path.join(workdir, f"{name}.inputs.npy")
             np.save(ipath, np.asarray(inputs[name], np.float32))
-            job.update(inputs=ipath, outputs=os.path.join(workdir, f"{name}.outputs.npz"))
+            job.update(inputs=ipath, outputs=os.path.join(workdir, f"{name}.outputs.npz"), keras_count=keras_count)
         if timing:
             job["timing"] = dict(timing)
         jobs.append(job)

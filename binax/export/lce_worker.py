@@ -165,7 +165,8 @@ def run_job(tf, lq, lce, Interpreter, job: dict) -> dict:
         interpreter = Interpreter(flatbuffer, num_threads=int(job.get("threads", 1)))
     if job.get("inputs"):
         x = np.load(job["inputs"], allow_pickle=False)
-        keras = np.concatenate([model(x[i : i + 256], training=False).numpy() for i in range(0, len(x), 256)])
+        n = int(job.get("keras_count") or len(x))  # the Keras model on the first n inputs
+        keras = np.concatenate([model(x[i : min(i + 256, n)], training=False).numpy() for i in range(0, n, 256)])
         np.savez(job["outputs"], keras=keras, lce=predict(interpreter, x, int(job["batch"])))
     if job.get("timing"):
         t = job["timing"]
