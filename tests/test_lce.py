@@ -50,6 +50,9 @@ needs_interpreter = pytest.mark.skipif(
 # name -> model overrides of configs/recipe.py's METHODS that LCE maps.
 METHODS = {
     "bnn": dict(input_quantizer="ste_sign", kernel_quantizer="ste_sign"),
+    # BNN with a binary classifier: a binary dense layer over a flattened map (stored per
+    # pixel), with a bias, decoded into the logits.
+    "bnn_binary_classifier": dict(input_quantizer="ste_sign", kernel_quantizer="ste_sign", last_layer_float=False),
     "xnor": dict(input_quantizer="ste_sign", kernel_quantizer="xnor_weight"),
     "bireal": dict(input_quantizer="approx_sign", kernel_quantizer="xnor_weight"),
     "reactnet": dict(input_quantizer="approx_sign", kernel_quantizer="xnor_weight", activation="rprelu"),
@@ -161,10 +164,14 @@ def test_keras_model_computes_the_eval_graph(converted, case):
 @pytest.mark.slow
 @needs_interpreter
 def test_binary_layers_become_lce_binary_ops(converted):
-    """LCE's converter turned the Larq layers into its binary convolutions (not float ones)."""
+    """LCE's converter turned the Larq layers into its binary convolutions (not float ones),
+    for the CNN and for the MLP's dense layers."""
     result, *_ = converted["cnn_small-bnn"]
     data = open(result["tflite"], "rb").read()
     assert b"LceBconv2d" in data and b"LceQuantize" in data
+    # The MLP's binary dense layers too (mapped as 1×1 binary convolutions).
+    mlp = open(converted["bnn_mlp-bnn"][0]["tflite"], "rb").read()
+    assert b"LceBconv2d" in mlp
 
 
 @pytest.mark.parametrize(

@@ -2,16 +2,17 @@
 
 LCE (Bannink et al. 2021, https://github.com/larq/compute-engine) runs binary
 convolutions on phones and boards (ARM NEON kernels). Its converter recognises Larq's
-``QuantConv2D``/``QuantDense`` with ``ste_sign`` input and kernel quantizers (``pad_values=1``
-for ``"same"`` padding) and turns them into its binary ops, fusing a following per-channel
+``QuantConv2D`` with ``ste_sign`` input and kernel quantizers (``pad_values=1`` for
+``"same"`` padding) and turns them into its binary ops, fusing a following per-channel
 multiply/add and the next layer's sign into the binary convolution's output.
 
 The layers come from the packed model's chain (:mod:`binax.export.chain`), i.e. binax's
 deployed form, so the ``.tflite`` computes what the packed runtime computes:
 
-* a binary layer (sign activations × sign kernel) is a ``QuantConv2D``/``QuantDense`` with
-  the ±1 kernel (unpacked from the file's bits) and no bias: its output is binax's integer
-  accumulator, exactly;
+* a binary layer (sign activations × sign kernel) is a ``QuantConv2D`` with the ±1 kernel
+  (unpacked from the file's bits) and no bias, a dense one a 1×1 ``QuantConv2D`` on a 1×1
+  map (LCE 0.16 converts binary convolutions, not ``QuantDense``): its output is binax's
+  integer accumulator, exactly;
 * a fused ``[max-pool →] BatchNorm → activation → sign`` block (one integer threshold
   ``t`` and a ``flip`` per channel) is a per-channel affine ``s·(acc − t + ½)``, ``s = ±1``:
   its sign is the chain's bit ``(acc >= t) XOR flip``, and every value is a half-integer
@@ -165,7 +166,10 @@ def _binary_layer(b: _Builder, path, layer, arrays: Mapping) -> bool:
         padding = _padding(path, module, float_input=False)
         b.add("quant_conv", path, {"kernel": kernel}, strides=_strides(module), padding=padding, pad_values=1.0)
     elif isinstance(module, L.BinaryDense):
-        b.add("quant_dense", path, {"kernel": kernel})
+        # After a flatten, LCE 0.16's binary convolution on the reshaped bitpacked map gave
+        # wrong accumulators for some images: there the layer stays a QuantDense (LCE runs
+        # it as a float matmul of ±1 values, exact).
+        b.add("quant_dense", path, {"kernel": kernel}, as_conv=info.get("layout") != "map")
     else:
         raise _refuse(path, f"{type(module).__name__} (depthwise binary convolutions are not mapped)")
     if info.get("scale_in_thresholds"):

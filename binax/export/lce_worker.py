@@ -60,8 +60,17 @@ def _keras_layer(tf, lq, spec: dict, arrays):
         units = arrays[spec["kernel"]].shape[-1]
         if kind == "dense":
             return tf.keras.layers.Dense(units, use_bias="bias" in spec, name=name)
-        return lq.layers.QuantDense(
-            units, use_bias="bias" in spec, input_quantizer="ste_sign", kernel_quantizer="ste_sign", name=name
+        if not spec.get("as_conv", True):
+            return lq.layers.QuantDense(
+                units, use_bias="bias" in spec, input_quantizer="ste_sign", kernel_quantizer="ste_sign", name=name
+            )
+        # LCE 0.16 turns binary convolutions, not QuantDense, into LceBconv2d: a binary
+        # dense layer is a 1×1 QuantConv2D on a 1×1 map (the same accumulator).
+        conv = lq.layers.QuantConv2D(
+            units, 1, use_bias="bias" in spec, input_quantizer="ste_sign", kernel_quantizer="ste_sign", name=name
+        )
+        return tf.keras.Sequential(
+            [tf.keras.layers.Reshape((1, 1, -1)), conv, tf.keras.layers.Reshape((units,))], name=name + "_as_conv"
         )
     if kind == "affine":
         scale = tf.constant(arrays[spec["scale"]], tf.float32)
@@ -86,7 +95,10 @@ def _keras_layer(tf, lq, spec: dict, arrays):
 
 def _weights(spec: dict, arrays) -> list[np.ndarray] | None:
     kind = spec["type"]
-    if kind in ("quant_conv", "conv", "quant_dense", "dense"):
+    if kind == "quant_dense" and spec.get("as_conv", True):  # the 1×1 convolution's kernel
+        kernel = arrays[spec["kernel"]]
+        return [kernel.reshape(1, 1, *kernel.shape)] + ([arrays[spec["bias"]]] if "bias" in spec else [])
+    if kind in ("quant_conv", "conv", "dense", "quant_dense"):
         return [arrays[spec["kernel"]]] + ([arrays[spec["bias"]]] if "bias" in spec else [])
     if kind == "batch_norm":
         return [arrays[spec[k]] for k in ("gamma", "beta", "mean", "var")]
