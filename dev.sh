@@ -35,6 +35,29 @@ setup() {
     .venv/bin/python -m pip install -q -e ".[test]"
     touch .venv/.binax-installed
   fi
+  setup_lce
+}
+
+# Larq Compute Engine for the LCE export tests (binax[lce], docs/export.md), without moving
+# .venv off numpy 2: larq 0.14 declares numpy<2 (pip would then resolve jax to 0.7), so
+# larq and tf-keras go in without their pins (conversion runs under numpy 2), and LCE's
+# interpreter, compiled against NumPy 1, runs from .venv/lce: a venv whose own numpy<2
+# comes before .venv's packages. Only where LCE has a wheel; the tests skip elsewhere.
+setup_lce() {
+  if [ -x .venv/lce/bin/python ]; then return; fi
+  local tf base site
+  tf=$(.venv/bin/python -c "import importlib.metadata as m; print(m.version('tensorflow-cpu'))" 2>/dev/null) || return 0
+  echo "==> installing Larq Compute Engine (binax[lce]) and its NumPy 1 interpreter layer .venv/lce"
+  if ! .venv/bin/python -m pip install -q "larq-compute-engine>=0.16" "terminaltables>=3.1"; then
+    echo "    no larq-compute-engine wheel for this platform: the LCE tests will skip" >&2
+    return 0
+  fi
+  .venv/bin/python -m pip install -q --no-deps "larq>=0.14" "tf-keras==${tf%.*}.*"
+  base=$(.venv/bin/python -c "import sys; print(sys.base_prefix)")
+  "$base/bin/python3" -m venv --without-pip .venv/lce
+  site=$(.venv/lce/bin/python -c "import sysconfig; print(sysconfig.get_paths()['purelib'])")
+  .venv/bin/python -m pip install -q --no-deps --target "$site" "numpy<2" "ml_dtypes<0.6"
+  .venv/bin/python -c "import sysconfig; print(sysconfig.get_paths()['purelib'])" > "$site/zz_binax_venv.pth"
 }
 
 cmd=${1:-help}
@@ -71,6 +94,8 @@ case "$cmd" in
     # test-fast: the tier without end-to-end runs (pytest -m "not slow"), for edit-test loops.
     fast=()
     if [ "$cmd" = test-fast ]; then fast=(-m "not slow"); fi
+    # LCE's interpreter runs under NumPy 1 (setup_lce).
+    if [ -x .venv/lce/bin/python ]; then export BINAX_LCE_PYTHON=${BINAX_LCE_PYTHON:-$PWD/.venv/lce/bin/python}; fi
     # -n 2: one worker per core; pytest's exit 5 (no tests collected) is a failure.
     set +e
     .venv/bin/python -m pytest -n 2 --durations=15 "${fast[@]}" "$@"

@@ -22,6 +22,13 @@ One run times, interleaved and repeated (median after warm-up), on the same mach
   sizes (float32 = every parameter and batch statistic at 4 bytes, the packed ``.npz``
   and its ``jax.export`` artifact).
 
+With ``--lce`` (needs ``binax[lce]``; the interpreter a NumPy 1 Python, ``BINAX_LCE_PYTHON``),
+the same ``--model`` exported to Larq Compute Engine (``binax.export.lce``) runs in LCE's
+x86 interpreter at batch 1 and 16 with as many threads as XLA's CPU pool (the machine's
+cores), beside binax packed and float32 XLA at the same batches (``kind="lce"``). LCE
+times come from its worker process after binax's in the same run (not interleaved).
+LCE's optimized kernels target ARM (aarch64, ARMv7 NEON); on x86 it runs generic ones.
+
 Every line of output is one JSON object (the last, ``kind="table"``, gathers the figures
 of docs/performance.md's packed-inference table). Packed timings start from packed
 activations (what a packed network passes between binary layers); ``pack_bits`` of a
@@ -32,7 +39,7 @@ hardly grows when other processes share the cores, and are the steadier figure o
 machine.
 
 Usage: ``python benchmarks/packed.py [--batch 128] [--reps 7] [--quick] [--sweep]
-[--model vgg_small | --model ''] [--model-only]``.
+[--model vgg_small | --model ''] [--model-only] [--lce]``.
 """
 
 from __future__ import annotations
@@ -466,6 +473,50 @@ def bench_model(name: str, batch: int, reps: int, limit: dict) -> dict:
     return record
 
 
+def bench_lce(name: str, batches, reps: int) -> dict:
+    """Float32 XLA, binax packed and LCE's interpreter on the same exported ``name``."""
+    import tempfile
+
+    import binax
+    import binax.export as bx
+    import binax.ops.binary as ops_binary
+    from binax.export import lce
+
+    model = binax.models.create(name)
+    shape = (32, 32, 3)
+    variables = trained_like_variables(model, fashion_images(32, shape))
+    packed = bx.export(model, variables, preprocessing=None, input_shape=shape)
+    threads = os.cpu_count()
+    out = {}
+    default_impl = ops_binary.default_impl
+    for b in batches:
+        x = jnp.asarray(fashion_images(b, shape))
+        ops_binary.default_impl = lambda backend=None: "xla"
+        try:
+            float_fn = jax.jit(lambda v, x: model.apply(v, x, train=False, progress=1.0)).lower(variables, x).compile()
+        finally:
+            ops_binary.default_impl = default_impl
+        times = interleaved({"float32_xla": (float_fn, (variables, x)), "packed": (packed._forward, (packed._device_arrays, x))}, reps)
+        out[b] = summarize(times, "float32_xla")
+    with tempfile.TemporaryDirectory() as tmp:
+        for b in batches:
+            x = fashion_images(b, shape)
+            r = lce.run_lce({name: packed}, tmp, batch_size=b, inputs={name: x}, timing={"repeats": reps, "warmup": 2}, threads=threads)[name]
+            ref = np.asarray(packed.forward(x))
+            wall, cpu = np.asarray(r["seconds"]), np.asarray(r["cpu_seconds"])
+            out[b]["lce_interpreter"] = {
+                "median_ms": round(float(np.median(wall)) * 1e3, 3),
+                "min_ms": round(float(np.min(wall)) * 1e3, 3),
+                "cpu_median_ms": round(float(np.median(cpu)) * 1e3, 3),
+                "predictions_equal_packed": bool(np.array_equal(r["lce"].argmax(-1), ref.argmax(-1))),
+                "max_abs_logit_diff": float(np.abs(r["lce"] - ref).max()),
+                "tflite_bytes": r["tflite_bytes"],
+            }
+    record = dict(kind="lce", model=name, input_shape=list(shape), threads=threads, results={str(b): v for b, v in out.items()})
+    emit(**record)
+    return record
+
+
 def table(limit: dict, dense: dict, model: dict | None) -> dict:
     """The figures of docs/performance.md's packed-inference table, from this run."""
     out = {
@@ -506,6 +557,8 @@ def main():
     p.add_argument("--sweep", action="store_true", help="also time kernel tuning knobs")
     p.add_argument("--model", default="vgg_small", help="whole registry model to time ('' for none)")
     p.add_argument("--model-only", action="store_true", help="only the limit and the whole model")
+    p.add_argument("--lce", action="store_true", help="also race LCE's x86 interpreter on --model (batch 1, 16)")
+    p.add_argument("--lce-only", action="store_true", help="only the LCE race (with its machine record)")
     args = p.parse_args()
     emit(
         kind="machine",
@@ -517,6 +570,10 @@ def main():
         load_average=list(os.getloadavg()),
         compiler_options=CPU_COMPILER_OPTIONS if jax.default_backend() == "cpu" else None,
     )
+    if args.lce_only:
+        bench_lce(args.model or "vgg_small", (1, 16), args.reps)
+        emit(kind="done", load_average=list(os.getloadavg()))
+        return
     limit = measure_limit(args.reps)
     dense = {}
     if not args.model_only:
@@ -531,6 +588,8 @@ def main():
         bench_pack(args.batch, args.reps)
     model = bench_model(args.model, args.batch, args.reps, limit) if args.model else None
     table(limit, dense, model)
+    if args.lce and args.model:
+        bench_lce(args.model, (1, 16), args.reps)
     emit(kind="done", load_average=list(os.getloadavg()))
 
 

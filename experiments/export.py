@@ -63,6 +63,10 @@ _IMPORT = flags.DEFINE_multi_string(
     "import", [], "Module(s) to import first, e.g. one that registers the run's own binarizers "
     "(binax.binarizers.register); repeat the flag or separate names by commas."
 )
+_FORMAT = flags.DEFINE_enum(
+    "format", "packed", ["packed", "lce"], "'packed': binax's packed .npz (+ .jaxexport); 'lce': a Larq Compute "
+    "Engine .tflite, WORKDIR/model.tflite unless --out (binax.export.lce; needs pip install 'binax[lce]')."
+)
 _DEBUG = flags.DEFINE_bool("debug", False, "Show the traceback of an error in the workdir or flags.")
 
 
@@ -207,6 +211,29 @@ def run(
     return out
 
 
+def run_lce(workdir: str, out: str | None, step: str, shape_override: str | None) -> str:
+    """``--format lce``: the run's packed chain as an LCE ``.tflite`` (``WORKDIR/model.tflite``)."""
+    import binax.export as bx
+    from binax import train
+    from binax.export import lce
+
+    train.quiet_checkpoint_logs()
+    model, variables, config, chosen = train.restore_variables(workdir, step)
+    variables = jax.tree.map(np.asarray, variables)
+    packed = bx.export(
+        model, variables, preprocessing=bx.Preprocessing.from_config(config), input_shape=input_shape(shape_override)
+    )
+    out = out or os.path.join(workdir, "model.tflite")
+    size = lce.export_tflite(packed, out)
+    print(packed.report())
+    print()
+    print(
+        f"checkpoint step {chosen} of {workdir} -> {out} ({size:,} bytes, Larq Compute Engine); input: float32 "
+        f"(1, {', '.join(map(str, packed.input_shape))}) preprocessed as {packed.preprocessing.describe()}"
+    )
+    return out
+
+
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
@@ -214,7 +241,10 @@ def main(argv):
         raise app.UsageError("--workdir is required")
     try:
         binarizers.import_plugins(",".join(_IMPORT.value))
-        run(_WORKDIR.value, _OUT.value, _STEP.value, _RUNTIME.value, _INPUT_SHAPE.value, _CHECK.value, _PORTABLE.value)
+        if _FORMAT.value == "lce":
+            run_lce(_WORKDIR.value, _OUT.value, _STEP.value, _INPUT_SHAPE.value)
+        else:
+            run(_WORKDIR.value, _OUT.value, _STEP.value, _RUNTIME.value, _INPUT_SHAPE.value, _CHECK.value, _PORTABLE.value)
     except (BinaxError, ValueError, OSError) as e:
         if _DEBUG.value:
             raise

@@ -256,14 +256,19 @@ CNN = {"width_multiplier": 0.1}
         ("bnn_mlp", {**MLP, "first_layer_float": False, "last_layer_float": False}),
         ("bnn_mlp", {**MLP, "layer_type": "abc", "abc_m": 2, "abc_n": 3}),
         ("bnn_mlp", {**MLP, "layer_type": "abc", "abc_m": 3, "abc_n": 2, "runtime": "generic"}),
+        # A binary classifier reads the flattened map through VGG's 'none' classifier_act.
+        ("cnn_small", {**CNN, "last_layer_float": False}),
     ],
-    ids=["xnor", "irnet", "duo_binary", "heaviside", "dorefa2", "ste_tern_act", "all_binary", "abc_chain", "abc_generic"],
+    ids=[
+        "xnor", "irnet", "duo_binary", "heaviside", "dorefa2", "ste_tern_act", "all_binary", "abc_chain", "abc_generic",
+        "cnn_binary_classifier",
+    ],
 )
 def test_quantizer_families_match_their_eval_graph(name, cfg, tmp_path):
     cfg = dict(cfg)
     runtime = cfg.pop("runtime", "auto")
     packed, ref, x = exported(name, cfg, runtime=runtime)
-    assert packed.runtime == ("chain" if runtime == "auto" else runtime)  # bnn_mlp has a chain plan
+    assert packed.runtime == ("chain" if runtime == "auto" else runtime)  # both have a chain plan
     assert_same_logits(packed(x), ref)
     assert_loads_back(packed, tmp_path)
     assert all(layer.packed for layer in packed.layers.values() if layer.kind != "float_input"), packed.report()

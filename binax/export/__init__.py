@@ -9,6 +9,8 @@
 * ``preprocessing``: :class:`Preprocessing`, what the training pipeline did to raw images.
 * ``inference``: a quantized layer in inference form (activation codes, packed kernels).
 * ``chain``: sequential models whose binary layers pass packed bits to each other.
+* ``lce``: a packed chain as a Larq Compute Engine ``.tflite`` (``export_tflite``;
+  TensorFlow runs in a subprocess, ``pip install 'binax[lce]'``; not imported here).
 
 The packing and the XNOR-popcount kernels they run on are :mod:`binax.packed`, shared
 with the training fast path (:mod:`binax.ops`). From a training run's workdir::

@@ -78,6 +78,8 @@ def map_shapes(ops: Sequence[Step], calls: Mapping[tuple, Any], input_shape: Seq
             flattened_from = shape if len(shape) == 4 else None
             shape = (shape[0], int(np.prod(shape[1:])))
             continue
+        if op.kind == "activation" and op.activation == "none":
+            continue  # e.g. VGG's classifier_act: the dense layer after it still reads the map
         if op.kind == "layer" and flattened_from is not None:
             out[op.path] = tuple(flattened_from[1:])
         if op.kind in ("layer", "block"):
