@@ -83,6 +83,9 @@ class TfdsDataset(Dataset):
         self.augment = augment
         self.normalize_mode = normalize_mode
         self.shuffle_buffer = shuffle_buffer
+        # Batches also carry 'id' (the examples' file_name: bytes), for tests and audits
+        # of the sharding; only builders with a file_name feature (ImageNet) have one.
+        self.with_ids = False
 
     # -- metadata -------------------------------------------------------------------------
 
@@ -215,12 +218,15 @@ class TfdsDataset(Dataset):
         image = tf.image.decode_and_crop_jpeg(encoded, window, channels=c)
         return tf.image.resize(image, (h, w), method="bilinear", antialias=True)
 
-    def _finish(self, image, label):
+    def _finish(self, image, example):
         tf = self._tf
-        return {
+        out = {
             "image": tf.cast(normalize(image, self.spec, self.normalize_mode), tf.float32),
-            "label": tf.cast(label, tf.int32),
+            "label": tf.cast(example["label"], tf.int32),
         }
+        if self.with_ids:
+            out["id"] = example["file_name"]
+        return out
 
     def _options(self):
         tf = self._tf
@@ -245,7 +251,7 @@ class TfdsDataset(Dataset):
 
         def example(i, ex):
             seed = tf.stack([augment_seed, tf.cast(i, tf.int64)])
-            return self._finish(self._train_image(ex["image"], seed), ex["label"])
+            return self._finish(self._train_image(ex["image"], seed), ex)
 
         ds = ds.map(example, num_parallel_calls=tf.data.AUTOTUNE)
         ds = ds.batch(local, drop_remainder=True).prefetch(tf.data.AUTOTUNE)
@@ -262,7 +268,7 @@ class TfdsDataset(Dataset):
         num_batches = math.ceil(max(sizes) / local)
         shard = self._shards(tfds_split, self.process_count, drop_remainder=False)
         ds = self._as_dataset(self.spec, shard[self.process_index], shuffle_seed=None)
-        ds = ds.map(lambda ex: self._finish(self._eval_image(ex["image"]), ex["label"]),
+        ds = ds.map(lambda ex: self._finish(self._eval_image(ex["image"]), ex),
                     num_parallel_calls=tf.data.AUTOTUNE)
         ds = ds.batch(local).prefetch(tf.data.AUTOTUNE).with_options(self._options())
         return self._padded(tfds.as_numpy(ds), local, num_batches)
@@ -276,5 +282,7 @@ class TfdsDataset(Dataset):
             "image": np.zeros((0,) + self.image_shape, np.float32),
             "label": np.zeros((0,), np.int32),
         }
+        if self.with_ids:
+            empty["id"] = np.zeros((0,), object)
         for _ in range(count, num_batches):
             yield pad_batch(empty, local)
