@@ -21,8 +21,8 @@ Labels follow the builder. It labels the validation images by zipping the SORTED
 in the val tar with the lines of its ``validation_labels.txt``, so the ``n``-th val image
 has the class of the ``n``-th line whatever its name: the classes are the synsets of the
 first ``val_images`` lines (plus those of the CMYK names used), and each val image is
-drawn from the class the builder will give it. Every class is a distinct pattern (a hue,
-a stripe orientation and period, under random crops, brightness and noise), so a short
+drawn from the class the builder will give it. Every class is a distinct pattern (a hue
+and a stripe orientation, under random crops, brightness and noise), so a short
 training run is well above chance if and only if images and labels stay aligned.
 """
 
@@ -56,8 +56,8 @@ class FakeImagenet:
     (the first lines of tfds' validation_labels.txt) fix the classes, and
     ``train_per_class`` training images of every class; ``seed`` fixes the pixels."""
 
-    val_images: int = 50
-    train_per_class: int = 20
+    val_images: int = 20
+    train_per_class: int = 40
     seed: int = 0
 
     def __post_init__(self):
@@ -82,25 +82,31 @@ def class_synsets(spec: FakeImagenet, labels: list[str]) -> list[str]:
     return sorted(set(labels[: spec.val_images]) | {n.split("_")[0] for n in CMYK_NAMES})
 
 
-def class_image(rng: np.random.Generator, index: int, height: int, width: int) -> np.ndarray:
-    """A ``(height, width, 3)`` uint8 image of class ``index``.
+def class_hue(index: int, num_classes: int) -> float:
+    """The hue (0..1) of class ``index``: pairs of classes share one of ``ceil(C/2)``
+    evenly spaced hues and differ in stripe orientation."""
+    return (index // 2) / -(-num_classes // 2)
 
-    The class sets a hue (golden-ratio steps around the colour circle), the stripe
-    orientation (horizontal or vertical: a left-right flip keeps it) and a stripe period
-    relative to the shorter side; the image adds a random phase, saturation, brightness
-    and pixel noise, and the training pipeline adds random crops.
+
+def class_image(rng: np.random.Generator, index: int, num_classes: int, height: int,
+                width: int) -> np.ndarray:
+    """A ``(height, width, 3)`` uint8 image of class ``index`` of ``num_classes``.
+
+    The class sets a hue (:func:`class_hue`), the stripe orientation (horizontal or
+    vertical: a left-right flip keeps it) and a stripe period relative to the shorter
+    side; the image adds a random phase, saturation, brightness and pixel noise, and the
+    training pipeline adds random crops.
     """
-    hue = (index * 0.618034) % 1.0
-    vertical = (index // 7) % 2 == 1
-    period = min(height, width) / (3 + 4 * ((index // 3) % 3))
+    vertical = index % 2 == 1
+    period = min(height, width) / (3 + 4 * ((index // 2) % 3))
     axis = np.arange(width if vertical else height, dtype=np.float32)
     wave = 0.5 + 0.5 * np.sin(2 * np.pi * axis / period + rng.uniform(0, 2 * np.pi))
     wave = wave[None, :] if vertical else wave[:, None]
-    value = rng.uniform(0.55, 1.0) * (0.45 + 0.55 * wave)  # (h, 1) or (1, w)
-    rgb = _hsv_to_rgb(hue, rng.uniform(0.6, 1.0))  # (3,)
+    value = rng.uniform(0.75, 1.0) * (0.6 + 0.4 * wave)  # (h, 1) or (1, w)
+    rgb = _hsv_to_rgb(class_hue(index, num_classes), rng.uniform(0.75, 1.0))  # (3,)
     image = value[..., None] * rgb  # broadcast to (h, w, 3)
     image = np.broadcast_to(image, (height, width, 3)) * 255.0
-    image = image + rng.normal(0.0, 12.0, (height, width, 3))
+    image = image + rng.normal(0.0, 8.0, (height, width, 3))
     return np.clip(image, 0, 255).astype(np.uint8)
 
 
@@ -127,9 +133,9 @@ def encode(image: np.ndarray, kind: str) -> bytes:
     return out.getvalue()
 
 
-def _random_image(rng: np.random.Generator, index: int) -> np.ndarray:
+def _random_image(rng: np.random.Generator, index: int, num_classes: int) -> np.ndarray:
     height, width = rng.integers(MIN_SIDE, MAX_SIDE + 1, size=2)
-    return class_image(rng, index, int(height), int(width))
+    return class_image(rng, index, num_classes, int(height), int(width))
 
 
 def train_files(spec: FakeImagenet, synsets: list[str]) -> Iterator[tuple[str, list[tuple[str, bytes]]]]:
@@ -148,7 +154,7 @@ def train_files(spec: FakeImagenet, synsets: list[str]) -> Iterator[tuple[str, l
         files = []
         for k, name in enumerate(names):
             kind = special.get(name, "gray" if k % GRAY_EVERY == GRAY_EVERY - 1 else "rgb")
-            files.append((name, encode(_random_image(rng, index), kind)))
+            files.append((name, encode(_random_image(rng, index, len(synsets)), kind)))
         yield synset, files
 
 
@@ -158,7 +164,7 @@ def val_files(spec: FakeImagenet, synsets: list[str], labels: list[str]) -> Iter
     rng = np.random.default_rng([spec.seed, 1])
     for n in range(spec.val_images):
         kind = "gray" if n % GRAY_EVERY == GRAY_EVERY - 1 else "rgb"
-        yield f"ILSVRC2012_val_{n + 1:08d}.JPEG", encode(_random_image(rng, index[labels[n]]), kind)
+        yield f"ILSVRC2012_val_{n + 1:08d}.JPEG", encode(_random_image(rng, index[labels[n]], len(synsets)), kind)
 
 
 def _add(tar: tarfile.TarFile, name: str, data: bytes) -> None:
