@@ -151,11 +151,11 @@ def imagenet_rates(data_dir: str, *, batch_size: int = 64, min_images: int = 200
     def decode_only(round_):
         records = builder.as_dataset(split="train", shuffle_files=False,
                                      decoders={"image": tfds.decode.SkipDecoding()})
-        images = records.map(lambda ex: tf.io.decode_jpeg(ex["image"], channels=3),
+        # Full images differ in size and would not batch: each yields its decoded shape
+        # (which needs the whole decode), so the limit is decode alone, not a copy.
+        shapes = records.map(lambda ex: tf.shape(tf.io.decode_jpeg(ex["image"], channels=3)),
                              num_parallel_calls=tf.data.AUTOTUNE)
-        # Full images differ in size: batch them ragged, as padded batching would copy.
-        images = images.ragged_batch(batch_size).prefetch(tf.data.AUTOTUNE)
-        return iter(tfds.as_numpy(images.map(lambda b: b.row_lengths())))
+        return iter(tfds.as_numpy(shapes.batch(batch_size).prefetch(tf.data.AUTOTUNE)))
 
     makers = {
         "decode_only": decode_only,

@@ -368,3 +368,28 @@ def test_two_processes_read_disjoint_shards_covering_each_split_once(fake, tmp_p
     assert len(seen[0]["eval"]) == len(seen[1]["eval"]) == 2
     real = [i for s in seen for batch in s["eval"] for i in batch if i is not None]
     assert sorted(real) == _ids(data_dir, "validation")
+
+
+# ------------------------------------------------------------------ bad settings
+
+
+@pytest.mark.parametrize(
+    "data, message",
+    [
+        ({"name": "fashion_mnist", "image_size": 64}, "applies to datasets that crop and resize"),
+        ({"name": "imagenet2012", "image_size": 0}, r"data.image_size=0 must be an integer in \[1, 4096\]"),
+    ],
+)
+def test_image_size_is_refused_where_it_cannot_apply(data, message):
+    import binax.data
+    from binax.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=message):
+        binax.data.create(data, seed=0)
+
+
+def test_fake_imagenet_command_refuses_impossible_sizes(tmp_path, capsys):
+    assert fake_imagenet.main(["--data_dir", str(tmp_path), "--val_images", "0"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["error: val_images=0 must be an integer in [1, 50000]"]
+    assert not (tmp_path / "downloads").exists()
