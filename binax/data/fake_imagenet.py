@@ -3,9 +3,9 @@ the 150 GB download.
 
 ::
 
-    python -m binax.data.fake_imagenet --data_dir /tmp/fake_tfds     # ~1 minute on 2 cores
-    python -m experiments.run --config configs/recipe.py:method=irnet,dataset=imagenet2012,quick \\
-        --config.data.data_dir=/tmp/fake_tfds
+    python -m binax.data.fake_imagenet --data_dir /tmp/fake_tfds     # 20-30 s on 2 cores
+    python -m experiments.run --config configs/recipe.py:method=bireal,dataset=imagenet2012,quick \\
+        --config.data.data_dir=/tmp/fake_tfds --config.data.image_size=48 --workdir runs/fake
 
 writes ``ILSVRC2012_img_train.tar`` (one inner tar ``nXXXXXXXX.tar`` of JPEG files per
 synset) and ``ILSVRC2012_img_val.tar`` (``ILSVRC2012_val_00000001.JPEG``, ...) into
