@@ -157,9 +157,18 @@ def imagenet_rates(data_dir: str, *, batch_size: int = 64, min_images: int = 200
                              num_parallel_calls=tf.data.AUTOTUNE)
         return iter(tfds.as_numpy(shapes.batch(batch_size).prefetch(tf.data.AUTOTUNE)))
 
+    def uint8_train(round_):
+        ds.normalize_on_host = False
+        try:
+            return ds.train_batches(round_, batch_size)  # the pipeline is built here
+        finally:
+            ds.normalize_on_host = True
+
     makers = {
         "decode_only": decode_only,
         "train": lambda round_: ds.train_batches(round_, batch_size),
+        # The same without the host's float32 normalization (uint8 batches).
+        "train_uint8": uint8_train,
         "eval": lambda round_: ds.eval_batches(batch_size),
     }
     rates = {}
@@ -188,6 +197,8 @@ def imagenet_benchmark(data_dir: str, *, rounds: int = 3, **kwargs):
         **{f"{name}_images_per_s_per_core": round(rate / cores, 1) for name, rate in median.items()},
         # Ratios per round (the same load on the machine), then their median.
         "train_vs_decode_only": round(statistics.median(r["train"] / r["decode_only"] for r in per_round), 3),
+        "train_uint8_vs_decode_only": round(
+            statistics.median(r["train_uint8"] / r["decode_only"] for r in per_round), 3),
         "eval_vs_decode_only": round(statistics.median(r["eval"] / r["decode_only"] for r in per_round), 3),
     }
 

@@ -86,6 +86,9 @@ class TfdsDataset(Dataset):
         # Batches also carry 'id' (the examples' file_name: bytes), for tests and audits
         # of the sharding; only builders with a file_name feature (ImageNet) have one.
         self.with_ids = False
+        # False: batches keep uint8 pixels in [0, 255] (for a consumer that normalizes on
+        # the device; benchmarks/input_pipeline.py measures what that saves the host).
+        self.normalize_on_host = True
 
     # -- metadata -------------------------------------------------------------------------
 
@@ -236,6 +239,8 @@ class TfdsDataset(Dataset):
     def _normalize_batch(self, batch):
         """Float32 model inputs of a batch of uint8 pixels: one vectorized op per batch."""
         tf = self._tf
+        if not self.normalize_on_host:
+            return batch
         image = tf.cast(batch["image"], tf.float32)
         return {**batch, "image": tf.cast(normalize(image, self.spec, self.normalize_mode), tf.float32)}
 
