@@ -297,7 +297,8 @@ class TfdsDataset(Dataset):
             count += 1
             yield pad_batch(batch, local)
         empty = {
-            "image": np.zeros((0,) + self.image_shape, np.float32),
+            "image": np.zeros((0,) + self.image_shape,
+                              np.float32 if self.normalize_on_host else np.uint8),
             "label": np.zeros((0,), np.int32),
         }
         if self.with_ids:
