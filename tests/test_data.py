@@ -295,7 +295,7 @@ def test_tfds_imagenet_mock_crops_to_224(tfds):
 def test_tfds_unprepared_dataset_says_how_to_build_it(tfds, tmp_path):
     with pytest.raises(FileNotFoundError, match="tfds build cifar10"):
         bd.create(_config("cifar10", data_dir=str(tmp_path)), seed=0)
-    with pytest.raises(FileNotFoundError, match="downloads/manual"):
+    with pytest.raises(FileNotFoundError, match="python -m binax.data.imagenet_archive --manual_dir DIR"):
         bd.create(_config("imagenet2012", data_dir=str(tmp_path)), seed=0)
     with pytest.raises(ValueError, match="tfds has no dataset 'no_such_builder'"):
         bd.create(_config("tfds:no_such_builder", normalize="unit"), seed=0)

@@ -30,7 +30,18 @@ def test_loss_accuracy_and_logits_are_the_eval_forwards(mlp):
     assert got.accuracy == pytest.approx(np.mean(want.argmax(-1) == labels))
     ce = optax.softmax_cross_entropy_with_integer_labels(jnp.asarray(want), jnp.asarray(labels))
     assert got.loss == pytest.approx(float(jnp.mean(ce)), rel=1e-5)
-    assert got.metrics() == {"test/loss": got.loss, "test/accuracy": got.accuracy}
+    # Top-5: the label among the 5 largest of the 10 logits.
+    top5 = np.mean([label in np.argsort(-row)[:5] for row, label in zip(want, labels)])
+    assert 0 < top5 < 1 and got.top5_accuracy == pytest.approx(top5)
+    assert got.metrics() == {"test/loss": got.loss, "test/accuracy": got.accuracy, "test/top5_accuracy": got.top5_accuracy}
+
+
+def test_top5_is_left_out_with_five_classes_or_fewer():
+    logits = jnp.asarray([[0.0, 1.0, 2.0, 3.0, 4.0]])
+    sums = steps.eval_sums(logits, jnp.asarray([0]), jnp.ones(1))
+    assert "correct_top5" not in sums
+    six = steps.eval_sums(jnp.asarray([[0.0, 1.0, 2.0, 3.0, 4.0, 5.0]] * 2), jnp.asarray([0, 1]), jnp.ones(2))
+    assert float(six["correct_top5"]) == 1.0  # label 0 is 6th of 6, label 1 is 5th
 
 
 def test_same_sums_as_the_training_loops_eval_step(mlp):

@@ -102,8 +102,11 @@ _SPECS = (
         install_hint=(
             "ImageNet needs a manual download: register at "
             "https://image-net.org/download-images, put ILSVRC2012_img_train.tar and "
-            "ILSVRC2012_img_val.tar in {data_dir}/downloads/manual/, then run "
-            "`tfds build imagenet2012 --data_dir={data_dir}`."
+            "ILSVRC2012_img_val.tar in a directory DIR, then run `python -m "
+            "binax.data.imagenet_archive --manual_dir DIR --data_dir {data_dir}` (it checks "
+            "the archives, then runs tfds' builder). To smoke-test without the download: "
+            "`python -m binax.data.fake_imagenet --data_dir OTHER_DIR` and "
+            "config.data.data_dir=OTHER_DIR."
         ),
     ),
     Spec(

@@ -83,6 +83,12 @@ class TfdsDataset(Dataset):
         self.augment = augment
         self.normalize_mode = normalize_mode
         self.shuffle_buffer = shuffle_buffer
+        # Batches also carry 'id' (the examples' file_name: bytes), for tests and audits
+        # of the sharding; only builders with a file_name feature (ImageNet) have one.
+        self.with_ids = False
+        # False: batches keep uint8 pixels in [0, 255] (for a consumer that normalizes on
+        # the device; benchmarks/input_pipeline.py measures what that saves the host).
+        self.normalize_on_host = True
 
     # -- metadata -------------------------------------------------------------------------
 
@@ -182,6 +188,9 @@ class TfdsDataset(Dataset):
 
         The crop window is drawn with ``stateless_sample_distorted_bounding_box`` (the whole
         image if no window fits in 10 tries) and only that window of the JPEG is decoded.
+        The resize is plain bilinear, as big_vision's ``inception_crop``: antialiasing
+        costs as much as decoding (docs/performance.md), and a random crop's scale varies
+        anyway; evaluation keeps it.
         """
         tf = self._tf
         h, w, c = self.image_shape
@@ -198,7 +207,7 @@ class TfdsDataset(Dataset):
         )
         window = tf.stack([begin[0], begin[1], size[0], size[1]])
         image = tf.image.decode_and_crop_jpeg(encoded, window, channels=c)
-        return tf.image.resize(image, (h, w), method="bilinear", antialias=True)
+        return tf.image.resize(image, (h, w), method="bilinear", antialias=False)
 
     def _eval_image(self, encoded):
         tf = self._tf
@@ -215,12 +224,25 @@ class TfdsDataset(Dataset):
         image = tf.image.decode_and_crop_jpeg(encoded, window, channels=c)
         return tf.image.resize(image, (h, w), method="bilinear", antialias=True)
 
-    def _finish(self, image, label):
+    def _finish(self, image, example):
+        """The example as batched: pixels rounded to uint8 (a quarter of the bytes to copy
+        into the batch; the decoded JPEG had 8 bits anyway), normalized per batch."""
         tf = self._tf
-        return {
-            "image": tf.cast(normalize(image, self.spec, self.normalize_mode), tf.float32),
-            "label": tf.cast(label, tf.int32),
+        out = {
+            "image": tf.cast(tf.clip_by_value(tf.round(image), 0.0, 255.0), tf.uint8),
+            "label": tf.cast(example["label"], tf.int32),
         }
+        if self.with_ids:
+            out["id"] = example["file_name"]
+        return out
+
+    def _normalize_batch(self, batch):
+        """Float32 model inputs of a batch of uint8 pixels: one vectorized op per batch."""
+        tf = self._tf
+        if not self.normalize_on_host:
+            return batch
+        image = tf.cast(batch["image"], tf.float32)
+        return {**batch, "image": tf.cast(normalize(image, self.spec, self.normalize_mode), tf.float32)}
 
     def _options(self):
         tf = self._tf
@@ -245,10 +267,11 @@ class TfdsDataset(Dataset):
 
         def example(i, ex):
             seed = tf.stack([augment_seed, tf.cast(i, tf.int64)])
-            return self._finish(self._train_image(ex["image"], seed), ex["label"])
+            return self._finish(self._train_image(ex["image"], seed), ex)
 
         ds = ds.map(example, num_parallel_calls=tf.data.AUTOTUNE)
-        ds = ds.batch(local, drop_remainder=True).prefetch(tf.data.AUTOTUNE)
+        ds = ds.batch(local, drop_remainder=True).map(self._normalize_batch)
+        ds = ds.prefetch(tf.data.AUTOTUNE)
         return iter(tfds.as_numpy(ds.with_options(self._options())))
 
     def eval_batches(self, batch_size: int, split: str = "test"):
@@ -262,9 +285,10 @@ class TfdsDataset(Dataset):
         num_batches = math.ceil(max(sizes) / local)
         shard = self._shards(tfds_split, self.process_count, drop_remainder=False)
         ds = self._as_dataset(self.spec, shard[self.process_index], shuffle_seed=None)
-        ds = ds.map(lambda ex: self._finish(self._eval_image(ex["image"]), ex["label"]),
+        ds = ds.map(lambda ex: self._finish(self._eval_image(ex["image"]), ex),
                     num_parallel_calls=tf.data.AUTOTUNE)
-        ds = ds.batch(local).prefetch(tf.data.AUTOTUNE).with_options(self._options())
+        ds = ds.batch(local).map(self._normalize_batch).prefetch(tf.data.AUTOTUNE)
+        ds = ds.with_options(self._options())
         return self._padded(tfds.as_numpy(ds), local, num_batches)
 
     def _padded(self, batches, local, num_batches):
@@ -273,8 +297,11 @@ class TfdsDataset(Dataset):
             count += 1
             yield pad_batch(batch, local)
         empty = {
-            "image": np.zeros((0,) + self.image_shape, np.float32),
+            "image": np.zeros((0,) + self.image_shape,
+                              np.float32 if self.normalize_on_host else np.uint8),
             "label": np.zeros((0,), np.int32),
         }
+        if self.with_ids:
+            empty["id"] = np.zeros((0,), object)
         for _ in range(count, num_batches):
             yield pad_batch(empty, local)

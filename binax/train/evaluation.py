@@ -29,7 +29,9 @@ class Evaluation:
     """What :func:`evaluate` measured over ``count`` examples (padding excluded).
 
     ``loss`` (mean softmax cross-entropy) and ``accuracy`` are NaN without labels;
-    ``logits`` (float32, ``(count, classes)``) and ``labels`` are kept on request.
+    ``top5_accuracy`` (the label among the 5 largest logits) is NaN without labels or with
+    5 classes or fewer; ``logits`` (float32, ``(count, classes)``) and ``labels`` are kept
+    on request.
     """
 
     count: int
@@ -37,10 +39,15 @@ class Evaluation:
     accuracy: float
     logits: np.ndarray | None = None
     labels: np.ndarray | None = None
+    top5_accuracy: float = float("nan")
 
     def metrics(self, prefix: str = "test/") -> dict[str, float]:
-        """``{prefix + 'loss', prefix + 'accuracy'}``, as the training loop records them."""
-        return {prefix + "loss": self.loss, prefix + "accuracy": self.accuracy}
+        """``{prefix + 'loss', prefix + 'accuracy'}`` and, with more than 5 classes,
+        ``prefix + 'top5_accuracy'``, as the training loop records them."""
+        out = {prefix + "loss": self.loss, prefix + "accuracy": self.accuracy}
+        if not np.isnan(self.top5_accuracy):
+            out[prefix + "top5_accuracy"] = self.top5_accuracy
+        return out
 
 
 @functools.partial(jax.jit, static_argnames=("model", "compute_dtype", "with_logits"))
@@ -119,4 +126,5 @@ def evaluate(
         accuracy=totals["correct"] / count if "correct" in totals and count else nan,
         logits=np.concatenate(logits) if keep_logits and logits else None,
         labels=np.concatenate(labels) if keep_logits and labels else None,
+        top5_accuracy=totals["correct_top5"] / count if "correct_top5" in totals and count else nan,
     )

@@ -198,6 +198,10 @@ class _StopRequest:
         return False
 
 
+def _top5_text(accuracy: float | None) -> str:
+    return "" if accuracy is None else f" (top-5 {100 * accuracy:.2f}%)"
+
+
 def _mean(values) -> float:
     return float(np.mean(np.asarray(values, np.float64)))
 
@@ -640,7 +644,8 @@ class _Run:
             accuracy = self.last_eval["test/accuracy"]
             self.writer.write(self.step, self.last_eval)
             self.reporter.message(
-                f"epoch {epoch + 1}/{config.num_epochs}: test accuracy {100 * accuracy:.2f}%, "
+                f"epoch {epoch + 1}/{config.num_epochs}: test accuracy {100 * accuracy:.2f}%"
+                f"{_top5_text(self.last_eval.get('test/top5_accuracy'))}, "
                 f"loss {self.last_eval['test/loss']:.4f}"
             )
         if self.is_main:
@@ -672,6 +677,8 @@ class _Run:
         return {
             "test_accuracy": self.last_eval["test/accuracy"],
             "test_loss": self.last_eval["test/loss"],
+            **({"test_top5_accuracy": self.last_eval["test/top5_accuracy"]}
+               if "test/top5_accuracy" in self.last_eval else {}),
             "step": self.step,
             "epochs": self.config.num_epochs,
             "best_step": self.ckpts.best_step() if final_checkpoint is not None else None,
@@ -702,7 +709,8 @@ class _Run:
         if self.is_main:
             wall = summary["wall_time_s"]
             print(
-                f"final: test accuracy {100 * summary['test_accuracy']:.2f}% (loss {summary['test_loss']:.4f}) "
+                f"final: test accuracy {100 * summary['test_accuracy']:.2f}%"
+                f"{_top5_text(summary.get('test_top5_accuracy'))} (loss {summary['test_loss']:.4f}) "
                 f"after {summary['epochs']} epochs / {self.step} steps; wall time "
                 f"{metrics_lib.format_duration(wall)} ({wall:.0f} s"
                 f"{'' if self.resume_step is None else f', this run, resumed from step {self.resume_step}'}); "

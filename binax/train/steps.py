@@ -220,7 +220,7 @@ def eval_step(
     sums = eval_sums(logits, batch["label"], batch["mask"])
     if totals is None:
         return sums
-    return {k: totals[k] + v for k, v in sums.items()}
+    return {k: totals.get(k, 0.0) + v for k, v in sums.items()}
 
 
 def eval_logits(model, variables, images: jax.Array, progress, compute_dtype=jnp.float32) -> jax.Array:
@@ -235,20 +235,31 @@ def eval_logits(model, variables, images: jax.Array, progress, compute_dtype=jnp
     return logits.astype(jnp.float32)
 
 
+#: Top-k accuracy is counted with this k when a model has more than k classes.
+TOP_K = 5
+
+
 def eval_sums(logits: jax.Array, labels: jax.Array | None, mask: jax.Array) -> dict[str, jax.Array]:
     """``loss_sum``, ``correct`` and ``count`` over the rows where ``mask`` is 1 (only
-    ``count`` without labels)."""
+    ``count`` without labels), and ``correct_top5`` with more than 5 classes: rows whose
+    label's logit is exceeded by fewer than 5 others (a tie counts for the label)."""
     mask = mask.astype(jnp.float32)
     if labels is None:
         return {"count": jnp.sum(mask)}
     loss = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
-    return {
+    sums = {
         "loss_sum": jnp.sum(loss * mask),
         "correct": jnp.sum((jnp.argmax(logits, -1) == labels) * mask),
         "count": jnp.sum(mask),
     }
+    if logits.shape[-1] > TOP_K:
+        label_logit = jnp.take_along_axis(logits, labels[:, None].astype(jnp.int32), -1)
+        in_top = jnp.sum(logits > label_logit, -1) < TOP_K
+        sums["correct_top5"] = jnp.sum(in_top * mask)
+    return sums
 
 
-def zero_eval_totals() -> dict[str, np.ndarray]:
-    """The ``totals`` an evaluation starts from."""
-    return {k: np.zeros([], np.float32) for k in ("loss_sum", "correct", "count")}
+def zero_eval_totals(num_classes: int = 0) -> dict[str, np.ndarray]:
+    """The ``totals`` an evaluation of a ``num_classes``-way model starts from."""
+    keys = ("loss_sum", "correct", "count") + (("correct_top5",) if num_classes > TOP_K else ())
+    return {k: np.zeros([], np.float32) for k in keys}
