@@ -7,6 +7,10 @@ once with that description. The kernel drops the lock when the holder exits, how
 exits, so a run killed with SIGKILL leaves no stale lock behind (the file stays; only the
 lock counts).
 
+:func:`usable_workdir` and :func:`environment_error` turn what the file system refuses
+(permissions, a read-only disk, a full disk, a file where a directory should be, a
+symlink loop, an over-long name) into one line naming the path.
+
 Nested use in one process (a recipe's stages in sub-workdirs of a locked workdir, or a
 library call inside a locked command) is a no-op.
 """
@@ -23,9 +27,9 @@ import socket
 import sys
 from typing import Iterator
 
-from binax.errors import WorkdirBusyError
+from binax.errors import BinaxError, DiskFullError, WorkdirBusyError, WorkdirError
 
-__all__ = ["LOCK_NAME", "lock_workdir", "holder_of"]
+__all__ = ["LOCK_NAME", "lock_workdir", "holder_of", "usable_workdir", "environment_error"]
 
 LOCK_NAME = ".binax.lock"
 _HELD: dict[str, int] = {}  # absolute workdir -> file descriptor of its lock
@@ -34,6 +38,58 @@ _HELD: dict[str, int] = {}  # absolute workdir -> file descriptor of its lock
 def _held_here(path: str) -> bool:
     """Whether this process holds the lock of ``path`` or of a directory above it."""
     return any(path == held or path.startswith(held + os.sep) for held in _HELD)
+
+
+# errno -> what it means for a workdir; every other OSError is a bug and keeps its traceback.
+_ENVIRONMENT = {
+    errno.EACCES: "permission denied",
+    errno.EPERM: "operation not permitted",
+    errno.EROFS: "the file system is read-only",
+    errno.ENOTDIR: "a part of the path is a file, not a directory",
+    errno.EEXIST: "a file is in the way of a directory",
+    errno.ELOOP: "the path is a loop of symbolic links",
+    errno.ENAMETOOLONG: f"a name is too long (at most {os.pathconf('/', 'PC_NAME_MAX')} bytes a name here)",
+    errno.EDQUOT: "the disk quota is exceeded",
+    errno.EIO: "an input/output error (a failing disk or network file system)",
+}
+
+
+def environment_error(e: OSError, workdir: str) -> BinaxError | None:
+    """The one-line error for an ``OSError`` the file system raised around ``workdir``
+    (:class:`~binax.errors.DiskFullError` for a full disk, else
+    :class:`~binax.errors.WorkdirError`), or None when ``e`` is not about the environment."""
+    path = e.filename or workdir
+    if e.errno == errno.ENOSPC:
+        error = DiskFullError(
+            f"no space left on device while writing {path} (workdir {workdir}). Free some space and rerun "
+            "the same command to resume."
+        )
+        error.errno = errno.ENOSPC
+        return error
+    what = _ENVIRONMENT.get(e.errno)
+    if what is None:
+        return None
+    error = WorkdirError(f"cannot use {path} (workdir {workdir}): {what}. Fix that or pass another --workdir.")
+    error.errno, error.filename = e.errno, path
+    return error
+
+
+def usable_workdir(workdir: str) -> None:
+    """Checks, without creating anything, that ``workdir`` is a directory or can become one.
+
+    Raises :class:`~binax.errors.WorkdirError` for a file in its place and the file
+    system's ``OSError`` (see :func:`environment_error`) for a path it cannot resolve.
+    """
+    if os.path.lexists(workdir):
+        os.stat(workdir)  # a symlink loop, an unreadable parent, an over-long name
+        if not os.path.isdir(workdir):
+            raise WorkdirError(f"workdir {workdir} is a file, not a directory; pass another --workdir.")
+    else:
+        parent = os.path.dirname(workdir.rstrip(os.sep)) or os.sep
+        if os.path.lexists(parent):
+            os.stat(parent)
+        if len(os.path.basename(workdir).encode()) > os.pathconf("/", "PC_NAME_MAX"):
+            raise OSError(errno.ENAMETOOLONG, os.strerror(errno.ENAMETOOLONG), workdir)
 
 
 def holder_of(lock_path: str) -> str:
