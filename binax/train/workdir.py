@@ -70,7 +70,7 @@ def environment_error(e: OSError, workdir: str) -> BinaxError | None:
     if what is None:
         return None
     error = WorkdirError(f"cannot use {path} (workdir {workdir}): {what}. Fix that or pass another --workdir.")
-    error.errno, error.filename = e.errno, path
+    error.errno = e.errno  # (not filename: OSError would then print itself as "[Errno n] ...")
     return error
 
 
