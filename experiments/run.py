@@ -11,6 +11,7 @@ differences unless ``--allow_config_change``; a finished run is reported, not re
 import ast
 import importlib.util
 import os
+import re
 import signal
 import sys
 
@@ -145,7 +146,12 @@ def _parse_flags(argv: list[str]) -> list[str]:
         # A config file that fails to load puts its whole traceback in the message; the
         # last line says what went wrong.
         lines = [line for line in str(e).splitlines() if line.strip()]
-        sys.exit(f"error: {lines[-1] if lines else e}\nPass --help for the flags.")
+        last = lines[-1] if lines else str(e)
+        # The config file refused its argument (a BinaxError): its message is the line to show.
+        user_error = re.match(r"^binax\.errors\.\w+: (.*)$", last)
+        if user_error:
+            sys.exit(f"error: {user_error.group(1)}")
+        sys.exit(f"error: {last}\nPass --help for the flags.")
     except (AttributeError, KeyError) as e:
         try:
             message = _bad_override(argv)
