@@ -164,6 +164,29 @@ def test_a_write_killed_before_its_rename_leaves_the_old_file(tmp_path, monkeypa
     assert os.listdir(tmp_path) == ["config.json"]  # no temporary file left
 
 
+def test_a_resumed_run_killed_at_its_start_leaves_its_config_intact(stopped, tmp_path, monkeypatch):
+    """The issue's case: a kill just after config.json was opened for writing (truncated)."""
+    workdir = copy(stopped, tmp_path)
+    before = (workdir / "config.json").read_bytes()
+    real_open = open
+
+    def killed_after_opening(file, mode="r", *args, **kwargs):
+        f = real_open(file, mode, *args, **kwargs)
+        if os.path.basename(str(file)) == "config.json" and ("w" in mode or "+" in mode):
+            f.close()
+            raise KeyboardInterrupt
+        return f
+
+    monkeypatch.setattr("builtins.open", killed_after_opening)
+    try:
+        train.train_and_evaluate(config(), str(workdir))
+    except KeyboardInterrupt:
+        pass
+    monkeypatch.undo()
+    assert (workdir / "config.json").read_bytes() == before
+    assert train.train_and_evaluate(config(), str(workdir))["resumed_from_step"] is not None
+
+
 def test_a_new_run_killed_while_writing_its_config_leaves_no_empty_config(tmp_path, monkeypatch):
     fsync = os.fsync
 
@@ -227,13 +250,14 @@ def test_a_flipped_digit_in_the_saved_metric_window_is_damage(stopped, reference
 
 def test_a_flipped_digit_in_the_saved_accuracy_cannot_choose_the_best_step(reference, tmp_path, caplog):
     workdir = copy(reference[0], tmp_path)
-    ckpts = ckpt_lib.Checkpoints(str(workdir / "checkpoints"))
-    accuracy = {s: ckpts._record(s)["metrics"].get("accuracy") for s in ckpts.all_steps()}
+    def metrics_file(step):
+        return workdir / "checkpoints" / str(step) / "metrics" / "metrics"
+
+    accuracy = {s: json.loads(metrics_file(s).read_text())["accuracy"] for s in (15, 30)}
     best, other = (30, 15) if accuracy[30] >= accuracy[15] else (15, 30)
-    assert ckpts.best_step() == best
+    assert ckpt_lib.Checkpoints(str(workdir / "checkpoints")).best_step() == best
     # The other evaluation now claims a higher accuracy than the best one.
-    path = workdir / "checkpoints" / str(other) / "metrics" / "metrics"
-    path.write_text(json.dumps({"accuracy": accuracy[best] + 0.01}))
+    metrics_file(other).write_text(json.dumps({"accuracy": accuracy[best] + 0.01}))
 
     assert ckpt_lib.Checkpoints(str(workdir / "checkpoints")).best_step() == best
     assert f"checkpoint step {other} in {workdir / 'checkpoints' / str(other)} is damaged" in caplog.text

@@ -64,8 +64,6 @@ _CHECKS: dict[str, Callable[[Any], str | None]] = {
     "seed": _int_at_least(0),
     "num_epochs": _int_at_least(1),
     "max_steps_per_epoch": _optional(_int_at_least(1)),
-    "batch_size": _int_at_least(1),
-    "eval_batch_size": _int_at_least(1),
     "grad_clip_norm": _real_in(0.0),
     "label_smoothing": _real_in(0.0, 1.0),
     "progress_unit": _one_of(PROGRESS_UNITS),
@@ -193,7 +191,7 @@ def problems(config: ml_collections.ConfigDict, num_devices: int = 1) -> list[st
             out.append(f"{key}={value!r} must be {bad}")
     for key in ("batch_size", "eval_batch_size"):
         value = _get(config, key)
-        if _is_int(value) and value >= 1 and value % num_devices:
+        if value is not _MISSING and not (_is_int(value) and value >= 1 and value % num_devices == 0):
             out.append(
                 f"{key}={value} must be a positive multiple of the {num_devices} devices "
                 "(each device gets an equal share of the batch)"
@@ -210,4 +208,4 @@ def validate(config: ml_collections.ConfigDict, num_devices: int = 1) -> None:
     """Raises :class:`~binax.errors.ConfigError` listing every violation in one line."""
     found = problems(config, num_devices)
     if found:
-        raise ConfigError("invalid config: " + "; ".join(found) + ".")
+        raise ConfigError("; ".join(found) + ".")
