@@ -376,8 +376,9 @@ def main(argv):
     result = run_study(layer=_LAYER.value, seed=_SEED.value, **kwargs)
     output = _OUTPUT.value or os.path.join(_ROOT, "runs", "mismatch", "mismatch.json")
     os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
-    with open(output, "w") as f:
-        json.dump(_jsonable(result), f, indent=1, ensure_ascii=False)
+    from binax import files
+
+    files.write_json(output, _jsonable(result), indent=1, ensure_ascii=False)
     print(report(result))
     print(f"\nwrote {output}")
 
