@@ -138,10 +138,11 @@ def _model_problems(model) -> Iterator[str]:
     from binax import quantizer
 
     name = model.get("name")
-    if name not in binax.models.names():
-        yield f"model.name={name!r} must be one of {', '.join(binax.models.names())}"
+    try:
+        defaults = binax.models.get_config(name).to_dict()
+    except ConfigError as e:  # the registry's message lists the valid names
+        yield f"model.name: {str(e).rstrip('.')}"
         return
-    defaults = binax.models.get_config(name).to_dict()
     for key, default in defaults.items():
         if key not in model:
             continue

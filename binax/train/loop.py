@@ -58,7 +58,7 @@ from binax.train import evaluation
 from binax.train import metrics as metrics_lib
 from binax.train import optimizers, steps
 from binax.train import workdir_config
-from binax.train.workdir import environment_error, lock_workdir, usable_workdir
+from binax.train.workdir import check_not_busy, environment_error, lock_workdir, usable_workdir
 
 __all__ = [
     "NonFiniteError",
@@ -708,6 +708,23 @@ def _report_finished(workdir: str, final: Mapping[str, Any]) -> None:
         )
 
 
+def _final_checkpoint_intact(workdir: str, final: Mapping[str, Any]) -> bool:
+    """Whether a finished run's final checkpoint reads back as written. When it does not,
+    the run is resumed as usual: from the newest intact checkpoint, damage reported."""
+    ckpts = ckpt_lib.Checkpoints(os.path.join(workdir, "checkpoints"), async_save=False)
+    try:
+        ckpts.restore_tree(int(final["final_checkpoint"]))
+        return True
+    except ckpt_lib.DamagedCheckpoint as e:
+        logging.warning("%s; the finished run is resumed from its newest intact checkpoint", e)
+        return False
+    except (KeyError, TypeError, ValueError, FileNotFoundError) as e:
+        logging.warning("the final checkpoint named by %s cannot be read (%r); resuming", workdir, e)
+        return False
+    finally:
+        ckpts.close()
+
+
 def train_and_evaluate(
     config: ml_collections.ConfigDict,
     workdir: str,
@@ -745,8 +762,10 @@ def train_and_evaluate(
     workdir = os.path.abspath(workdir)
     try:
         usable_workdir(workdir)
+        if jax.process_index() == 0:
+            check_not_busy(workdir)
         plan = workdir_config.check(config, workdir, allow_config_change=allow_config_change)
-        if plan.finished is not None:
+        if plan.finished is not None and _final_checkpoint_intact(workdir, plan.finished):
             _report_finished(workdir, plan.finished)
             return plan.finished
         with lock_workdir(workdir, enabled=jax.process_index() == 0):

@@ -29,7 +29,7 @@ from typing import Iterator
 
 from binax.errors import BinaxError, DiskFullError, WorkdirBusyError, WorkdirError
 
-__all__ = ["LOCK_NAME", "lock_workdir", "holder_of", "usable_workdir", "environment_error"]
+__all__ = ["LOCK_NAME", "lock_workdir", "check_not_busy", "holder_of", "usable_workdir", "environment_error"]
 
 LOCK_NAME = ".binax.lock"
 _HELD: dict[str, int] = {}  # absolute workdir -> file descriptor of its lock
@@ -105,6 +105,32 @@ def holder_of(lock_path: str) -> str:
         return "another process"
 
 
+def check_not_busy(workdir: str) -> None:
+    """Raises :class:`~binax.errors.WorkdirBusyError` when another process holds
+    ``workdir``'s lock; creates and writes nothing (a probe before the config is compared)."""
+    path = os.path.abspath(workdir)
+    lock_path = os.path.join(path, LOCK_NAME)
+    if _held_here(path) or not os.path.exists(lock_path):
+        return
+    fd = os.open(lock_path, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        fcntl.flock(fd, fcntl.LOCK_UN)
+    except OSError as e:
+        if e.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+            raise
+        raise _busy(path, lock_path) from None
+    finally:
+        os.close(fd)
+
+
+def _busy(path: str, lock_path: str) -> WorkdirBusyError:
+    return WorkdirBusyError(
+        f"workdir {path} is in use by {holder_of(lock_path)}. Wait for that run to finish "
+        "(or stop it; it resumes from its checkpoint) or pass another --workdir."
+    )
+
+
 @contextlib.contextmanager
 def lock_workdir(workdir: str, *, enabled: bool = True) -> Iterator[None]:
     """Holds ``workdir``'s lock for the ``with`` block; creates the directory.
@@ -126,10 +152,7 @@ def lock_workdir(workdir: str, *, enabled: bool = True) -> Iterator[None]:
         os.close(fd)
         if e.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
             raise
-        raise WorkdirBusyError(
-            f"workdir {path} is in use by {holder_of(lock_path)}. Wait for that run to finish "
-            "(or stop it; it resumes from its checkpoint) or pass another --workdir."
-        ) from None
+        raise _busy(path, lock_path) from None
     info = {
         "pid": os.getpid(),
         "host": socket.gethostname(),
