@@ -330,6 +330,26 @@ def test_a_refused_write_at_start_or_resume_is_one_line(stopped, tmp_path, monke
     assert "\n" not in str(raised.value)
 
 
+def test_a_read_only_checkpoint_directory_is_one_line_naming_it(stopped, tmp_path):
+    """A real read-only file system: the checkpoints directory bind-mounted read-only."""
+    workdir = copy(stopped, tmp_path)
+    checkpoints = str(workdir / "checkpoints")
+    made = subprocess.run(["mount", "--bind", checkpoints, checkpoints], capture_output=True)
+    if made.returncode:
+        pytest.skip(f"cannot bind-mount here (needs root): {made.stderr.decode().strip()}")
+    try:
+        remounted = subprocess.run(["mount", "-o", "remount,bind,ro", checkpoints], capture_output=True)
+        if remounted.returncode:
+            pytest.skip(f"cannot remount read-only here: {remounted.stderr.decode().strip()}")
+        with pytest.raises(WorkdirError) as raised:
+            train.train_and_evaluate(config(), str(workdir))
+    finally:
+        subprocess.run(["umount", checkpoints], check=False)
+    message = str(raised.value)
+    assert f"cannot use {checkpoints}" in message and "the file system is read-only" in message
+    assert "\n" not in message
+
+
 def _mount_tmpfs(path, options):
     path.mkdir()
     made = subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(path)], capture_output=True)

@@ -790,17 +790,9 @@ def _train_locked(config, workdir: str, plan, init_variables, on_step) -> dict[s
     except BaseException as e:
         if run is not None:
             _quietly(run.close)
-        if isinstance(e, Exception) and _is_disk_full(e) and not isinstance(e, BinaxError):
-            raise (run.disk_full_error(e) if run is not None else _disk_full_at_start(e, workdir)) from e
+        # A full disk once the run exists says what it kept; before, the caller's
+        # environment_error names the file.
+        if run is not None and isinstance(e, Exception) and _is_disk_full(e) and not isinstance(e, BinaxError):
+            raise run.disk_full_error(e) from e
         raise
     return summary
-
-
-def _disk_full_at_start(e: BaseException, workdir: str) -> DiskFullError:
-    where = getattr(e, "filename", None) or workdir
-    error = DiskFullError(
-        f"no space left on device while starting the run in {workdir} (writing {where}); nothing was "
-        "trained. Free some space and rerun the same command."
-    )
-    error.errno = errno.ENOSPC
-    return error

@@ -78,18 +78,13 @@ def usable_workdir(workdir: str) -> None:
     """Checks, without creating anything, that ``workdir`` is a directory or can become one.
 
     Raises :class:`~binax.errors.WorkdirError` for a file in its place and the file
-    system's ``OSError`` (see :func:`environment_error`) for a path it cannot resolve.
+    system's ``OSError`` (see :func:`environment_error`) for a link it cannot resolve; a
+    path that cannot be created fails when the lock creates it, with the same errors.
     """
     if os.path.lexists(workdir):
-        os.stat(workdir)  # a symlink loop, an unreadable parent, an over-long name
+        os.stat(workdir)  # a symlink loop or a dangling link: the file system's own error
         if not os.path.isdir(workdir):
             raise WorkdirError(f"workdir {workdir} is a file, not a directory; pass another --workdir.")
-    else:
-        parent = os.path.dirname(workdir.rstrip(os.sep)) or os.sep
-        if os.path.lexists(parent):
-            os.stat(parent)
-        if len(os.path.basename(workdir).encode()) > os.pathconf("/", "PC_NAME_MAX"):
-            raise OSError(errno.ENAMETOOLONG, os.strerror(errno.ENAMETOOLONG), workdir)
 
 
 def holder_of(lock_path: str) -> str:
