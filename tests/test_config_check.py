@@ -37,7 +37,7 @@ def _with(**flat):
         ({"num_epochs": 0}, "num_epochs=0 must be an integer >= 1"),
         ({"progress_unit": "epochs"}, "progress_unit='epochs' must be one of 'epoch', 'step'"),
         ({"model.width_multiplier": 0.0}, "model.width_multiplier=0.0 must be a finite number > 0"),
-        ({"model.input_quantizer": "ede_signn"}, "model.input_quantizer='ede_signn' with model.input_quantizer_kwargs="),
+        ({"model.input_quantizer": "ede_signn"}, "Unknown binarizer 'ede_signn'; valid names are: "),
     ],
     ids=lambda v: next(iter(v)) if isinstance(v, dict) else None,
 )
@@ -60,7 +60,8 @@ def test_types_the_flag_parser_cannot_check_are_checked():
 
 
 def test_quantizer_keywords_are_checked_against_the_function():
-    with pytest.raises(ConfigError, match=r"model.input_quantizer_kwargs=\{.*'width': 0.5.*allowed: \['t_max', 't_min'\]"):
+    with pytest.raises(ConfigError, match=r"\['width'\] for binarizer 'ede_sign'; allowed: \['t_max', 't_min'\] "
+                                          r"\(model.input_quantizer='ede_sign', model.input_quantizer_kwargs=\{.*'width': 0.5"):
         c = digits_mlp.get_config()
         c.model.input_quantizer_kwargs.unlock()
         c.model.input_quantizer_kwargs.width = 0.5

@@ -177,7 +177,8 @@ def _model_problems(model) -> Iterator[str]:
         try:
             quantizer.resolve(spec if spec != "" else None, **kwargs)
         except (ValueError, TypeError, ImportError, AttributeError) as e:
-            yield f"model.{key}={spec!r} with model.{key}_kwargs={kwargs!r}: {e}".rstrip(".")
+            # The registry's message first: it names the value and lists what is allowed.
+            yield f"{str(e).rstrip('.')} (model.{key}={spec!r}, model.{key}_kwargs={kwargs!r})"
 
 
 def problems(config: ml_collections.ConfigDict, num_devices: int = 1) -> list[str]:
