@@ -18,6 +18,11 @@ from binax.errors import WorkdirError
 
 __all__ = ["write_text", "write_json", "append_line", "read_json"]
 
+# The process's umask, read once at import (reading it means setting it): the temporary
+# file is created 0600, and the file it becomes gets the mode open() would have given it.
+_UMASK = os.umask(0o022)
+os.umask(_UMASK)
+
 
 def _fsync_directory(directory: str) -> None:
     fd = os.open(directory, os.O_RDONLY)
@@ -34,6 +39,7 @@ def write_text(path: str, text: str) -> None:
     directory = os.path.dirname(os.path.abspath(path))
     fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=".tmp", dir=directory)
     try:
+        os.fchmod(fd, 0o666 & ~_UMASK)
         with os.fdopen(fd, "w") as f:
             f.write(text)
             f.flush()

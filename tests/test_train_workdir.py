@@ -162,6 +162,9 @@ def test_a_write_killed_before_its_rename_leaves_the_old_file(tmp_path, monkeypa
         files.write_json(str(path), {"seed": 1})
     assert json.loads(path.read_text()) == {"seed": 0}
     assert os.listdir(tmp_path) == ["config.json"]  # no temporary file left
+    umask = os.umask(0)
+    os.umask(umask)
+    assert path.stat().st_mode & 0o777 == 0o666 & ~umask  # as open() would have made it
 
 
 def test_a_resumed_run_killed_at_its_start_leaves_its_config_intact(stopped, tmp_path, monkeypatch):
