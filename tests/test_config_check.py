@@ -86,6 +86,18 @@ def test_a_rejected_config_creates_nothing(tmp_path):
     assert os.listdir(existing) == []  # not even the lock file
 
 
+def test_a_multi_stage_recipe_is_checked_before_its_workdir_is_created(tmp_path):
+    from binax import recipes
+    from configs import recipe
+
+    c = recipe.get_config("method=sb,quick")
+    assert c.recipe.procedure == "self_binarizing"
+    c.checkpoint.keep = 0
+    with pytest.raises(ConfigError, match="checkpoint.keep=0 must be an integer >= 1"):
+        recipes.run(c, str(tmp_path / "w"))
+    assert not (tmp_path / "w").exists()
+
+
 def test_a_config_word_that_is_not_a_boolean_is_rejected():
     assert common.parse_arg("quick=no", quick=True).quick is False
     with pytest.raises(ConfigError, match=r"quick='maybe' must be one of 1, true, yes, 0, false, no"):
