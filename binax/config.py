@@ -24,7 +24,11 @@ from ml_collections import config_dict
 
 import binax.data
 import binax.models
+from binax.errors import ConfigError
 from binax.train import optimizer_config
+
+
+_TRUE, _FALSE = ("1", "true", "yes"), ("0", "false", "no")
 
 
 def parse_arg(arg: str | None, **defaults) -> ml_collections.ConfigDict:
@@ -45,7 +49,12 @@ def parse_arg(arg: str | None, **defaults) -> ml_collections.ConfigDict:
                 raise ValueError(f"config argument {key!r} needs a value ({key}=...)")
             out[key] = True
         elif kind is bool:
-            out[key] = value.strip().lower() in ("1", "true", "yes")
+            word = value.strip().lower()
+            if word not in _TRUE + _FALSE:
+                raise ConfigError(
+                    f"config argument {key}={value!r} must be one of {', '.join(_TRUE + _FALSE)} (or {key} alone for true)"
+                )
+            out[key] = word in _TRUE
         else:
             out[key] = kind(value)
     return out

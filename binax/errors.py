@@ -18,6 +18,7 @@ __all__ = [
     "WorkdirBusyError",
     "NonFiniteError",
     "DiskFullError",
+    "WorkdirError",
     "MissingDependencyError",
     "PackedFileError",
 ]
@@ -54,6 +55,11 @@ class NonFiniteError(BinaxError, FloatingPointError):
 
 class DiskFullError(BinaxError, OSError):
     """The disk filled up while a run wrote its workdir; the message says what was kept."""
+
+
+class WorkdirError(BinaxError, OSError):
+    """The workdir or a file in it cannot be used (permissions, a read-only disk, a file
+    in the way of a directory, a damaged config.json...); the message names the path."""
 
 
 class MissingDependencyError(BinaxError, ImportError):

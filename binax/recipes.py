@@ -18,7 +18,6 @@ Each stage has its own workdir under ``workdir`` and resumes like any run.
 from __future__ import annotations
 
 import functools
-import json
 import math
 import os
 from typing import Any, Mapping
@@ -48,17 +47,18 @@ def _dataset(config):
 
 
 def _write(workdir: str, name: str, summary: dict) -> dict:
-    with open(os.path.join(workdir, name), "w") as f:
-        json.dump(summary, f, indent=2, sort_keys=True)
+    from binax import files
+
+    files.write_json(os.path.join(workdir, name), summary, sort_keys=True)
     return summary
 
 
-def self_binarizing(config: ml_collections.ConfigDict, workdir: str) -> dict:
+def self_binarizing(config: ml_collections.ConfigDict, workdir: str, *, allow_config_change: bool = False) -> dict:
     """Train a tanh(nu x) network, then evaluate it as sign + BinaryBN (the deployed form)."""
     from binax import train
 
     os.makedirs(workdir, exist_ok=True)
-    final = train.train_and_evaluate(config, workdir)
+    final = train.train_and_evaluate(config, workdir, allow_config_change=allow_config_change)
     model, variables, _, _ = train.restore_variables(workdir, step="latest")
     ds = _dataset(config)
     trained_logits, labels = predict(model, variables, ds, config.eval_batch_size, progress=1.0)
@@ -159,7 +159,7 @@ def check_decoupling(coupled_logits: np.ndarray, decoupled_logits: np.ndarray) -
     return float(np.max(per_image)), differing, agreement
 
 
-def binaryduo(config: ml_collections.ConfigDict, workdir: str) -> dict:
+def binaryduo(config: ml_collections.ConfigDict, workdir: str, *, allow_config_change: bool = False) -> dict:
     """BinaryDuo's three stages: coupled ternary training → decoupling → fine-tuning.
 
     The decoupled network must compute the coupled one's logits on the test set; images
@@ -171,7 +171,7 @@ def binaryduo(config: ml_collections.ConfigDict, workdir: str) -> dict:
     os.makedirs(workdir, exist_ok=True)
     coupled_dir = os.path.join(workdir, "coupled")
     decoupled_dir = os.path.join(workdir, "decoupled")
-    coupled_final = train.train_and_evaluate(config, coupled_dir)
+    coupled_final = train.train_and_evaluate(config, coupled_dir, allow_config_change=allow_config_change)
     model, variables, _, _ = train.restore_variables(coupled_dir, step="latest")
     dmodel, dvars, overrides = transforms.decouple_binaryduo_model(model, variables)
 
@@ -186,7 +186,9 @@ def binaryduo(config: ml_collections.ConfigDict, workdir: str) -> dict:
     ft.num_epochs = config.recipe.finetune_epochs
     ft.optimizer.learning_rate = config.optimizer.learning_rate * config.recipe.get("finetune_lr_factor", 0.1)
     ft.recipe.procedure = "train"
-    final = train.train_and_evaluate(ft, decoupled_dir, init_variables=dvars)
+    final = train.train_and_evaluate(
+        ft, decoupled_dir, init_variables=dvars, allow_config_change=allow_config_change
+    )
     summary = {
         "coupled_test_accuracy": coupled_final["test_accuracy"],
         "decoupled_test_accuracy": float(np.mean(decoupled_logits.argmax(-1) == labels)),
@@ -207,26 +209,43 @@ def binaryduo(config: ml_collections.ConfigDict, workdir: str) -> dict:
     return _write(workdir, "recipe.json", summary)
 
 
-def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
+def run(config: ml_collections.ConfigDict, workdir: str, *, allow_config_change: bool = False) -> dict:
     """Run ``config``'s recipe (see the module docstring); returns its summary.
 
-    The workdir is locked for the whole recipe, every stage included.
+    The config is validated before anything is written; the workdir is locked for the
+    whole recipe, every stage included. ``allow_config_change``: see
+    :func:`binax.train.train_and_evaluate`.
     """
     from binax import train
-    from binax.train.workdir import lock_workdir
+    from binax.errors import BinaxError
+    from binax.train import config_check
+    from binax.train.workdir import environment_error, lock_workdir, usable_workdir
 
     procedure = config.get("recipe", {}).get("procedure", "train")
     if procedure not in PROCEDURES:
         raise ConfigError(f"unknown recipe procedure {procedure!r}; valid: {', '.join(PROCEDURES)}")
     train.maybe_initialize_distributed(config.get("distributed"))
-    with lock_workdir(workdir, enabled=jax.process_index() == 0):
-        return PROCEDURES[procedure](config, workdir)
+    if procedure == "train":  # one run: train_and_evaluate checks and locks its workdir
+        return train.train_and_evaluate(config, workdir, allow_config_change=allow_config_change)
+    config_check.validate(config, jax.device_count())
+    workdir = os.path.abspath(workdir)
+    try:
+        usable_workdir(workdir)
+        with lock_workdir(workdir, enabled=jax.process_index() == 0):
+            return PROCEDURES[procedure](config, workdir, allow_config_change=allow_config_change)
+    except BinaxError:
+        raise
+    except OSError as e:
+        error = environment_error(e, workdir)
+        if error is None:
+            raise
+        raise error from e
 
 
-def _train(config: ml_collections.ConfigDict, workdir: str) -> dict:
+def _train(config: ml_collections.ConfigDict, workdir: str, *, allow_config_change: bool = False) -> dict:
     from binax import train
 
-    return train.train_and_evaluate(config, workdir)
+    return train.train_and_evaluate(config, workdir, allow_config_change=allow_config_change)
 
 
 PROCEDURES = {"train": _train, "self_binarizing": self_binarizing, "binaryduo": binaryduo}

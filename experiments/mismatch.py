@@ -8,7 +8,6 @@ the accuracies, the machine and the wall time as JSON.
 
 from __future__ import annotations
 
-import json
 import os
 
 from absl import app, flags
@@ -44,8 +43,9 @@ def main(argv):
     result = run_study(layer=_LAYER.value, seed=_SEED.value, **kwargs)
     output = _OUTPUT.value or os.path.join("runs", "mismatch", "mismatch.json")
     os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
-    with open(output, "w") as f:
-        json.dump(_jsonable(result), f, indent=1, ensure_ascii=False)
+    from binax import files
+
+    files.write_json(output, _jsonable(result), indent=1, ensure_ascii=False)
     print(report(result))
     print(f"\nwrote {output}")
 

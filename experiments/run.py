@@ -4,11 +4,15 @@
 ``--config.optimizer.learning_rate=0.01`` overrides one key (the config is locked, so a
 misspelt key is an error). Without ``--config`` this trains ``configs/default.py``; without
 ``--workdir`` it uses ``runs/<config file name>[_<arg>]``. A workdir that holds checkpoints
-is resumed.
+is resumed under the config it was started with: another config stops with the list of
+differences unless ``--allow_config_change``; a finished run is reported, not retrained.
 """
 
+import ast
 import importlib.util
 import os
+import re
+import signal
 import sys
 
 import ml_collections
@@ -37,6 +41,12 @@ _IMPORT = flags.DEFINE_multi_string(
     [],
     "Python module(s) to import before the config is used, e.g. one that registers a binarizer "
     "with binax.binarizers.register (repeatable; 'a,b' also works).",
+)
+_ALLOW_CONFIG_CHANGE = flags.DEFINE_bool(
+    "allow_config_change",
+    False,
+    "Continue the run in --workdir under a config that differs from the one it was started with; "
+    "the change is appended to WORKDIR/config_history.jsonl (config.json keeps the original).",
 )
 _DEBUG = flags.DEFINE_bool(
     "debug", False, "Show the traceback of an error in the config, data or workdir (a bug's is always shown)."
@@ -80,8 +90,41 @@ def _bad_override(argv: list[str]) -> str | None:
                 return f"--config.{key}: config.{'.'.join(seen)} is a {type(node).__name__}, not a group of keys"
             if part not in node:
                 where = "config." + ".".join(seen) if seen else "config"
+                if not node.keys():
+                    return (
+                        f"--config.{key}: {where} has no keys in this config, so a flag cannot set {part!r} "
+                        "(set the group in a config file)"
+                    )
                 return f"--config.{key}: {where} has no key {part!r}; valid keys: {', '.join(sorted(node.keys()))}"
             node, seen = node[part], seen + [part]
+    return None
+
+
+def _scalar_for_sequence(argv: list[str]) -> str | None:
+    """Names the first ``--config.a.b=v`` whose key holds a sequence but whose value is a
+    single item: ml_collections would turn ``widths=512`` into ``(512,)``, a different network."""
+    config = _load_config(argv)
+    for arg in argv:
+        if not arg.startswith("--config.") or "=" not in arg:
+            continue
+        key, text = arg[len("--config."):].split("=", 1)
+        node = config
+        for part in key.split("."):
+            if not isinstance(node, ml_collections.ConfigDict) or part not in node:
+                node = None
+                break
+            node = node[part]
+        if not isinstance(node, (tuple, list)):
+            continue
+        try:
+            value = ast.literal_eval(text)
+        except (ValueError, SyntaxError):
+            value = text
+        if not isinstance(value, (tuple, list)):
+            return (
+                f"--config.{key}={text}: config.{key} is a sequence (now {tuple(node)}); write one as "
+                f"'({text},)' for one item or '({text}, {text})' for two"
+            )
     return None
 
 
@@ -94,6 +137,9 @@ def _parse_flags(argv: list[str]) -> list[str]:
         config = flags.FLAGS["config"].value
         if not isinstance(config, ml_collections.ConfigDict):
             config.get("seed")  # a file that failed to load raises its error here
+        message = _scalar_for_sequence(argv)
+        if message:
+            sys.exit(f"error: {message}")
         return rest
     except OSError as e:
         sys.exit(f"error: {e}")
@@ -101,7 +147,12 @@ def _parse_flags(argv: list[str]) -> list[str]:
         # A config file that fails to load puts its whole traceback in the message; the
         # last line says what went wrong.
         lines = [line for line in str(e).splitlines() if line.strip()]
-        sys.exit(f"error: {lines[-1] if lines else e}\nPass --help for the flags.")
+        last = lines[-1] if lines else str(e)
+        # The config file refused its argument (a BinaxError): its message is the line to show.
+        user_error = re.match(r"^binax\.errors\.\w+: (.*)$", last)
+        if user_error:
+            sys.exit(f"error: {user_error.group(1)}")
+        sys.exit(f"error: {last}\nPass --help for the flags.")
     except (AttributeError, KeyError) as e:
         try:
             message = _bad_override(argv)
@@ -131,10 +182,11 @@ def main(argv):
         binarizers.import_plugins(_IMPORT.value)
         # A plain config is one training run; a recipe config may have stages (BinaryDuo's
         # couple -> decouple -> fine-tune, Self-Binarizing's sign + BinaryBN evaluation).
-        recipes.run(_CONFIG.value, workdir)
-    except KeyboardInterrupt:
-        # The loop saved a checkpoint first (see its log); rerunning resumes from it.
-        sys.exit(130)
+        recipes.run(_CONFIG.value, workdir, allow_config_change=_ALLOW_CONFIG_CHANGE.value)
+    except KeyboardInterrupt as e:
+        # The loop saved a checkpoint first (see its log); rerunning resumes from it. The
+        # shell's status for the signal: 130 for Ctrl-C, 143 for SIGTERM.
+        sys.exit(128 + getattr(e, "signum", signal.SIGINT))
     except BinaxError as e:
         # The user's config, data or workdir: the message says what to change; a traceback
         # would bury it. Anything else is a bug and keeps its traceback.

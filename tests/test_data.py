@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 import binax.data as bd
+from binax.errors import DataError
 
 FASHION_DIR = "/usr/share/datasets/fashion-mnist"
 needs_fashion = pytest.mark.skipif(
@@ -200,6 +201,18 @@ def test_idx_dataset_from_config_dir_gz_and_raw(tmp_path):
 
 
 # -- errors -----------------------------------------------------------------------------
+
+
+def test_labels_out_of_range_fail_at_load_naming_the_dataset_value_and_range(tmp_path):
+    images = np.zeros((5, 28, 28), np.uint8)
+    labels = np.array([0, 3, 200, 9, 1], np.uint8)
+    for split in ("train", "test"):
+        _write_idx_dir(tmp_path, images, labels if split == "train" else labels % 10, split)
+    with pytest.raises(DataError) as raised:
+        bd.create(_config("mnist", data_dir=str(tmp_path)), seed=0)
+    message = str(raised.value)
+    assert "dataset 'mnist' (train, " in message and "train-labels-idx1-ubyte" in message
+    assert "has label 200 at index 2" in message and "labels must be in [0, 10)" in message
 
 
 def test_missing_files_say_how_to_get_them(tmp_path):

@@ -17,7 +17,7 @@ import pytest
 
 import binax.data
 from binax import train
-from binax.errors import CheckpointError, DataError, DiskFullError, WorkdirBusyError
+from binax.errors import CheckpointError, ConfigError, DataError, DiskFullError, WorkdirBusyError
 from binax.train import checkpoints as ckpt_lib
 from configs import digits_mlp
 
@@ -147,9 +147,15 @@ def test_no_intact_checkpoint_stops_with_one_reason_per_step_and_moves_nothing(f
 @pytest.mark.slow
 def test_a_checkpoint_of_another_model_is_not_mistaken_for_damage(finished_run, tmp_path):
     workdir = copy_of(finished_run, tmp_path)
+    other = small_config(**{"model.widths": (32, 16), "num_epochs": 3})  # 3: more to train
+    with pytest.raises(ConfigError, match=r"holds a run of another config \(model.widths: \[32, 32\] -> \[32, 16\], num_epochs: 2 -> 3\)"):
+        train.train_and_evaluate(other, str(workdir))
+    # Allowed to change, the checkpoint still cannot hold the new shapes: that is said, not
+    # taken for damage, and the refused change is not recorded.
     with pytest.raises(CheckpointError, match=r"different model or optimizer state .*\(32,\) saved, \(16,\) now"):
-        train.train_and_evaluate(small_config(**{"model.widths": (32, 16)}), str(workdir))
+        train.train_and_evaluate(other, str(workdir), allow_config_change=True)
     assert not os.path.exists(str(workdir / "checkpoints") + ".damaged")
+    assert not (workdir / "config_history.jsonl").exists()
 
 
 @pytest.mark.slow

@@ -18,7 +18,7 @@ import numpy as np
 from binax.data import idx as idx_lib
 from binax.data import registry
 from binax.data.spec import Dataset, Spec, normalize, pad_batch
-from binax.errors import ConfigError, MissingDataError, MissingDependencyError
+from binax.errors import ConfigError, DataError, MissingDataError, MissingDependencyError
 
 # scikit-learn digits: the last DIGITS_TEST_SIZE of the 1797 images are the test split.
 DIGITS_TEST_SIZE = 297
@@ -32,6 +32,18 @@ def _resolve_idx_dir(spec: Spec, data_dir: Optional[str]) -> str:
     if spec.name == "fashion_mnist":
         return registry.FASHION_MNIST_DIR
     raise MissingDataError(f"no data_dir for {spec.name!r}. {spec.install_hint}")
+
+
+def _check_labels(spec: Spec, split: str, labels: np.ndarray, source: str) -> None:
+    """Labels outside ``[0, num_classes)`` would train as all-zero one-hot rows, silently."""
+    labels = np.asarray(labels)
+    bad = (labels < 0) | (labels >= spec.num_classes)
+    if bad.any():
+        first = int(np.flatnonzero(bad)[0])
+        raise DataError(
+            f"dataset {spec.name!r} ({split}, {source}) has label {int(labels[first])} at index {first} "
+            f"({int(bad.sum())} labels out of range); labels must be in [0, {spec.num_classes})"
+        )
 
 
 @functools.lru_cache(maxsize=8)
@@ -68,6 +80,7 @@ def _load_cached(name: str, split: str, data_dir: Optional[str]):
     else:
         raise ConfigError(f"{name!r} is a {spec.source} dataset, not an in-memory one")
     images = np.ascontiguousarray(images, dtype=np.uint8)
+    _check_labels(spec, split, labels, paths[1] if spec.source == "idx" else "scikit-learn's digits")
     labels = np.asarray(labels, dtype=np.int32)
     # Cached arrays are shared by every caller; read-only keeps one caller from editing
     # another's data.

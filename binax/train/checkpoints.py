@@ -8,7 +8,9 @@ saves and the one with the best evaluation accuracy (saves made at an evaluation
 
 Integrity. Every save records, in the step's orbax metadata, the shape, dtype and CRC-32
 of each array as it was in memory, and the loop's own state (the metric window since the
-last record). A restore checks the arrays it read against that record and that every
+last record), and a CRC-32 of the record itself together with the step's orbax metrics
+(the accuracy that chooses the "best" step): every byte a restore or :meth:`best_step`
+reads is covered. A restore checks the arrays it read against that record and that every
 float is finite, so flipped or truncated bytes, a missing file or a half-deleted step
 directory are caught before training on them (:class:`DamagedCheckpoint`), and a
 checkpoint of a different model or optimizer is told apart from a damaged one
@@ -20,6 +22,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import gc
+import json
 import math
 import os
 import shutil
@@ -40,7 +43,8 @@ __all__ = ["Checkpoints", "DamagedCheckpoint", "abstract_like", "array_records",
 
 BEST_METRIC = "accuracy"
 # Version of what binax writes into a step's custom metadata.
-RECORD_FORMAT = 1
+# 2: the record and the step's metrics carry a CRC-32 ("crc32"); 1 (binax < 0.3): only the arrays.
+RECORD_FORMAT = 2
 DAMAGED_DIRNAME = "damaged"
 
 
@@ -83,6 +87,13 @@ def host_copy(x) -> np.ndarray:
 
 def _crc32(a: np.ndarray) -> int:
     return zlib.crc32(memoryview(np.ascontiguousarray(a)).cast("B"))
+
+
+def record_crc32(record: dict, metrics: dict | None) -> int:
+    """CRC-32 of a step's integrity record (its arrays' records and the loop state) and its
+    orbax metrics, as canonical JSON: one flipped digit anywhere changes it."""
+    covered = {"arrays": record.get("arrays"), "loop": record.get("loop"), "metrics": dict(metrics or {})}
+    return zlib.crc32(json.dumps(covered, sort_keys=True, separators=(",", ":"), allow_nan=True).encode())
 
 
 def array_records(tree: Any) -> dict[str, dict]:
@@ -195,8 +206,23 @@ class Checkpoints:
         return self.manager.latest_step()
 
     def best_step(self) -> int | None:
-        """The saved step with the highest eval accuracy (the latest if none was evaluated)."""
-        return self.manager.best_step()
+        """The intact saved step with the highest eval accuracy (the latest of equals), or
+        None when no intact step was evaluated.
+
+        Each step's accuracy is read with its checksum: a step whose metadata is damaged
+        is reported (a warning naming its step and path) and left out, so a flipped digit
+        cannot make another step the best.
+        """
+        best = None
+        for step in self.all_steps():
+            try:
+                metrics = self._record(step)["metrics"]
+            except DamagedCheckpoint as e:
+                logging.warning("%s; it is not considered for the best step", e)
+                continue
+            if BEST_METRIC in metrics and (best is None or _best_metric(metrics) >= best[0]):
+                best = (_best_metric(metrics), step)
+        return None if best is None else best[1]
 
     def all_steps(self) -> list[int]:
         return sorted(self.manager.all_steps())
@@ -215,13 +241,18 @@ class Checkpoints:
         # which orbax would warn about on every save.
         metrics = {} if accuracy is None else {BEST_METRIC: float(accuracy)}
         record = {"format": RECORD_FORMAT, "arrays": array_records(state), "loop": loop_state or {}}
+        record["crc32"] = record_crc32(record, metrics)
         return self.manager.save(
             step, args=ocp.args.StandardSave(state), metrics=metrics, force=True, custom_metadata=record
         )
 
     def _record(self, step: int) -> dict:
+        """The step's integrity record, checked against its CRC-32 with the step's metrics
+        (the metrics go into ``record["metrics"]``)."""
         try:
-            record = self.manager.metadata(step).custom_metadata or {}
+            metadata = self.manager.metadata(step)
+            record = dict(metadata.custom_metadata or {})
+            metrics = dict(metadata.metrics or {})
         except Exception as e:  # noqa: BLE001 - any unreadable metadata is damage
             raise DamagedCheckpoint(step, self.step_path(step), f"its metadata cannot be read ({_first_line(e)})")
         if "arrays" not in record:
@@ -231,6 +262,13 @@ class Checkpoints:
                 "it has no integrity record (its _CHECKPOINT_METADATA is missing or it was written "
                 "by binax < 0.2), so its contents cannot be verified",
             )
+        if record.get("format", 1) >= 2 and record.get("crc32") != record_crc32(record, metrics):
+            raise DamagedCheckpoint(
+                step,
+                self.step_path(step),
+                "its metadata (the saved metric window or evaluation metrics) does not match its checksum (CRC-32)",
+            )
+        record["metrics"] = metrics
         return record
 
     def _verify(self, step: int, record: dict, tree: Any) -> None:

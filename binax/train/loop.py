@@ -50,17 +50,20 @@ from absl import logging
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from binax import layers, quantizer
-from binax.errors import CheckpointError, ConfigError, DiskFullError, NonFiniteError
+from binax import files, layers, quantizer
+from binax.errors import BinaxError, CheckpointError, ConfigError, DiskFullError, NonFiniteError
 from binax.train import checkpoints as ckpt_lib
+from binax.train import config_check
 from binax.train import evaluation
 from binax.train import metrics as metrics_lib
 from binax.train import optimizers, steps
-from binax.train.workdir import lock_workdir
+from binax.train import workdir_config
+from binax.train.workdir import check_not_busy, environment_error, lock_workdir, usable_workdir
 
 __all__ = [
     "NonFiniteError",
     "NonFiniteLossError",
+    "StopRequested",
     "train_and_evaluate",
     "make_mesh",
     "maybe_initialize_distributed",
@@ -70,7 +73,7 @@ __all__ = [
     "restore_variables",
 ]
 
-PROGRESS_UNITS = ("epoch", "step")
+PROGRESS_UNITS = config_check.PROGRESS_UNITS
 
 # Kept for code written against binax 0.1: the error now covers gradients and parameters too.
 NonFiniteLossError = NonFiniteError
@@ -129,45 +132,13 @@ def create_model(model_config: ml_collections.ConfigDict):
     return binax.models.create(name, **spec)
 
 
-def _validate(config: ml_collections.ConfigDict, num_devices: int) -> None:
-    if config.progress_unit not in PROGRESS_UNITS:
-        raise ConfigError(f"progress_unit={config.progress_unit!r} is not one of {PROGRESS_UNITS}")
-    if config.compute_dtype not in steps.COMPUTE_DTYPES:
-        raise ConfigError(f"compute_dtype={config.compute_dtype!r} is not one of {tuple(steps.COMPUTE_DTYPES)}")
-    if not (isinstance(config.num_epochs, int) and config.num_epochs >= 1):
-        raise ConfigError(f"num_epochs={config.num_epochs!r} must be an int >= 1")
-    for key in ("batch_size", "eval_batch_size"):
-        value = config[key]
-        if value < 1 or value % num_devices:
-            raise ConfigError(
-                f"{key}={value} must be a positive multiple of the {num_devices} devices "
-                "(each device gets an equal share of the batch)"
-            )
-    if config.log_every_steps < 1:
-        raise ConfigError(f"log_every_steps={config.log_every_steps} must be >= 1")
-    if config.checkpoint.every_steps < 0:
-        raise ConfigError(f"checkpoint.every_steps={config.checkpoint.every_steps} must be >= 0 (0: epoch ends only)")
-    if config.eval_every_epochs < 0:
-        raise ConfigError(f"eval_every_epochs={config.eval_every_epochs} must be >= 0 (0: at the end only)")
+class StopRequested(KeyboardInterrupt):
+    """The run stopped on a signal after saving a checkpoint; ``signum`` says which
+    (the command line exits with ``128 + signum``: 130 for Ctrl-C, 143 for SIGTERM)."""
 
-
-def _record_config(config: ml_collections.ConfigDict, workdir: str, resuming: bool) -> None:
-    """Writes ``workdir/config.json``; a resumed run warns about keys that changed."""
-    path = os.path.join(workdir, "config.json")
-    new = json.loads(config.to_json_best_effort())
-    if resuming and os.path.exists(path):
-        with open(path) as f:
-            old = metrics_lib.flatten(json.load(f))
-        flat = metrics_lib.flatten(new)
-        changed = sorted(k for k in set(old) | set(flat) if old.get(k) != flat.get(k))
-        if changed:
-            logging.warning(
-                "resuming %s with a changed config: %s",
-                workdir,
-                ", ".join(f"{k}: {old.get(k)!r} -> {flat.get(k)!r}" for k in changed),
-            )
-    with open(path, "w") as f:
-        json.dump(new, f, indent=2, sort_keys=True)
+    def __init__(self, signum: int):
+        super().__init__(f"signal {signum}")
+        self.signum = signum
 
 
 class _StopRequest:
@@ -307,7 +278,8 @@ def restore_variables(
 ) -> tuple[Any, dict[str, Any], ml_collections.ConfigDict, int]:
     """The model, ``{params, batch_stats}``, config and step of a trained run in ``workdir``.
 
-    Reads ``workdir/config.json`` (written by :func:`train_and_evaluate`) and the
+    Reads ``workdir/config.json`` (written by :func:`train_and_evaluate`, with the changes
+    of ``config_history.jsonl`` applied) and the
     checkpoint ``step``: ``'best'`` (highest eval accuracy; the latest if none was
     evaluated), ``'latest'`` or a step number. The saved ``TrainState`` is read as a plain
     tree onto this process's first device (whatever devices trained it), so nothing about
@@ -320,13 +292,13 @@ def restore_variables(
         model, variables, config, step = binax.train.restore_variables("runs/default")
         logits = model.apply(variables, images, train=False)
     """
-    path = os.path.join(os.path.abspath(workdir), "config.json")
-    if not os.path.exists(path):
+    saved = workdir_config.current_config(os.path.abspath(workdir))
+    if saved is None:
+        path = os.path.join(os.path.abspath(workdir), workdir_config.CONFIG_NAME)
         raise FileNotFoundError(f"no {path}: is {workdir!r} the --workdir of a binax training run?")
-    with open(path) as f:
-        config = ml_collections.ConfigDict(json.load(f))
+    config = ml_collections.ConfigDict(saved)
     # The file is data: a quantizer it names must already be registered here.
-    quantizer.check_file_config(config.model, path)
+    quantizer.check_file_config(config.model, os.path.join(os.path.abspath(workdir), workdir_config.CONFIG_NAME))
     ckpts = ckpt_lib.Checkpoints(os.path.join(os.path.abspath(workdir), "checkpoints"), async_save=False)
     try:
         saved = ckpts.all_steps()
@@ -439,8 +411,8 @@ class _Window:
 class _Run:
     """One training run's parts and progress; ``train_and_evaluate`` calls its steps."""
 
-    def __init__(self, config: ml_collections.ConfigDict, workdir: str, init_variables, on_step):
-        self.config, self.workdir, self.on_step = config, workdir, on_step
+    def __init__(self, config: ml_collections.ConfigDict, workdir: str, init_variables, on_step, plan):
+        self.config, self.workdir, self.on_step, self.plan = config, workdir, on_step, plan
         self.wall_start = time.time()
         self.is_main = jax.process_index() == 0
         self.final_written = False
@@ -455,7 +427,6 @@ class _Run:
         import binax.data
 
         config = self.config
-        _validate(config, jax.device_count())
         self.ds = binax.data.create(
             config.data, seed=config.seed, process_index=jax.process_index(), process_count=jax.process_count()
         )
@@ -496,7 +467,15 @@ class _Run:
         self.window = _Window(self.step - len(pending) + 1, pending)
         if self.is_main:
             logging.info("config:\n%s", config)
-            _record_config(config, self.workdir, resuming=self.resume_step is not None)
+            plan = self.plan
+            if plan.neutral or plan.changes:
+                logging.warning(
+                    "resuming %s with a changed config%s: %s",
+                    self.workdir,
+                    f" (recorded in {workdir_config.HISTORY_NAME})" if plan.changes else "",
+                    ", ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in {**plan.changes, **plan.neutral}.items()),
+                )
+            workdir_config.record(plan, self.workdir, resume_step=self.resume_step)
         self.writer = metrics_lib.MetricsWriter(self.workdir, resume_step=self.resume_step, enabled=self.is_main)
         if self.resume_step is None:
             self.writer.write_config(json.loads(config.to_json_best_effort()))
@@ -631,7 +610,7 @@ class _Run:
         logging.warning(
             "signal %d: saved step %d in %s; rerun the same command to resume", signum, self.step, self.ckpts.directory
         )
-        raise KeyboardInterrupt
+        raise StopRequested(signum)
 
     def _end_epoch(self, epoch: int) -> None:
         """The epoch's record, its evaluation if due, ``final.json`` after the last, a checkpoint."""
@@ -666,7 +645,7 @@ class _Run:
             if stop.signum is not None and epoch + 1 < self.config.num_epochs:
                 self.ckpts.wait()
                 logging.warning("signal %d: stopped after epoch %d; rerun the same command to resume", stop.signum, epoch + 1)
-                raise KeyboardInterrupt
+                raise StopRequested(stop.signum)
 
     # ------------------------------------------------------------------ 5. finish
 
@@ -695,10 +674,7 @@ class _Run:
     def _write_final(self, final_checkpoint: int | None) -> dict[str, Any]:
         summary = self.summary(final_checkpoint)
         if self.is_main:
-            path = os.path.join(self.workdir, "final.json")
-            with open(path + ".tmp", "w") as f:
-                json.dump(summary, f, indent=2)
-            os.replace(path + ".tmp", path)
+            files.write_json(os.path.join(self.workdir, workdir_config.FINAL_NAME), summary)
             self.final_written = True
         return summary
 
@@ -743,12 +719,42 @@ class _Run:
         return error
 
 
+def _report_finished(workdir: str, final: Mapping[str, Any]) -> None:
+    if jax.process_index() == 0:
+        accuracy = final.get("test_accuracy")
+        print(
+            f"workdir {workdir} holds a finished run (test accuracy "
+            f"{'?' if accuracy is None else f'{100 * accuracy:.2f}%'} after {final.get('step')} steps, "
+            f"{os.path.join(workdir, workdir_config.FINAL_NAME)}): nothing to train, nothing written. "
+            "Use a new --workdir to train again.",
+            flush=True,
+        )
+
+
+def _final_checkpoint_intact(workdir: str, final: Mapping[str, Any]) -> bool:
+    """Whether a finished run's final checkpoint reads back as written. When it does not,
+    the run is resumed as usual: from the newest intact checkpoint, damage reported."""
+    ckpts = ckpt_lib.Checkpoints(os.path.join(workdir, "checkpoints"), async_save=False)
+    try:
+        ckpts.restore_tree(int(final["final_checkpoint"]))
+        return True
+    except ckpt_lib.DamagedCheckpoint as e:
+        logging.warning("%s; the finished run is resumed from its newest intact checkpoint", e)
+        return False
+    except (KeyError, TypeError, ValueError, FileNotFoundError) as e:
+        logging.warning("the final checkpoint named by %s cannot be read (%r); resuming", workdir, e)
+        return False
+    finally:
+        ckpts.close()
+
+
 def train_and_evaluate(
     config: ml_collections.ConfigDict,
     workdir: str,
     *,
     on_step: Callable[[int], None] | None = None,
     init_variables: Mapping[str, Any] | None = None,
+    allow_config_change: bool = False,
 ) -> dict[str, Any]:
     """Trains ``config`` in ``workdir`` (resuming what is there) and evaluates it.
 
@@ -759,24 +765,57 @@ def train_and_evaluate(
     e.g. BinaryDuo's decoupled network); a run resumed from its own checkpoint ignores it.
     Returns the final summary (what ``final.json`` holds).
 
-    Raises :class:`~binax.errors.NonFiniteError` when the loss, a gradient or a parameter
-    stops being finite, :class:`~binax.errors.WorkdirBusyError` when another process
-    trains in ``workdir``, :class:`~binax.errors.CheckpointError` when no checkpoint in it
-    is intact, :class:`~binax.errors.DiskFullError` when the disk fills up, and
-    ``KeyboardInterrupt`` after saving a checkpoint on SIGINT/SIGTERM.
+    The config is validated before anything is written (:mod:`binax.train.config_check`).
+    A workdir holds one config (:mod:`binax.train.workdir_config`): a rerun with another
+    config stops unless ``allow_config_change``, and a finished run is reported and
+    returned as it is, without training or writing.
+
+    Raises :class:`~binax.errors.ConfigError` for an invalid config or one that differs
+    from the workdir's, :class:`~binax.errors.NonFiniteError` when the loss, a gradient or
+    a parameter stops being finite, :class:`~binax.errors.WorkdirBusyError` when another
+    process trains in ``workdir``, :class:`~binax.errors.WorkdirError` when the workdir
+    cannot be used (permissions, a read-only disk, a file in the way, a damaged
+    config.json), :class:`~binax.errors.CheckpointError` when no checkpoint in it is
+    intact, :class:`~binax.errors.DiskFullError` when the disk is or fills up, and
+    :class:`StopRequested` (a ``KeyboardInterrupt``) after saving a checkpoint on
+    SIGINT/SIGTERM.
     """
     maybe_initialize_distributed(config.get("distributed"))
+    config_check.validate(config, jax.device_count())
     workdir = os.path.abspath(workdir)
-    with lock_workdir(workdir, enabled=jax.process_index() == 0):
-        run = _Run(config, workdir, init_variables, on_step)
-        try:
-            with _StopRequest() as stop:
-                run.train(stop)
-            summary = run.finish()
-            run.close()
-        except BaseException as e:
-            _quietly(run.close)
-            if isinstance(e, Exception) and _is_disk_full(e):
-                raise run.disk_full_error(e) from e
+    try:
+        usable_workdir(workdir)
+        if jax.process_index() == 0:
+            check_not_busy(workdir)
+        plan = workdir_config.check(config, workdir, allow_config_change=allow_config_change)
+        if plan.finished is not None and _final_checkpoint_intact(workdir, plan.finished):
+            _report_finished(workdir, plan.finished)
+            return plan.finished
+        with lock_workdir(workdir, enabled=jax.process_index() == 0):
+            return _train_locked(config, workdir, plan, init_variables, on_step)
+    except BinaxError:
+        raise
+    except OSError as e:
+        error = environment_error(e, workdir)
+        if error is None:
             raise
-        return summary
+        raise error from e
+
+
+def _train_locked(config, workdir: str, plan, init_variables, on_step) -> dict[str, Any]:
+    run = None
+    try:
+        run = _Run(config, workdir, init_variables, on_step, plan)
+        with _StopRequest() as stop:
+            run.train(stop)
+        summary = run.finish()
+        run.close()
+    except BaseException as e:
+        if run is not None:
+            _quietly(run.close)
+        # A full disk once the run exists says what it kept; before, the caller's
+        # environment_error names the file.
+        if run is not None and isinstance(e, Exception) and _is_disk_full(e) and not isinstance(e, BinaxError):
+            raise run.disk_full_error(e) from e
+        raise
+    return summary

@@ -22,6 +22,8 @@ from typing import Any, Mapping
 import numpy as np
 from absl import logging
 
+from binax import files
+
 __all__ = ["MetricsWriter", "ProgressReporter", "read_metrics", "format_duration", "quiet_checkpoint_logs"]
 
 
@@ -155,9 +157,7 @@ class MetricsWriter:
             return
         os.makedirs(workdir, exist_ok=True)
         kept = [r for r in read_metrics(self.path) if resume_step is not None and r.get("step", 0) <= resume_step]
-        with open(self.path + ".tmp", "w") as f:
-            f.writelines(json.dumps(r) + "\n" for r in kept)
-        os.replace(self.path + ".tmp", self.path)
+        files.write_text(self.path, "".join(json.dumps(r) + "\n" for r in kept))
         self._file = open(self.path, "a", buffering=1)
         from tensorboardX import SummaryWriter  # imported here: only the writing process needs it
 
