@@ -1,5 +1,8 @@
 """``benchmarks/accelerator.py --quick`` runs on the CPU and prints every record with sane
-values, so the one-command device benchmark cannot rot between accelerator runs."""
+values, so the one-command device benchmark cannot rot between accelerator runs.
+
+float32 only, to keep the suite's budget: compiling each network again in bfloat16 would
+double the test's time; the bfloat16 step's lowering is tests/test_lowering.py's."""
 
 import json
 import math
@@ -17,7 +20,7 @@ ROOT = Path(__file__).resolve().parents[1]
 def test_accelerator_quick_prints_every_record():
     env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": str(ROOT)}
     result = subprocess.run(
-        [sys.executable, str(ROOT / "benchmarks" / "accelerator.py"), "--quick"],
+        [sys.executable, str(ROOT / "benchmarks" / "accelerator.py"), "--quick", "--dtypes", "float32"],
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=600,
     )
     assert result.returncode == 0, result.stderr[-3000:]
@@ -30,7 +33,7 @@ def test_accelerator_quick_prints_every_record():
 
     steps = {(r["network"], r["compute_dtype"]): r for r in by_kind["train_step"]}
     networks = ("resnet18_irnet", "resnet18_float", "vgg_small")
-    assert set(steps) == {(n, d) for n in networks for d in ("float32", "bfloat16")}
+    assert set(steps) == {(n, "float32") for n in networks}
     for r in steps.values():
         assert r["images_per_s"] > 0 and r["step_ms"] > 0 and r["compile_s"] > 0
         assert math.isfinite(r["loss"]) and r["loss"] > 0
