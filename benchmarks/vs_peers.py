@@ -1,6 +1,6 @@
 """Training-step speed of binax vs Larq and PyTorch, interleaved in one run (issue 7).
 
-The same two networks in every framework, batch 128, synthetic data, Adam(1e-3) on softmax
+The same networks in every framework, batch 128 (ResNet-18: 8), synthetic data, Adam(1e-3) on softmax
 cross-entropy, ``ste_sign`` on binarized inputs and kernels:
 
 * ``vgg_small``: binax ``binax.models.create('vgg_small', ...)`` with ``ste_sign``
@@ -9,6 +9,12 @@ cross-entropy, ``ste_sign`` on binarized inputs and kernels:
   conv, batch norm after each conv (after the pool where there is one), float dense 8192→10.
 * ``bnn_mlp``: ``create('bnn_mlp')``: float dense 784→2048, binary dense 2048→2048 ×2, BN
   after each, float dense 2048→10.
+* ``resnet18``: ``create('resnet18')`` (Bi-Real Net's ResNet-18, ImageNet-shaped) with
+  ``ste_sign`` quantizers, at 224×224×3 and 1000 classes: float 7×7/2 conv 64 → BN → 3×3/2
+  max-pool; 16 residual units ``sign → binary 3×3 conv (padded with +1) → BN → + shortcut``
+  in stages 64/128/256/512 (2 blocks of 2 units each); downsampling shortcuts 2×2/2
+  average pool → float 1×1 conv → BN; global average pool, float dense 512→1000. Its
+  batch is ``--resnet-batch`` (default 8: about a second per step on 2 cores).
 
 Variants, each in its own worker process (one per framework setting):
 
@@ -62,11 +68,13 @@ sys.path.insert(0, ROOT)
 # `python -m experiments.run` recommends and `bash dev.sh run` sets.
 from experiments.run import RETAIN_MALLOC  # noqa: E402
 
-MODELS = ("vgg_small", "bnn_mlp")
+MODELS = ("vgg_small", "bnn_mlp", "resnet18")
+# (input shape, classes) per network; the peers' workers build the same.
+SHAPES = {"vgg_small": ((32, 32, 3), 10), "bnn_mlp": ((28, 28, 1), 10), "resnet18": ((224, 224, 3), 1000)}
 VARIANTS = ("binax", "binax_xla", "binax_float", "larq", "larq_xla", "torch", "torch_cl", "torch_compile")
 DEFAULT_VARIANTS = ("binax", "binax_xla", "binax_float", "larq", "larq_xla", "torch", "torch_cl")
 # torch_cl only differs from torch for convolutions.
-ONLY_MODELS = {"torch_cl": ("vgg_small",)}
+ONLY_MODELS = {"torch_cl": ("vgg_small", "resnet18")}
 
 
 
@@ -88,13 +96,13 @@ def binax_step(name: str, batch: int, variant: str):
         binax.ops.binary.default_impl = lambda backend=None: "xla"
     q = None if variant == "binax_float" else "ste_sign"
     overrides = dict(input_quantizer=q, input_quantizer_kwargs={}, kernel_quantizer=q, kernel_quantizer_kwargs={})
-    if name == "vgg_small":
+    if name in ("vgg_small", "resnet18"):
         overrides["activation"] = "none"
     model = binax.models.create(name, **overrides)
-    shape = (32, 32, 3) if name == "vgg_small" else (28, 28, 1)
+    shape, classes = SHAPES[name]
     rng = np.random.default_rng(0)
     x = jnp.asarray(rng.standard_normal((batch, *shape), dtype=np.float32))
-    y = jnp.asarray(rng.integers(0, 10, batch))
+    y = jnp.asarray(rng.integers(0, classes, batch))
     variables = model.init(jax.random.key(0), x[:1], train=False)
     tx = optax.adam(1e-3)
 
@@ -134,6 +142,11 @@ def run_binax_worker(args) -> None:
 # ----------------------------------------------------------------------- coordinator
 
 
+def model_batch(model: str, args) -> int:
+    """The batch of one network: ``--resnet-batch`` for ResNet-18 at 224, else ``--batch``."""
+    return args.resnet_batch if model == "resnet18" else args.batch
+
+
 class Worker:
     def __init__(self, variant: str, models: list[str], args):
         self.variant = variant
@@ -146,13 +159,14 @@ class Worker:
         if not os.path.exists(py):
             raise SystemExit(f"{py} is missing: run `bash benchmarks/peers/setup.sh` first.")
         ms = ",".join(models)
+        batch = model_batch(models[0], args)
         if variant.startswith("binax"):
-            cmd = [py, os.path.abspath(__file__), "--worker", variant, "--models", ms, "--batch", str(args.batch)]
+            cmd = [py, os.path.abspath(__file__), "--worker", variant, "--models", ms, "--batch", str(batch)]
         elif variant.startswith("larq"):
-            cmd = [py, os.path.join(PEERS, "larq_worker.py"), "--models", ms, "--batch", str(args.batch)]
+            cmd = [py, os.path.join(PEERS, "larq_worker.py"), "--models", ms, "--batch", str(batch)]
             cmd += ["--xla"] if variant == "larq_xla" else []
         else:
-            cmd = [py, os.path.join(PEERS, "torch_worker.py"), "--models", ms, "--batch", str(args.batch)]
+            cmd = [py, os.path.join(PEERS, "torch_worker.py"), "--models", ms, "--batch", str(batch)]
             cmd += {"torch": [], "torch_cl": ["--channels-last"], "torch_compile": ["--compile"]}[variant]
         env = dict(os.environ)
         if args.malloc == "retain":
@@ -241,6 +255,7 @@ def summarize(model: str, result: dict, batch: int) -> list[dict]:
         row = {
             "model": model,
             "variant": v,
+            "batch": batch,
             "steps": len(rec["wall"]),
             "img_s_median": batch / statistics.median(rec["wall"]),
             "img_s_min": min(ips),
@@ -257,14 +272,14 @@ def summarize(model: str, result: dict, batch: int) -> list[dict]:
 
 def markdown(rows: list[dict]) -> str:
     out = [
-        "| network | variant | images/s median (min–max) | CPU s/step | binax ÷ variant (wall) | (CPU) |",
-        "|---|---|---|---|---|---|",
+        "| network | variant | batch | images/s median (min–max) | CPU s/step | binax ÷ variant (wall) | (CPU) |",
+        "|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         ratio = f"{r['binax_ratio']:.2f}×" if "binax_ratio" in r else "–"
         cpu_ratio = f"{r['binax_cpu_ratio']:.2f}×" if "binax_cpu_ratio" in r else "–"
         out.append(
-            f"| {r['model']} | {r['variant']} | {r['img_s_median']:.1f} ({r['img_s_min']:.1f}–{r['img_s_max']:.1f}) "
+            f"| {r['model']} | {r['variant']} | {r['batch']} | {r['img_s_median']:.1f} ({r['img_s_min']:.1f}–{r['img_s_max']:.1f}) "
             f"| {r['cpu_s_per_step']:.3f} | {ratio} | {cpu_ratio} |"
         )
     return "\n".join(out)
@@ -273,6 +288,7 @@ def markdown(rows: list[dict]) -> str:
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--batch", type=int, default=128)
+    p.add_argument("--resnet-batch", type=int, default=8, help="batch of resnet18 (224x224)")
     p.add_argument("--models", default=",".join(MODELS))
     p.add_argument("--variants", default=",".join(DEFAULT_VARIANTS), help=f"subset of {','.join(VARIANTS)}")
     p.add_argument("--rounds", type=int, default=5)
@@ -290,6 +306,7 @@ def main(argv=None) -> None:
         return
     if args.quick:
         args.batch, args.rounds, args.chunk_seconds, args.warmup = 16, 2, 0.5, 2
+        args.resnet_batch = min(args.resnet_batch, 2)
     if args.log_dir is None:
         import tempfile
 
@@ -308,12 +325,12 @@ def main(argv=None) -> None:
             raise SystemExit(f"unknown model {model!r}; valid: {', '.join(MODELS)}")
         vs = [v for v in variants if model in ONLY_MODELS.get(v, MODELS)]
         raw[model] = benchmark_model(model, vs, args)
-        rows += summarize(model, raw[model], args.batch)
+        rows += summarize(model, raw[model], model_batch(model, args))
     info["load_avg_end"] = os.getloadavg()
     info["wall_s"] = round(time.time() - t0, 1)
     table = markdown(rows)
     print(table)
-    print(f"\nbatch {args.batch}, {args.rounds} rounds, malloc={args.malloc}, {info['wall_s']} s; machine: {info}")
+    print(f"\nbatch {args.batch} (resnet18: {args.resnet_batch}), {args.rounds} rounds, malloc={args.malloc}, {info['wall_s']} s; machine: {info}")
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"args": vars(args), "machine": info, "rows": rows, "raw": raw}, f, indent=1)

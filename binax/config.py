@@ -132,7 +132,13 @@ def progress_unit(num_epochs: int) -> str:
 def shrink_quick(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     """The ``quick`` variant: one epoch of at most 200 steps of a 4x narrower model, for a
     check that the whole pipeline runs (under a minute on 2 CPU cores), not for accuracy.
-    Progress is per step, so the binarizer schedules still run their whole range."""
+    Progress is per step, so the binarizer schedules still run their whole range, and the
+    learning-rate schedule is compressed the same way: warm-up and decay epochs are scaled
+    by ``1 / num_epochs`` (a 4-epoch warm-up of 100 epochs becomes 4 % of the one epoch)."""
+    scale = 1.0 / c.num_epochs
+    for opt in (c.optimizer, c.binary_optimizer):
+        opt.warmup_epochs = opt.warmup_epochs * scale
+        opt.step_epochs = tuple(e * scale for e in opt.step_epochs)
     c.num_epochs = 1
     c.progress_unit = progress_unit(c.num_epochs)
     c.max_steps_per_epoch = 200

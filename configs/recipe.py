@@ -11,11 +11,16 @@ Arguments (``key=value`` after ``:``, comma separated):
 * ``method``: one of ``METHODS`` below.
 * ``dataset``: ``fashion_mnist`` (default; the data every machine has), ``cifar10`` or
   ``imagenet2012`` (the papers' own architectures and optimizers, for users with the data
-  and an accelerator).
+  and an accelerator). The ImageNet recipes' learning rate follows the batch size the run
+  uses, linearly from the official code's (IR-Net: 0.8 at batch 2048, so 0.1 at the
+  default 256 and 0.8 with ``--config.batch_size=2048``; Bi-Real/ReActNet: Adam 1e-3 at
+  batch 512); an explicit ``--config.optimizer.learning_rate`` still wins. Sources in
+  ``IRNET_IMAGENET_LR`` / ``BIREAL_IMAGENET_LR`` and docs/recipes.md.
 * ``arch``: on Fashion-MNIST, ``mlp`` (784-W-W-W-10, ``bnn_mlp``) or ``cnn``
   (``cnn_small``, 32-32-64-64); ``width`` sets W for the MLP (default 512).
 * ``m``, ``n``: ABC-Net's weight and activation bases (default 3, 3).
-* ``epochs``, ``seed``, ``quick``.
+* ``epochs``, ``seed``, ``quick`` (one short epoch of a 4x narrower model, the
+  learning-rate schedule compressed into it: ``configs.common.shrink_quick``).
 
 Fashion-MNIST uses one optimizer for every method (Adam 1e-3 with cosine decay, batch
 128, no weight decay) so that the results table compares methods, not tuning; every other
@@ -149,6 +154,28 @@ def _cifar10(c, args):
     c.batch_size = 128
 
 
+# The official ImageNet recipes' (learning rate, batch size): the learning rate follows the
+# batch size a run actually uses, linearly (Goyal et al. 2017, "Accurate, Large Minibatch
+# SGD"), so a pod at --config.batch_size=2048 trains with IR-Net's own 0.8.
+# IR-Net (htqin/IR-Net@f63a5901d02836e2cf4405da1c68e066353a025f,
+# ImageNet/ResNet18/1w1a/config.yaml:14,22-24 and README.md:27): batch 64 per GPU on 32
+# GPUs = 2048, lr 0.2 warmed up to 0.8 (0.1 per 256 images).
+IRNET_IMAGENET_LR = (0.8, 2048)
+# Bi-Real Net's PyTorch ResNet-18 (liuzechun/Bi-Real-net@f58aa4d1fa730fcd2e33c3745fcd6c479d7f42e3,
+# pytorch_implementation/BiReal18_34/train.py:24,26) and ReActNet's first step
+# (liuzechun/ReActNet@a6cd08d4605d94135faea6fd73354041e4130b52, resnet/1_step1/train.py:25,27;
+# run.sh:4 uses the same batch 512 with 2.5e-3 for 128 epochs): Adam, lr 1e-3 at batch 512.
+BIREAL_IMAGENET_LR = (1e-3, 512)
+
+
+def scaled_learning_rate(c: ml_collections.ConfigDict, reference: tuple[float, int]):
+    """``lr * batch_size / reference_batch`` as a reference to ``c.batch_size``: it follows
+    a ``--config.batch_size=...`` given after ``get_config`` (a ``--config.optimizer.
+    learning_rate=...`` flag still sets the learning rate itself)."""
+    lr, batch = reference
+    return c.get_ref("batch_size").to_float() * (lr / batch)
+
+
 def _imagenet(c, args):
     overrides = _method_overrides(args)
     c.data.name = "imagenet2012"
@@ -160,29 +187,35 @@ def _imagenet(c, args):
         # before the FC. config.yaml: SGD Nesterov, momentum 0.9, batch 64 x 32 GPUs =
         # 2048, lr 0.2 warmed up to 0.8 over 2500 iterations (4 epochs), x0.1 at
         # iterations 18750/37500/56250 of 62500 (epochs 30/60/90 of 100), weight decay 1e-5
-        # in optimizer.kwargs (the file's top level says 1e-4). Batch 256 here: lr scaled
-        # linearly to 0.8 * 256/2048 = 0.1.
+        # in optimizer.kwargs (the file's top level says 1e-4). The learning rate scales
+        # with the batch (IRNET_IMAGENET_LR): 0.1 at batch 256, 0.8 at 2048.
         overrides.update(shortcut="B", stem_activation="hardtanh", head_bn=True)
         c.model = common.model_config("resnet18", num_classes=1000, **overrides)
         c.optimizer.name = "nesterov"
         c.optimizer.momentum = 0.9
-        c.optimizer.learning_rate = 0.8 * c.batch_size / 2048
+        c.optimizer.learning_rate = scaled_learning_rate(c, IRNET_IMAGENET_LR)
         c.optimizer.schedule = "step"
         c.optimizer.step_epochs = (30, 60, 90)
         c.optimizer.warmup_epochs = 4.0
         c.optimizer.weight_decay = 1e-5
         c.num_epochs = args.epochs or 100
         return
-    # Bi-Real ResNet-18; Adam with linear decay (ReActNet, Bi-Real's later code).
+    # Bi-Real ResNet-18; Adam with linear decay (ReActNet, Bi-Real's later code), the
+    # learning rate scaled with the batch (BIREAL_IMAGENET_LR): 5e-4 at batch 256.
     c.model = common.model_config("resnet18", num_classes=1000, **overrides)
     c.optimizer.name = "adam"
-    c.optimizer.learning_rate = 1e-3
+    c.optimizer.learning_rate = scaled_learning_rate(c, BIREAL_IMAGENET_LR)
     c.optimizer.schedule = "linear"
     c.num_epochs = args.epochs or 120
 
 
 def _method_overrides(args) -> dict:
     overrides = dict(METHODS[args.method][0])
+    for key in ("input_quantizer", "kernel_quantizer"):
+        # A method's binarizer replaces the model's default with its own keywords, not
+        # the default's (vgg_small's ede_sign t_min/t_max would reach ste_sign).
+        if key in overrides:
+            overrides.setdefault(key + "_kwargs", {})
     if args.method == "abc":
         overrides.update(abc_m=args.m, abc_n=args.n)
     return overrides

@@ -1,6 +1,6 @@
 """Larq (tf-keras 2) worker for ``benchmarks/vs_peers.py``; runs in ``.venv-larq``.
 
-The same networks as binax's ``vgg_small`` / ``bnn_mlp`` with ``ste_sign`` on inputs and
+The same networks as binax's ``vgg_small`` / ``bnn_mlp`` / ``resnet18`` with ``ste_sign`` on inputs and
 kernels (see ``vs_peers.py``): a float first layer, ``QuantConv2D``/``QuantDense`` with
 ``pad_values=1``, no biases, pooling before batch norm (momentum 0.9, epsilon 1e-5), a float
 classifier with a bias; Adam(1e-3) on softmax cross-entropy, one ``train_on_batch`` per step
@@ -59,8 +59,41 @@ def bnn_mlp(widths=(2048, 2048, 2048)) -> keras.Model:
     return keras.Model(inp, keras.layers.Dense(10)(x))
 
 
+def _unit(x, width: int, strides: int):
+    """binax's residual unit: sign -> binary 3x3 conv (padded with +1) -> BN -> + shortcut."""
+    y = lq.layers.QuantConv2D(width, 3, strides=strides, padding="same", pad_values=1.0, **QUANT)(x)
+    y = _bn()(y)
+    shortcut = x
+    if strides != 1 or x.shape[-1] != width:
+        # Bi-Real's downsampling: 2x2 average pool -> float 1x1 conv -> BN.
+        if strides != 1:
+            shortcut = keras.layers.AveragePooling2D(strides, strides, padding="same")(shortcut)
+        shortcut = _bn()(keras.layers.Conv2D(width, 1, use_bias=False)(shortcut))
+    return keras.layers.Add()([y, shortcut])
+
+
+def resnet18(widths=(64, 128, 256, 512), blocks=(2, 2, 2, 2), classes=1000) -> keras.Model:
+    """binax's ``resnet18`` with ste_sign (vs_peers.py): float 7x7/2 stem -> BN -> 3x3/2
+    max-pool, 16 residual units, global average pool, float dense with a bias."""
+    inp = keras.Input((224, 224, 3))
+    x = keras.layers.Conv2D(widths[0], 7, strides=2, padding="same", use_bias=False)(inp)
+    x = keras.layers.MaxPool2D(3, 2, padding="same")(_bn()(x))
+    for s, (n, width) in enumerate(zip(blocks, widths)):
+        for u in range(2 * n):
+            x = _unit(x, width, 2 if (s > 0 and u == 0) else 1)
+    x = keras.layers.GlobalAveragePooling2D()(x)
+    return keras.Model(inp, keras.layers.Dense(classes)(x))
+
+
+NETWORKS = {
+    "vgg_small": (vgg_small, (32, 32, 3), 10),
+    "bnn_mlp": (bnn_mlp, (28, 28, 1), 10),
+    "resnet18": (resnet18, (224, 224, 3), 1000),
+}
+
+
 def make_step(name: str, batch: int, xla: bool):
-    model, shape = {"vgg_small": (vgg_small, (32, 32, 3)), "bnn_mlp": (bnn_mlp, (28, 28, 1))}[name]
+    model, shape, classes = NETWORKS[name]
     net = model()
     net.compile(
         optimizer=keras.optimizers.Adam(1e-3),
@@ -69,7 +102,7 @@ def make_step(name: str, batch: int, xla: bool):
     )
     rng = np.random.default_rng(0)
     x = tf.constant(rng.standard_normal((batch, *shape), dtype=np.float32))
-    y = tf.constant(rng.integers(0, 10, batch))
+    y = tf.constant(rng.integers(0, classes, batch))
 
     def step():
         net.train_on_batch(x, y)  # returns the loss as a NumPy value: the step has finished

@@ -1,6 +1,6 @@
 """PyTorch worker for ``benchmarks/vs_peers.py``; runs in ``.venv-torch``.
 
-The same networks as binax's ``vgg_small`` / ``bnn_mlp`` with ``ste_sign`` on inputs and
+The same networks as binax's ``vgg_small`` / ``bnn_mlp`` / ``resnet18`` with ``ste_sign`` on inputs and
 kernels: ``sign`` with ``sign(0) = +1`` forward and ``g·1[|x| <= 1]`` backward as an
 autograd Function (BNN's STE, Larq's ``ste_sign``); binarized inputs padded with +1; a float
 first layer, no biases, pooling before batch norm (momentum 0.1 in PyTorch's convention =
@@ -49,6 +49,19 @@ class BinaryConv(nn.Conv2d):
         return F.conv2d(xb, SteSign.apply(self.weight))
 
 
+class BinaryConvStrided(nn.Conv2d):
+    """3x3 convolution of sign(x) with sign(W), padded with +1 as TensorFlow's SAME."""
+
+    def __init__(self, cin, cout, stride):
+        super().__init__(cin, cout, 3, stride=stride, padding=0, bias=False)
+
+    def forward(self, x):
+        h = x.shape[-1]
+        total = max((-(-h // self.stride[0]) - 1) * self.stride[0] + 3 - h, 0)
+        xb = F.pad(SteSign.apply(x), (total // 2, total - total // 2) * 2, value=1.0)
+        return F.conv2d(xb, SteSign.apply(self.weight), stride=self.stride)
+
+
 class BinaryLinear(nn.Linear):
     def __init__(self, cin, cout):
         super().__init__(cin, cout, bias=False)
@@ -82,13 +95,48 @@ def bnn_mlp(widths=(2048, 2048, 2048)) -> nn.Module:
     return nn.Sequential(*layers, nn.Linear(cin, 10))
 
 
+class ResidualUnit(nn.Module):
+    """binax's residual unit: sign -> binary 3x3 conv (padded with +1) -> BN -> + shortcut."""
+
+    def __init__(self, cin, cout, stride):
+        super().__init__()
+        self.conv, self.bn = BinaryConvStrided(cin, cout, stride), _bn2d(cout)
+        self.down = None
+        if stride != 1 or cin != cout:
+            # Bi-Real's downsampling: 2x2 average pool -> float 1x1 conv -> BN.
+            pool = [nn.AvgPool2d(stride, stride)] if stride != 1 else []
+            self.down = nn.Sequential(*pool, nn.Conv2d(cin, cout, 1, bias=False), _bn2d(cout))
+
+    def forward(self, x):
+        return self.bn(self.conv(x)) + (x if self.down is None else self.down(x))
+
+
+def resnet18(widths=(64, 128, 256, 512), blocks=(2, 2, 2, 2), classes=1000) -> nn.Module:
+    """binax's ``resnet18`` with ste_sign (vs_peers.py): float 7x7/2 stem -> BN -> 3x3/2
+    max-pool, 16 residual units, global average pool, float linear with a bias."""
+    layers = [nn.Conv2d(3, widths[0], 7, stride=2, padding=3, bias=False), _bn2d(widths[0]), nn.MaxPool2d(3, 2, padding=1)]
+    cin = widths[0]
+    for s, (n, width) in enumerate(zip(blocks, widths)):
+        for u in range(2 * n):
+            layers.append(ResidualUnit(cin, width, 2 if (s > 0 and u == 0) else 1))
+            cin = width
+    return nn.Sequential(*layers, nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(cin, classes))
+
+
+NETWORKS = {
+    "vgg_small": (vgg_small, (3, 32, 32), 10),
+    "bnn_mlp": (bnn_mlp, (1, 28, 28), 10),
+    "resnet18": (resnet18, (3, 224, 224), 1000),
+}
+
+
 def make_step(name: str, batch: int, channels_last: bool, compile_: bool):
-    builder, shape = {"vgg_small": (vgg_small, (3, 32, 32)), "bnn_mlp": (bnn_mlp, (1, 28, 28))}[name]
+    builder, shape, classes = NETWORKS[name]
     torch.manual_seed(0)
     net = builder()
     x = torch.randn(batch, *shape)
-    y = torch.randint(0, 10, (batch,))
-    if channels_last and name == "vgg_small":
+    y = torch.randint(0, classes, (batch,))
+    if channels_last and name in ("vgg_small", "resnet18"):
         net = net.to(memory_format=torch.channels_last)
         x = x.contiguous(memory_format=torch.channels_last)
     net.train()

@@ -1,4 +1,5 @@
-"""Input data: IDX files (MNIST, Fashion-MNIST), scikit-learn digits, tfds pipelines.
+"""Input data: IDX files (MNIST, Fashion-MNIST), scikit-learn digits, tfds pipelines, and
+synthetic batches drawn on the devices (``name='synthetic'``, :mod:`binax.data.synthetic`).
 
 ::
 
@@ -56,7 +57,18 @@ def default_config() -> ml_collections.ConfigDict:
     # of the square images the pipeline yields. None: the dataset's own (224). A smaller
     # side runs the same pipeline and model faster (e.g. a CPU smoke test at 64).
     config.image_size = config_dict.placeholder(int)
+    # name='synthetic' only (random batches drawn on the devices, binax.data.synthetic):
+    # image (height, width, channels), classes, and train/test examples. None: ImageNet's
+    # (224, 224, 3), 1000 classes, 1,281,167 / 50,000 examples.
+    config.image_shape = config_dict.placeholder(tuple)
+    config.num_classes = config_dict.placeholder(int)
+    config.num_train = config_dict.placeholder(int)
+    config.num_test = config_dict.placeholder(int)
     return config
+
+
+#: The config.data keys only name='synthetic' reads.
+SYNTHETIC_KEYS = ("image_shape", "num_classes", "num_train", "num_test")
 
 
 def _is_int(value) -> bool:
@@ -116,6 +128,18 @@ def create(data_config, *, seed: int, process_index: int = 0, process_count: int
     common = dict(data_dir=config.data_dir, seed=seed, augment=augment,
                   normalize_mode=config.normalize, process_index=process_index,
                   process_count=process_count)
+    synthetic_keys = {k: config[k] for k in SYNTHETIC_KEYS}
+    if spec.source == "synthetic":
+        from binax.data.synthetic import SyntheticDataset  # imports jax
+
+        return SyntheticDataset(spec, seed=seed, process_index=process_index, process_count=process_count,
+                                **synthetic_keys)
+    given_synthetic = sorted(k for k, v in synthetic_keys.items() if v is not None)
+    if given_synthetic:
+        raise ConfigError(
+            f"data.{given_synthetic[0]}={synthetic_keys[given_synthetic[0]]!r} is only for name='synthetic'; "
+            f"dataset {config.name!r} has its own shape and classes"
+        )
     if spec.source == "tfds":
         from binax.data.tfds_pipeline import TfdsDataset  # imports TensorFlow
 

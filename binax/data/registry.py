@@ -110,6 +110,16 @@ _SPECS = (
         ),
     ),
     Spec(
+        name="synthetic",
+        source="synthetic",
+        # The defaults; config.data.image_shape / num_classes set others (binax.data.synthetic).
+        image_shape=(224, 224, 3),
+        num_classes=1000,
+        mean=(0.0, 0.0, 0.0),
+        std=(1.0, 1.0, 1.0),
+        install_hint="synthetic batches are drawn on the devices; there is nothing to install.",
+    ),
+    Spec(
         name="tfds:mnist",
         source="tfds",
         image_shape=(28, 28, 1),

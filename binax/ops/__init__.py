@@ -19,8 +19,10 @@ Implementations (``impl=``): ``"xnor"`` (the above, as a ``jax.custom_vjp``), ``
 (the plain ``lax.conv_general_dilated`` / ``lax.dot_general`` formulation, differentiated
 by JAX), ``"auto"``: ``"xnor"`` on CPU, where XLA's convolutions are slow and the popcount
 loop vectorises (AVX-512 VPOPCNTDQ), ``"xla"`` on GPU/TPU, whose native convolutions and
-matrix units serve the plain form (reasoned, not measured here). ``docs/performance.md``
-has the measurements.
+matrix units serve the plain form (reasoned, not measured here). ``"auto"`` is decided
+for the platform the step is LOWERED for (``lax.platform_dependent``), not the host's
+default backend, so ``jax.export(..., platforms=("cuda",))`` on a CPU host gets the GPU
+formulation (``tests/test_lowering.py``). ``docs/performance.md`` has the measurements.
 
 Which quantizers qualify: :func:`fast_path_supported` (input quantizers whose descriptor
 declares ``forward="sign"``, exactly ``±1``; kernel quantizers with ``"sign"`` or

@@ -57,10 +57,24 @@ def fast_path_supported(input_quantizer: Any, kernel_quantizer: Any) -> bool:
     return binarizers.describe(input_quantizer).is_sign and binarizers.describe(kernel_quantizer).is_scaled_sign
 
 
-def _resolve_impl(impl: str) -> str:
+def _check_impl(impl: str) -> str:
     if impl not in IMPLS:
         raise ValueError(f"Unknown impl {impl!r}; valid: {', '.join(map(repr, IMPLS))}.")
-    return default_impl() if impl == "auto" else impl
+    return impl
+
+
+def _by_platform(fns: dict, *args):
+    """``fns[default_impl(platform)](*args)`` for the platform the code is LOWERED for.
+
+    ``lax.platform_dependent`` stages both formulations and picks one at lowering, so a
+    step lowered on a CPU host for ``("cuda",)`` or ``("tpu",)`` (``jax.export``) gets the
+    GPU/TPU choice, not the host's. Lowering for one platform keeps only its branch: the
+    compiler never sees the other (nor a conditional).
+    """
+    cpu, other = default_impl("cpu"), default_impl("cuda")
+    if cpu == other:  # e.g. default_impl patched to one answer (benchmarks/vs_peers.py)
+        return fns[cpu](*args)
+    return lax.platform_dependent(*args, cpu=fns[cpu], default=fns[other])
 
 
 def _channel_scale(kernel: Array) -> Array:
@@ -229,7 +243,9 @@ def binary_conv2d(
       padding: ``"SAME"``, ``"VALID"`` or ``((top, bottom), (left, right))``.
       pad_value: the value of padded pixels (static). ``"xnor"`` takes −1, 0 or +1;
         under ``"auto"`` any other value falls back to ``"xla"``.
-      impl: ``"auto"`` (:func:`default_impl`), ``"xnor"`` or ``"xla"``.
+      impl: ``"auto"`` (:func:`default_impl` of the platform the step is lowered for,
+        not the host's: ``jax.export`` for ``("cuda",)`` on a CPU gets ``"xla"``),
+        ``"xnor"`` or ``"xla"``.
 
     Returns:
       ``(N, Ho, Wo, O)`` in the promoted dtype of ``x`` and ``kernel``.
@@ -248,14 +264,16 @@ def binary_conv2d(
         raise ValueError(f"pad_value must be a finite Python number; got {pad_value!r}.")
     pad_value = float(pad_value)
     geometry.output_size(x.shape[1:3], window, strides, pads)  # raises when the window does not fit
-    chosen = _resolve_impl(impl)
-    if chosen == "xnor" and pad_value not in _PACKED_PAD_VALUES:
+    impl = _check_impl(impl)
+    if pad_value not in _PACKED_PAD_VALUES:
         if impl == "xnor":
             raise ValueError(f"impl='xnor' pads with -1, 0 or +1; got pad_value={pad_value!r}.")
-        chosen = "xla"
-    if chosen == "xla":
-        return _xla_conv(x, kernel, strides, pads, pad_value)
-    return _xnor_conv(x, kernel, strides, pads, pad_value)
+        impl = "xla"
+    fns = {
+        "xla": lambda x, k: _xla_conv(x, k, strides, pads, pad_value),
+        "xnor": lambda x, k: _xnor_conv(x, k, strides, pads, pad_value),
+    }
+    return _by_platform(fns, x, kernel) if impl == "auto" else fns[impl](x, kernel)
 
 
 # --------------------------------------------------------------------------- dense
@@ -299,6 +317,9 @@ def binary_dense(x: Array, kernel: Array, *, impl: str = "auto") -> Array:
         raise ValueError(
             f"binary_dense takes x (..., K) and kernel (K, N); got shapes {tuple(x.shape)} and {tuple(kernel.shape)}."
         )
-    if _resolve_impl(impl) == "xla":
-        return lax.dot_general(x, kernel.astype(x.dtype), (((x.ndim - 1,), (0,)), ((), ())))
-    return _xnor_dense(x, kernel)
+    fns = {
+        "xla": lambda x, k: lax.dot_general(x, k.astype(x.dtype), (((x.ndim - 1,), (0,)), ((), ()))),
+        "xnor": _xnor_dense,
+    }
+    impl = _check_impl(impl)
+    return _by_platform(fns, x, kernel) if impl == "auto" else fns[impl](x, kernel)

@@ -108,8 +108,9 @@ def default_method(backend: str | None = None) -> str:
 
 
 def _resolve_method(method: str) -> str:
+    """``method`` checked; ``"auto"`` stays ``"auto"`` (chosen at lowering, :func:`_dense`)."""
     if method == "auto":
-        return default_method()
+        return method
     if method not in METHODS:
         raise ValueError(f"Unknown method {method!r}; valid: 'auto', {', '.join(map(repr, METHODS))}.")
     return method
@@ -262,7 +263,19 @@ def packed_dense(
 
 
 def _dense(a: Array, w: Array, k: int, method: str, group_words: int | None = None) -> Array:
-    """(M, Kw) × (Kw, N) → (M, N) int32; ``k`` counts the non-padding bit positions."""
+    """(M, Kw) × (Kw, N) → (M, N) int32; ``k`` counts the non-padding bit positions.
+
+    ``"auto"`` is :func:`default_method` of the platform the code is lowered for (not
+    the host's): ``lax.platform_dependent`` keeps only that platform's formulation, so a
+    ``jax.export`` for ``("cuda",)`` or ``("tpu",)`` made on a CPU gets ``int8_dot``.
+    """
+    if method == "auto":
+        cpu, other = default_method("cpu"), default_method("cuda")
+        return lax.platform_dependent(
+            a, w,
+            cpu=lambda a, w: _dense(a, w, k, cpu, group_words),
+            default=lambda a, w: _dense(a, w, k, other, group_words),
+        )
     if method == "xor_popcount":
         return k - 2 * _xor_popcount(a, w, group_words)
     if method == "int8_dot":

@@ -501,9 +501,16 @@ class _Run:
     # ------------------------------------------------------------------ 4. train
 
     def _to_global(self, local_batch):
-        """The global batch array of this process's share (``batch_size / process_count`` rows)."""
+        """The global batch array of this process's share (``batch_size / process_count`` rows).
+
+        A dataset that draws its batches on the devices (``'synthetic'``) yields global
+        ``jax.Array`` batches already; they pass through unchanged.
+        """
         return jax.tree.map(
-            lambda x: jax.make_array_from_process_local_data(self.data_sharding, np.asarray(x)), local_batch
+            lambda x: x
+            if isinstance(x, jax.Array)
+            else jax.make_array_from_process_local_data(self.data_sharding, np.asarray(x)),
+            local_batch,
         )
 
     def _last_checkpoint(self) -> str:

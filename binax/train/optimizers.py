@@ -18,6 +18,7 @@ import ml_collections
 import optax
 
 from binax import layers
+from binax.errors import ConfigError
 
 __all__ = [
     "OPTIMIZERS",
@@ -136,15 +137,15 @@ def make_schedule(
     exactly at the last update (SGDR without restarts, Loshchilov & Hutter 2017).
     """
     if spec.schedule not in SCHEDULES:
-        raise ValueError(f"schedule={spec.schedule!r} is not one of {SCHEDULES}")
+        raise ConfigError(f"schedule={spec.schedule!r} is not one of {SCHEDULES}")
     if steps_per_epoch <= 0 or num_epochs <= 0:
-        raise ValueError(
+        raise ConfigError(
             f"schedules need steps_per_epoch > 0 and num_epochs > 0, got {steps_per_epoch} and {num_epochs}"
         )
     total = max(int(round(num_epochs * steps_per_epoch)), 1)
     warmup = int(round(spec.warmup_epochs * steps_per_epoch))
     if not 0 <= warmup < total:
-        raise ValueError(
+        raise ConfigError(
             f"warmup_epochs={spec.warmup_epochs} gives {warmup} warm-up steps; it must be "
             f">= 0 and shorter than the {total} training steps"
         )
@@ -158,7 +159,7 @@ def make_schedule(
         main = optax.linear_schedule(peak, end, transition_steps=decay)
     else:
         if not spec.step_epochs:
-            raise ValueError("schedule='step' needs step_epochs, the epochs at which to decay")
+            raise ConfigError("schedule='step' needs step_epochs, the epochs at which to decay")
         boundaries = {}
         for epoch in spec.step_epochs:
             at = int(round(epoch * steps_per_epoch)) - warmup
@@ -177,7 +178,7 @@ def make_transform(
 ) -> tuple[optax.GradientTransformation, optax.Schedule]:
     """The optax transformation of one spec and the schedule it follows (lr, or Bop's gamma)."""
     if spec.name not in OPTIMIZERS:
-        raise ValueError(f"optimizer name={spec.name!r} is not one of {OPTIMIZERS}")
+        raise ConfigError(f"optimizer name={spec.name!r} is not one of {OPTIMIZERS}")
     kw = dict(steps_per_epoch=steps_per_epoch, num_epochs=num_epochs)
     if spec.name == "bop":
         gamma = make_schedule(spec.gamma, spec, **kw)
@@ -190,7 +191,7 @@ def make_transform(
     )
     if spec.name in ("sgd", "nesterov"):
         if spec.name == "nesterov" and not spec.momentum:
-            raise ValueError("optimizer 'nesterov' needs momentum > 0")
+            raise ConfigError("optimizer 'nesterov' needs momentum > 0")
         rule = optax.sgd(lr, momentum=spec.momentum or None, nesterov=spec.name == "nesterov")
     elif spec.name == "adam":
         rule = optax.adam(lr, b1=spec.b1, b2=spec.b2, eps=spec.eps)
