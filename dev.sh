@@ -96,9 +96,10 @@ case "$cmd" in
     if [ "$cmd" = test-fast ]; then fast=(-m "not slow"); fi
     # LCE's interpreter runs under NumPy 1 (setup_lce).
     if [ -x .venv/lce/bin/python ]; then export BINAX_LCE_PYTHON=${BINAX_LCE_PYTHON:-$PWD/.venv/lce/bin/python}; fi
-    # -n 2: one worker per core; pytest's exit 5 (no tests collected) is a failure.
+    # -n 2: one worker per core, idle workers steal queued tests (a long test last does not
+    # leave the other core idle); pytest's exit 5 (no tests collected) is a failure.
     set +e
-    .venv/bin/python -m pytest -n 2 --durations=15 "${fast[@]}" "$@"
+    .venv/bin/python -m pytest -n 2 --dist worksteal --durations=15 "${fast[@]}" "$@"
     rc=$?
     set -e
     if [ "$rc" -eq 5 ]; then echo "pytest collected no tests: failing" >&2; exit 1; fi

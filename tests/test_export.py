@@ -142,7 +142,7 @@ def _observed_eval(model):
     return jax.jit(fn)
 
 
-def calibrated(model, x: np.ndarray, seed: int = 0):
+def calibrated(model, x: np.ndarray, seed: int = 0, adjust_params=None):
     """(variables, eval-mode logits of ``x``, the jitted eval): random weights, BatchNorm
     statistics of ``x``.
 
@@ -153,6 +153,8 @@ def calibrated(model, x: np.ndarray, seed: int = 0):
     rng = np.random.default_rng(seed)
     abstract = jax.eval_shape(lambda x: model.init(jax.random.key(0), x, train=False), x)
     params = random_params(abstract["params"], rng)
+    if adjust_params is not None:
+        params = adjust_params(params)
     stats = jax.tree.map(lambda s: np.zeros(s.shape, np.float32), abstract.get("batch_stats", {}))
     stats = jax.tree_util.tree_map_with_path(lambda p, a: a + (p[-1].key == "var"), stats)
     fn = _observed_eval(model)

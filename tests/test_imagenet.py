@@ -235,6 +235,10 @@ LEARN = {
     "num_epochs": 3,
     "log_every_steps": 10,
     "checkpoint.every_steps": 20,
+    # Bi-Real's Adam 1e-3 is for batch 512 and the recipe scales it to the batch (6e-5 at
+    # 32): too small to learn anything in 81 steps. The check is of the data path, at the
+    # paper's own rate.
+    "optimizer.learning_rate": 1e-3,
 }
 STOP_AT = 45  # after the checkpoint of step 40, between the records of steps 40 and 50
 
@@ -290,8 +294,9 @@ def test_imagenet_recipe_learns_and_resumes_after_kill_9(fake, tmp_path):
 
 
 @pytest.mark.slow
-# Bi-Real is ReActNet without RPReLU, and trains above at 48x48: two compilations saved.
-@pytest.mark.parametrize("method", ["irnet", "reactnet"])
+# Bi-Real trains above at 48x48 and ReActNet is Bi-Real with RPReLU and RSign (the same
+# layers at every size, tests/test_models.py): the 224x224 steps of IR-Net cover the size.
+@pytest.mark.parametrize("method", ["irnet"])
 def test_imagenet_recipe_takes_steps_at_224(fake, tmp_path, method):
     from binax import train
     from configs import recipe
