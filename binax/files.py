@@ -12,11 +12,11 @@ from __future__ import annotations
 import json
 import os
 import tempfile
-from typing import Any
+from typing import Any, BinaryIO, Callable
 
 from binax.errors import WorkdirError
 
-__all__ = ["write_text", "write_json", "append_line", "read_json"]
+__all__ = ["write_with", "write_text", "write_json", "append_line", "read_json"]
 
 # The process's umask, read once at import (reading it means setting it): the temporary
 # file is created 0600, and the file it becomes gets the mode open() would have given it.
@@ -34,14 +34,19 @@ def _fsync_directory(directory: str) -> None:
         os.close(fd)
 
 
-def write_text(path: str, text: str) -> None:
-    """Replaces ``path`` with ``text`` atomically (temporary file, fsync, ``os.replace``)."""
+def write_with(path: str | os.PathLike, write_fn: Callable[[BinaryIO], Any], *, make_dirs: bool = False) -> int:
+    """Replaces ``path`` with what ``write_fn(file)`` writes to a binary file, atomically
+    (temporary file in the same directory, fsync, ``os.replace``, directory fsync); the
+    directory is created first when ``make_dirs``. Returns the size in bytes."""
+    path = os.fspath(path)
     directory = os.path.dirname(os.path.abspath(path))
+    if make_dirs:
+        os.makedirs(directory, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=".tmp", dir=directory)
     try:
         os.fchmod(fd, 0o666 & ~_UMASK)
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
+        with os.fdopen(fd, "wb") as f:
+            write_fn(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -52,6 +57,13 @@ def write_text(path: str, text: str) -> None:
             pass
         raise
     _fsync_directory(directory)
+    return os.path.getsize(path)
+
+
+def write_text(path: str, text: str) -> None:
+    """Replaces ``path`` with ``text`` atomically (:func:`write_with`)."""
+    data = text.encode()
+    write_with(path, lambda f: f.write(data))
 
 
 def write_json(path: str, obj: Any, **dump_kwargs) -> None:

@@ -217,9 +217,8 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, allow_config_change:
     :func:`binax.train.train_and_evaluate`.
     """
     from binax import train
-    from binax.errors import BinaxError
     from binax.train import config_check
-    from binax.train.workdir import environment_error, lock_workdir, usable_workdir
+    from binax.train.workdir import environment_errors, lock_workdir, usable_workdir
 
     procedure = config.get("recipe", {}).get("procedure", "train")
     if procedure not in PROCEDURES:
@@ -229,17 +228,10 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, allow_config_change:
         return train.train_and_evaluate(config, workdir, allow_config_change=allow_config_change)
     config_check.validate(config, jax.device_count())
     workdir = os.path.abspath(workdir)
-    try:
+    with environment_errors(workdir):
         usable_workdir(workdir)
         with lock_workdir(workdir, enabled=jax.process_index() == 0):
             return PROCEDURES[procedure](config, workdir, allow_config_change=allow_config_change)
-    except BinaxError:
-        raise
-    except OSError as e:
-        error = environment_error(e, workdir)
-        if error is None:
-            raise
-        raise error from e
 
 
 def _train(config: ml_collections.ConfigDict, workdir: str, *, allow_config_change: bool = False) -> dict:

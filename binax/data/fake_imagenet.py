@@ -38,6 +38,7 @@ from typing import Iterator
 
 import numpy as np
 
+from binax import files
 from binax.errors import BinaxError, ConfigError
 
 # tfds' imagenet2012 builder (tensorflow_datasets/datasets/imagenet2012/
@@ -182,20 +183,6 @@ def _tar_bytes(files: list[tuple[str, bytes]]) -> bytes:
     return out.getvalue()
 
 
-def _write_atomically(path: str, write) -> None:
-    """Calls ``write(file)`` on a temporary file next to ``path``, then renames it."""
-    tmp = f"{path}.tmp{os.getpid()}"
-    try:
-        with open(tmp, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-
-
 def write_archives(manual_dir: str, spec: FakeImagenet = FakeImagenet()) -> dict:
     """Writes the two archives into ``manual_dir``; returns ``{'classes', 'train', 'val'}``."""
     labels = validation_labels()
@@ -206,17 +193,17 @@ def write_archives(manual_dir: str, spec: FakeImagenet = FakeImagenet()) -> dict
     def write_train(f):
         nonlocal num_train
         with tarfile.open(fileobj=f, mode="w", format=tarfile.USTAR_FORMAT) as tar:
-            for synset, files in train_files(spec, synsets):
-                num_train += len(files)
-                _add(tar, f"{synset}.tar", _tar_bytes(files))
+            for synset, members in train_files(spec, synsets):
+                num_train += len(members)
+                _add(tar, f"{synset}.tar", _tar_bytes(members))
 
     def write_val(f):
         with tarfile.open(fileobj=f, mode="w", format=tarfile.USTAR_FORMAT) as tar:
             for name, data in val_files(spec, synsets, labels):
                 _add(tar, name, data)
 
-    _write_atomically(os.path.join(manual_dir, TRAIN_TAR), write_train)
-    _write_atomically(os.path.join(manual_dir, VAL_TAR), write_val)
+    files.write_with(os.path.join(manual_dir, TRAIN_TAR), write_train)
+    files.write_with(os.path.join(manual_dir, VAL_TAR), write_val)
     return {"classes": synsets, "train": num_train, "val": spec.val_images}
 
 

@@ -48,6 +48,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 import numpy as np
 
+from binax import files
 from binax import layers as L
 from binax.errors import ConfigError, MissingDependencyError
 from binax.export.model import PackedModel
@@ -369,22 +370,6 @@ def run_lce(
     return results
 
 
-def write_atomic(path: str, data: bytes) -> None:
-    """``data`` to ``path``: a temp file in the same directory, fsync, ``os.replace``."""
-    directory = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".tflite", dir=directory)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-
-
 def export_tflite(packed: PackedModel, path: str | os.PathLike, *, batch_size: int = 1) -> int:
     """Writes ``packed`` as an LCE ``.tflite`` to ``path`` (atomically); returns its size in bytes.
 
@@ -396,5 +381,5 @@ def export_tflite(packed: PackedModel, path: str | os.PathLike, *, batch_size: i
         result = run_lce({"model": packed}, tmp, batch_size=batch_size)["model"]
         with open(result["tflite"], "rb") as f:
             data = f.read()
-    write_atomic(path, data)
+    files.write_with(path, lambda f: f.write(data))
     return len(data)

@@ -22,14 +22,13 @@ import json
 import math
 import os
 import re
-import tempfile
 import zipfile
 import zlib
 from typing import Any, Callable, Mapping
 
 import numpy as np
 
-from binax import binarizers
+from binax import binarizers, files
 from binax.errors import PackedFileError
 from binax.quantizer import FORWARDS
 
@@ -61,24 +60,10 @@ _NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_.\-]*")  # a registry name: no ':' (nev
 
 
 def atomic_write(path: str | os.PathLike, write_fn: Callable[[io.BufferedWriter], None]) -> int:
-    """Writes ``path`` through ``write_fn(file)``: a temporary file in the same folder
-    (created if missing), fsync, then ``os.replace``; a crash leaves the old file or none,
-    never a partial one. Returns the size in bytes."""
-    path = os.fspath(path)
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix="." + os.path.basename(path) + ".", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write_fn(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-    return os.path.getsize(path)
+    """Writes ``path`` through ``write_fn(file)`` atomically, creating its folder if missing
+    (:func:`binax.files.write_with`): a crash leaves the old file or none, never a partial
+    one. Returns the size in bytes."""
+    return files.write_with(path, write_fn, make_dirs=True)
 
 
 def write(path: str | os.PathLike, meta: Mapping[str, Any], arrays: Mapping[str, np.ndarray]) -> int:

@@ -58,7 +58,7 @@ from binax.train import evaluation
 from binax.train import metrics as metrics_lib
 from binax.train import optimizers, steps
 from binax.train import workdir_config
-from binax.train.workdir import check_not_busy, environment_error, lock_workdir, usable_workdir
+from binax.train.workdir import check_not_busy, environment_errors, lock_workdir, usable_workdir
 
 __all__ = [
     "NonFiniteError",
@@ -790,7 +790,7 @@ def train_and_evaluate(
     maybe_initialize_distributed(config.get("distributed"))
     config_check.validate(config, jax.device_count())
     workdir = os.path.abspath(workdir)
-    try:
+    with environment_errors(workdir):
         usable_workdir(workdir)
         if jax.process_index() == 0:
             check_not_busy(workdir)
@@ -800,13 +800,6 @@ def train_and_evaluate(
             return plan.finished
         with lock_workdir(workdir, enabled=jax.process_index() == 0):
             return _train_locked(config, workdir, plan, init_variables, on_step)
-    except BinaxError:
-        raise
-    except OSError as e:
-        error = environment_error(e, workdir)
-        if error is None:
-            raise
-        raise error from e
 
 
 def _train_locked(config, workdir: str, plan, init_variables, on_step) -> dict[str, Any]:

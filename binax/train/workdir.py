@@ -29,7 +29,10 @@ from typing import Iterator
 
 from binax.errors import BinaxError, DiskFullError, WorkdirBusyError, WorkdirError
 
-__all__ = ["LOCK_NAME", "lock_workdir", "check_not_busy", "holder_of", "usable_workdir", "environment_error"]
+__all__ = [
+    "LOCK_NAME", "lock_workdir", "check_not_busy", "holder_of", "usable_workdir", "environment_error",
+    "environment_errors",
+]
 
 LOCK_NAME = ".binax.lock"
 _HELD: dict[str, int] = {}  # absolute workdir -> file descriptor of its lock
@@ -72,6 +75,21 @@ def environment_error(e: OSError, workdir: str) -> BinaxError | None:
     error = WorkdirError(f"cannot use {path} (workdir {workdir}): {what}. Fix that or pass another --workdir.")
     error.errno = e.errno  # (not filename: OSError would then print itself as "[Errno n] ...")
     return error
+
+
+@contextlib.contextmanager
+def environment_errors(workdir: str) -> Iterator[None]:
+    """Re-raises an ``OSError`` about the environment as its one-line :func:`environment_error`;
+    binax's own errors and other ``OSError``s pass unchanged."""
+    try:
+        yield
+    except BinaxError:
+        raise
+    except OSError as e:
+        error = environment_error(e, workdir)
+        if error is None:
+            raise
+        raise error from e
 
 
 def usable_workdir(workdir: str) -> None:
