@@ -28,6 +28,7 @@ import ml_collections
 
 from binax import files
 from binax.errors import ConfigError, WorkdirError
+from binax.train.metrics import flatten
 
 __all__ = [
     "CONFIG_NAME",
@@ -62,16 +63,6 @@ NEUTRAL_KEYS = (
 _SHOWN = 8  # differences listed in the error before "... and N more"
 
 
-def _flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
-    out = {}
-    for key, value in tree.items():
-        if isinstance(value, dict):
-            out.update(_flatten(value, f"{prefix}{key}."))
-        else:
-            out[f"{prefix}{key}"] = value
-    return out
-
-
 def _unflatten_into(tree: dict, dotted: str, value: Any) -> None:
     *parents, leaf = dotted.split(".")
     node = tree
@@ -94,7 +85,7 @@ def as_json(config: ml_collections.ConfigDict | dict) -> dict:
 def differences(old: dict, new: dict) -> tuple[dict[str, tuple], dict[str, tuple]]:
     """``(result_changing, neutral)``: ``{key: (old, new)}`` for every differing leaf of two
     JSON config trees (a key missing on one side is ``None`` there)."""
-    a, b = _flatten(old), _flatten(new)
+    a, b = flatten(old), flatten(new)
     changed = {k: (a.get(k), b.get(k)) for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)}
     neutral = {k: v for k, v in changed.items() if _neutral(k)}
     return {k: v for k, v in changed.items() if k not in neutral}, neutral
