@@ -21,6 +21,9 @@ Arguments (``key=value`` after ``:``, comma separated):
 * ``m``, ``n``: ABC-Net's weight and activation bases (default 3, 3).
 * ``epochs``, ``seed``, ``quick`` (one short epoch of a 4x narrower model, the
   learning-rate schedule compressed into it: ``configs.common.shrink_quick``).
+* ``epochs_match``: ``binaryduo`` trains for BinaryDuo's total epochs (its coupled epochs
+  plus its fine-tuning, e.g. 5 + 2 = 7): ``method=duo_binary,epochs_match=binaryduo`` is
+  the plain binary network at BinaryDuo's cost AND training length.
 * ``holdout``: Fashion-MNIST only, the training images held out as the validation split
   (``data.validation_holdout``): the last ``HOLDOUT`` = 10,000 of the 60,000 by default,
   so that every choice of a recipe setting reads validation accuracy and the test set is
@@ -234,7 +237,7 @@ def _method_overrides(args) -> dict:
 def get_config(arg=None) -> ml_collections.ConfigDict:
     args = common.parse_arg(
         arg, method="irnet", dataset="fashion_mnist", arch="mlp", width=512, m=3, n=3, epochs=0, seed=0, quick=False,
-        holdout=HOLDOUT,
+        holdout=HOLDOUT, epochs_match="",
     )
     if args.method not in METHODS:
         raise ValueError(f"unknown method {args.method!r}; valid: {', '.join(METHODS)}")
@@ -256,6 +259,13 @@ def get_config(arg=None) -> ml_collections.ConfigDict:
             finetune_epochs=max(1, round(c.num_epochs * BINARYDUO_FINETUNE_FRACTION)),
         )
     )
+    if args.epochs_match not in ("", "binaryduo") or (args.epochs_match and args.method == "binaryduo"):
+        raise ConfigError(
+            f"epochs_match={args.epochs_match!r} must be 'binaryduo' (or absent), for a method other than binaryduo"
+        )
+    if args.epochs_match:  # BinaryDuo's coupled epochs plus its fine-tuning
+        c.num_epochs += c.recipe.finetune_epochs
+        c.progress_unit = common.progress_unit(c.num_epochs)
     if args.method == "sb":
         # nu must sharpen smoothly up to nu_max by the last update, so that the trained
         # network is the deployed sign network: per-step progress, not per-epoch jumps.
