@@ -7,7 +7,7 @@ epochs and seeds, written to ``docs/results.md`` with a verdict on each paper cl
     python benchmarks/results.py --arch mlp --table-only                 # table from docs/results/mlp.json
 
 Each run is ``configs/recipe.py:method=...,arch=...,seed=...`` in its own workdir under
-``--root`` (default ``runs/results``); a finished run (its ``final.json`` or
+``--root`` (default ``runs/results_holdout``); a finished run (its ``final.json`` or
 ``recipe.json``) is not rerun and an interrupted one resumes from its checkpoint, so the
 table can be built in parts. Every recipe holds out the last 10,000 training images as the
 validation split (``configs/recipe.py``'s ``holdout``): settings were chosen on it, and
@@ -126,6 +126,11 @@ def run_one(arch: str, spec: str, seed: int, epochs: int, root: str, quick: bool
     workdir = _run_dir(root, arch, spec, seed)
     done = _finished(workdir)
     if done is not None:
+        if "validation_accuracy" not in done:  # trained on all 60,000 images: not this protocol's run
+            raise SystemExit(
+                f"error: {workdir} holds a run without a validation split (trained before the hold-out); "
+                "give a fresh --root"
+            )
         return done
     config = _config(arch, spec, seed, epochs, quick)
     config.report_every_seconds = 120.0
@@ -328,7 +333,7 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=5)
     parser.add_argument("--seeds", type=int, default=5)
     parser.add_argument("--methods", default="", help="comma-separated recipe methods (default: all rows)")
-    parser.add_argument("--root", default=os.path.join(ROOT, "runs", "results"))
+    parser.add_argument("--root", default=os.path.join(ROOT, "runs", "results_holdout"))
     parser.add_argument("--output", default=os.path.join(ROOT, "docs", "results.md"))
     parser.add_argument("--raw", default=None, help="the raw results JSON (default docs/results/<arch>.json)")
     parser.add_argument("--quick", action="store_true", help="tiny runs (pipeline check, not results)")

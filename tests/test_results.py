@@ -198,3 +198,14 @@ def test_a_recipe_summary_reads_resume_info_from_its_stages(tmp_path):
     (tmp_path / "coupled" / "final.json").write_text(json.dumps({"resumed_from_step": None}))
     (tmp_path / "decoupled" / "final.json").write_text(json.dumps({"resumed_from_step": 120}))
     assert results._finished(str(tmp_path))["resumed_from_step"] == 120
+
+
+def test_a_finished_run_without_a_validation_split_is_not_reused(tmp_path):
+    workdir = tmp_path / "mlp" / "bnn" / "seed0"
+    workdir.mkdir(parents=True)
+    (workdir / "config.json").write_text(json.dumps({"recipe": {"procedure": "train"}}))
+    (workdir / "final.json").write_text(json.dumps({"test_accuracy": 0.88, "resumed_from_step": None}))
+    with pytest.raises(SystemExit, match="without a validation split"):
+        results.run_one("mlp", "method=bnn", 0, 5, str(tmp_path), quick=False)
+    (workdir / "final.json").write_text(json.dumps({"test_accuracy": 0.88, "validation_accuracy": 0.89}))
+    assert results.run_one("mlp", "method=bnn", 0, 5, str(tmp_path), quick=False)["validation_accuracy"] == 0.89
