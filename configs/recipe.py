@@ -31,8 +31,9 @@ Arguments (``key=value`` after ``:``, comma separated):
   the tables before the validation split).
 
 Fashion-MNIST uses one optimizer for every method (Adam 1e-3 with cosine decay, batch
-128, no weight decay) so that the results table compares methods, not tuning; every other
-setting follows the paper and its official code (the audit: docs/recipes.md). Runs of
+128, no weight decay) so that the results table compares methods, not tuning; the other
+settings follow the paper and its official code where binax can, and docs/recipes.md audits
+them and names each deviation. Runs of
 fewer than 10 epochs read binarizer schedules per step (``configs.common.progress_unit``).
 Methods that are more than a binarizer are multi-stage procedures (``procedure``):
 ``self_binarizing`` folds the trained network into sign + BinaryBN thresholds and
