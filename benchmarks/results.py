@@ -194,6 +194,19 @@ def write_raw(path: str, table: dict) -> None:
     files.write_text(path, json.dumps(table, indent=1, sort_keys=True) + "\n")
 
 
+def merge_recorded(path: str, table: dict) -> dict:
+    """``table`` with the runs another process has recorded in ``path`` since (same epochs
+    and hold-out; its own runs win), so that processes sharing a table lose no run."""
+    if not os.path.exists(path):
+        return table
+    with open(path) as f:
+        disk = json.load(f)
+    if (disk["epochs"], disk["holdout"]) != (table["epochs"], table["holdout"]):
+        return table
+    mine = {(r["spec"], r["seed"]) for r in table["runs"]}
+    return {**table, "runs": table["runs"] + [r for r in disk["runs"] if (r["spec"], r["seed"]) not in mine]}
+
+
 def _pct(values) -> list[float]:
     return [100 * v for v in values]
 
@@ -353,11 +366,7 @@ def main() -> None:
     from configs import recipe
 
     table = dict(arch=args.arch, epochs=args.epochs, seeds=args.seeds, holdout=recipe.HOLDOUT, runs=[])
-    if os.path.exists(raw):
-        with open(raw) as f:
-            old = json.load(f)
-        if (old["epochs"], old["holdout"]) == (args.epochs, recipe.HOLDOUT):
-            table["runs"] = old["runs"]
+    table = merge_recorded(raw, table)
     recorded = {(r["spec"], r["seed"]) for r in table["runs"]}
     where, today = machine(), time.strftime("%Y-%m-%d")
     # Seed-major order: the first pass gives a whole (one-seed) table early. Rows left out
@@ -371,6 +380,7 @@ def main() -> None:
             epochs = total_epochs(_config(args.arch, spec, seed, args.epochs, args.quick))
             table["runs"].append(record(spec, seed, summary, deployed_cost(args.arch, spec), epochs, where, today))
             if not args.quick:  # a smoke run's figures are not results: printed, not written
+                table = merge_recorded(raw, table)  # e.g. a second process on the other core
                 write_raw(raw, table)
                 write_markdown(args.output, table)
 

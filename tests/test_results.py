@@ -209,3 +209,15 @@ def test_a_finished_run_without_a_validation_split_is_not_reused(tmp_path):
         results.run_one("mlp", "method=bnn", 0, 5, str(tmp_path), quick=False)
     (workdir / "final.json").write_text(json.dumps({"test_accuracy": 0.88, "validation_accuracy": 0.89}))
     assert results.run_one("mlp", "method=bnn", 0, 5, str(tmp_path), quick=False)["validation_accuracy"] == 0.89
+
+
+def test_processes_sharing_a_table_lose_no_run(tmp_path):
+    path = str(tmp_path / "mlp.json")
+    full = _table(seeds=1)
+    other = dict(full, runs=full["runs"][:3])  # what another process recorded
+    results.write_raw(path, other)
+    mine = dict(full, runs=full["runs"][3:5])
+    merged = results.merge_recorded(path, mine)
+    assert {(r["spec"], r["seed"]) for r in merged["runs"]} == {(r["spec"], r["seed"]) for r in full["runs"][:5]}
+    # A table of another protocol (other epochs) on disk is not mixed in.
+    assert results.merge_recorded(path, dict(mine, epochs=2))["runs"] == mine["runs"]
