@@ -65,6 +65,9 @@ DEVIATIONS = {
     "method=binaryduo": "fine-tuning lr factor 0.1 binax's (none published); ⌊W/√2⌋ widths read from tiny VGG-7 only",
 }
 
+#: Fashion-MNIST's training images; the last ``holdout`` of them are the validation split.
+FASHION_MNIST_TRAIN = 60_000
+
 #: The keys of a run's summary kept in the raw results, beside spec, seed and costs.
 KEEP = (
     "validation_accuracy", "test_accuracy", "train_time_s", "wall_time_s",
@@ -262,7 +265,8 @@ def render_block(table: dict) -> str:
         f"## Fashion-MNIST, {arch_text}",
         "",
         f"Same budget for every method: {epochs} epochs, batch 128, Adam 1e-3 with cosine decay, no weight decay, "
-        f"{seeds_text}; first layer and classifier full precision. Trained on the first 50,000 training images; "
+        f"{seeds_text}; first layer and classifier full precision. Trained on the first "
+        f"{FASHION_MNIST_TRAIN - table['holdout']:,} training images; "
         f"the last {table['holdout']:,} are the validation split, on which every recipe setting was chosen. "
         f"BinaryDuo trains its coupled ternary network for the same {epochs} epochs, then fine-tunes the decoupled "
         f"network for {finetune} more (its paper's procedure); `duo_binary` is trained both for {epochs} epochs "
