@@ -221,3 +221,16 @@ def test_processes_sharing_a_table_lose_no_run(tmp_path):
     assert {(r["spec"], r["seed"]) for r in merged["runs"]} == {(r["spec"], r["seed"]) for r in full["runs"][:5]}
     # A table of another protocol (other epochs) on disk is not mixed in.
     assert results.merge_recorded(path, dict(mine, epochs=2))["runs"] == mine["runs"]
+
+
+def test_the_sb_schedule_is_chosen_on_validation_not_test():
+    from benchmarks import sb_schedule
+
+    runs = {"a": [{"validation_accuracy": 0.88, "test_accuracy": 0.90}] * 2,
+            "b": [{"validation_accuracy": 0.89, "test_accuracy": 0.85}, {"validation_accuracy": 0.885, "test_accuracy": 0.85}]}
+    assert sb_schedule.choose(runs) == "b"
+    config = sb_schedule.variant_config("relative_1_to_30_until_90", "mlp", 1, 5)
+    assert config.data.validation_holdout == recipe.HOLDOUT and config.seed == 1
+    assert config.model.kernel_quantizer_kwargs.nu_start == 30.0 and config.model.kernel_quantizer_kwargs.relative
+    # The recipe's default is the variant validation chose.
+    assert dict(recipe.SB_NU) == sb_schedule.VARIANTS["relative_1_to_3_until_90"][0]
