@@ -11,7 +11,10 @@
   check on the test set that both compute the same logits, fine-tune the decoupled
   network, and report the three accuracies.
 
-Each stage has its own workdir under ``workdir`` and resumes like any run.
+Each stage has its own workdir under ``workdir`` and resumes like any run. With a
+validation split (``data.validation_holdout``) every accuracy a recipe reports on the test
+set is reported on the validation split too (``validation_accuracy``, and per stage
+``tanh_``/``coupled_``/``decoupled_validation_accuracy``): choices read those.
 :func:`binaryduo_widths` gives the coupled network the baseline's binary-op count.
 """
 
@@ -32,12 +35,28 @@ from binax.errors import ConfigError
 __all__ = ["run", "predict", "binaryduo", "binaryduo_widths", "check_decoupling", "self_binarizing"]
 
 
-def predict(model, variables: Mapping[str, Any], ds, batch_size: int = 1000, progress: float = 1.0):
-    """Logits and labels of every test example (eval mode), as numpy arrays (``binax.train.evaluate``)."""
+def predict(model, variables: Mapping[str, Any], ds, batch_size: int = 1000, progress: float = 1.0,
+            split: str = "test"):
+    """Logits and labels of every example of ``split`` (eval mode), as numpy arrays
+    (``binax.train.evaluate``)."""
     from binax.train import evaluate
 
-    result = evaluate(model, variables, ds.eval_batches(batch_size), progress=progress, keep_logits=True)
+    result = evaluate(model, variables, ds.eval_batches(batch_size, split), progress=progress, keep_logits=True)
     return result.logits, result.labels
+
+
+def _validation_accuracy(model, variables, ds, batch_size: int) -> dict:
+    """``{'validation_accuracy': ...}`` of ``model`` on ``ds``'s validation split; empty
+    when ``ds`` has none (``data.validation_holdout = 0``)."""
+    if not ds.num_validation:
+        return {}
+    logits, labels = predict(model, variables, ds, batch_size, split="validation")
+    return {"validation_accuracy": float(np.mean(logits.argmax(-1) == labels))}
+
+
+def _prefixed(prefix: str, summary: Mapping[str, Any]) -> dict:
+    """``{prefix + key: value}`` of a stage's ``validation_accuracy``, if it has one."""
+    return {prefix + k: v for k, v in summary.items() if k == "validation_accuracy"}
 
 
 def _dataset(config):
@@ -68,13 +87,17 @@ def self_binarizing(config: ml_collections.ConfigDict, workdir: str, *, allow_co
     summary = {
         "test_accuracy": float(np.mean(sign_pred == labels)),
         "tanh_test_accuracy": float(np.mean(trained_pred == labels)),
+        # The deployed network's validation accuracy is what a choice of its schedule reads.
+        **_validation_accuracy(folded, fvars, ds, config.eval_batch_size),
+        **_prefixed("tanh_", final),
         "agreement": float(np.mean(sign_pred == trained_pred)),
         "train_time_s": final.get("train_time_s"),
         "wall_time_s": final.get("wall_time_s"),
     }
     print(
         f"self-binarizing: tanh(nu_max) {100 * summary['tanh_test_accuracy']:.2f}%, sign + BinaryBN "
-        f"{100 * summary['test_accuracy']:.2f}%, prediction agreement {100 * summary['agreement']:.2f}%",
+        f"{100 * summary['test_accuracy']:.2f}%, prediction agreement {100 * summary['agreement']:.2f}%"
+        + (f"; sign + BinaryBN validation {100 * summary['validation_accuracy']:.2f}%" if "validation_accuracy" in summary else ""),
         flush=True,
     )
     return _write(workdir, "recipe.json", summary)
@@ -179,6 +202,8 @@ def binaryduo(config: ml_collections.ConfigDict, workdir: str, *, allow_config_c
     coupled_logits, labels = predict(model, variables, ds, config.eval_batch_size)
     decoupled_logits, _ = predict(dmodel, dvars, ds, config.eval_batch_size)
     max_diff, differing, same_predictions = check_decoupling(coupled_logits, decoupled_logits)
+    # Before fine-tuning, which donates dvars' buffers.
+    decoupled_validation = _validation_accuracy(dmodel, dvars, ds, config.eval_batch_size)
 
     ft = ml_collections.ConfigDict(config.to_dict())
     for key, value in overrides.items():
@@ -197,13 +222,18 @@ def binaryduo(config: ml_collections.ConfigDict, workdir: str, *, allow_config_c
         "decoupling_differing_fraction": differing,
         "decoupling_prediction_agreement": same_predictions,
         "decoupled_widths": list(overrides.get("widths", ())),
+        **_prefixed("coupled_", coupled_final),
+        **_prefixed("decoupled_", decoupled_validation),
+        **_prefixed("", final),
         "train_time_s": (coupled_final.get("train_time_s") or 0) + (final.get("train_time_s") or 0),
         "wall_time_s": (coupled_final.get("wall_time_s") or 0) + (final.get("wall_time_s") or 0),
     }
     print(
         f"binaryduo: coupled (ternary) {100 * summary['coupled_test_accuracy']:.2f}%, decoupled "
         f"{100 * summary['decoupled_test_accuracy']:.2f}% (max |logit diff| {max_diff:.2g}), fine-tuned "
-        f"{100 * summary['test_accuracy']:.2f}%",
+        f"{100 * summary['test_accuracy']:.2f}%"
+        + (f"; validation: coupled {100 * summary['coupled_validation_accuracy']:.2f}%, fine-tuned "
+           f"{100 * summary['validation_accuracy']:.2f}%" if "validation_accuracy" in summary else ""),
         flush=True,
     )
     return _write(workdir, "recipe.json", summary)

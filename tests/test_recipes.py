@@ -54,6 +54,8 @@ def test_recipe_trains(spec, tmp_path):
         assert json.load(open(tmp_path / "recipe.json"))["agreement"] == summary["agreement"]
         # The recipe's nu_max makes the deployed sign + BinaryBN network the trained one.
         assert summary["agreement"] == 1.0
+        # The recipe holds out a validation split: the deployed and trained networks' figures on it.
+        assert 0.0 <= summary["validation_accuracy"] <= 1.0 and 0.0 <= summary["tanh_validation_accuracy"] <= 1.0
     if spec in ("method=irnet", "method=sb"):
         # A 3-step run still moves its schedule (per-step progress in short runs).
         records = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
@@ -64,6 +66,9 @@ def test_recipe_trains(spec, tmp_path):
         # Tied decoupling: the layers keep the coupled widths (their outputs are copied).
         assert summary["decoupled_widths"] == [90, 75, 128]  # (362, 300, 512) / 4, quick
         assert os.path.exists(tmp_path / "decoupled" / "final.json")
+        # Validation figures of every stage; decoupling is exact on the validation split too.
+        assert summary["decoupled_validation_accuracy"] == summary["coupled_validation_accuracy"]
+        assert 0.0 <= summary["validation_accuracy"] <= 1.0
 
 
 def test_recipe_arguments_are_checked():

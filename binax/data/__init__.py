@@ -9,6 +9,7 @@ synthetic batches drawn on the devices (``name='synthetic'``, :mod:`binax.data.s
         ...                                  # {'image': f32 (B/P, H, W, C), 'label': i32}
     for batch in ds.eval_batches(batch_size):                       # + 'mask' (f32 0/1)
         ...
+    ds.eval_batches(batch_size, split='validation')  # with data.validation_holdout = n > 0
 
 The batches of an epoch are a pure function of ``(seed, epoch)``; ``start_step=k`` yields
 exactly batches ``k, k+1, ...`` of that sequence, so a killed run resumes bit-exactly.
@@ -64,6 +65,12 @@ def default_config() -> ml_collections.ConfigDict:
     config.num_classes = config_dict.placeholder(int)
     config.num_train = config_dict.placeholder(int)
     config.num_test = config_dict.placeholder(int)
+    # In-memory datasets only (fashion_mnist, mnist, digits): the LAST n images of the
+    # training split become the validation split (``eval_batches(..., split='validation')``)
+    # and are never trained on; 0 = no validation split, train on all of them. The split is
+    # fixed by the files' order (no seed), so every run and seed holds out the same images.
+    # Fashion-MNIST's recipes (configs/recipe.py) hold out 10,000 of the 60,000.
+    config.validation_holdout = 0
     return config
 
 
@@ -111,6 +118,11 @@ def create(data_config, *, seed: int, process_index: int = 0, process_count: int
     unknown = sorted(set(given) - set(config.keys()))
     if unknown:
         raise ConfigError(f"unknown data config field(s) {unknown}; valid: {sorted(config.keys())}")
+    holdout = given.get("validation_holdout") or 0
+    if not _is_int(holdout) or holdout < 0:  # before the typed ConfigDict turns it into a TypeError
+        raise ConfigError(
+            f"data.validation_holdout={holdout!r} must be a non-negative integer (training images held out for validation)"
+        )
     for key, value in given.items():
         if value is not None:
             config[key] = value
@@ -129,6 +141,11 @@ def create(data_config, *, seed: int, process_index: int = 0, process_count: int
                   normalize_mode=config.normalize, process_index=process_index,
                   process_count=process_count)
     synthetic_keys = {k: config[k] for k in SYNTHETIC_KEYS}
+    if holdout and spec.source not in ("idx", "digits"):
+        raise ConfigError(
+            f"data.validation_holdout={holdout!r} applies to the in-memory datasets (fashion_mnist, mnist, digits); "
+            f"{config.name!r} has no validation split in binax, leave it 0"
+        )
     if spec.source == "synthetic":
         from binax.data.synthetic import SyntheticDataset  # imports jax
 
@@ -144,4 +161,4 @@ def create(data_config, *, seed: int, process_index: int = 0, process_count: int
         from binax.data.tfds_pipeline import TfdsDataset  # imports TensorFlow
 
         return TfdsDataset(spec, shuffle_buffer=int(config.shuffle_buffer), **common)
-    return ArrayDataset(spec, **common)
+    return ArrayDataset(spec, validation_holdout=int(holdout), **common)

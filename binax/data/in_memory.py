@@ -131,17 +131,44 @@ def random_crop_flip(images: np.ndarray, offsets: np.ndarray, flips: np.ndarray,
     return np.ascontiguousarray(images)
 
 
+def split_holdout(images: np.ndarray, labels: np.ndarray, holdout: int, name: str = "dataset"):
+    """``((train images, labels), (validation images, labels))``: the last ``holdout``
+    examples are the validation split, the others the training split.
+
+    The cut is by position in the files, not drawn at random: the same images for every
+    seed and run, and for Fashion-MNIST's ``holdout=10000`` the training files' last
+    10,000 images (indices 50,000-59,999). ``holdout`` must be in ``[0, len(labels))``
+    (at least one training image must remain).
+    """
+    n = len(labels)
+    if isinstance(holdout, bool) or not isinstance(holdout, (int, np.integer)) or not 0 <= holdout < n:
+        raise ConfigError(
+            f"data.validation_holdout={holdout!r} must be an integer in [0, {n}) for {name!r}, "
+            f"whose training split has {n} images"
+        )
+    cut = n - int(holdout)
+    return (images[:cut], labels[:cut]), (images[cut:], labels[cut:])
+
+
 class ArrayDataset(Dataset):
-    """An in-memory dataset; see the module docstring for how batches are drawn."""
+    """An in-memory dataset; see the module docstring for how batches are drawn.
+
+    ``validation_holdout=n`` makes the last ``n`` training images the validation split
+    (:func:`split_holdout`): they are never in a training batch, and
+    ``eval_batches(..., split='validation')`` yields them.
+    """
 
     def __init__(self, spec: Spec, *, data_dir: Optional[str], seed: int, augment: bool,
-                 normalize_mode: str, process_index: int, process_count: int):
-        self._train = load_arrays(spec.name, "train", data_dir)
+                 normalize_mode: str, process_index: int, process_count: int,
+                 validation_holdout: int = 0):
+        images, labels = load_arrays(spec.name, "train", data_dir)
+        self._train, self._validation = split_holdout(images, labels, validation_holdout, spec.name)
         self._test = load_arrays(spec.name, "test", data_dir)
         super().__init__(
             spec,
             num_train=len(self._train[1]),
             num_test=len(self._test[1]),
+            num_validation=len(self._validation[1]),
             seed=seed,
             process_index=process_index,
             process_count=process_count,
@@ -184,8 +211,8 @@ class ArrayDataset(Dataset):
     def eval_batches(self, batch_size: int, split: str = "test"):
         local = self.local_batch_size(batch_size)
         n = self._split_size(split)
-        return self._eval_iter(self._train if split == "train" else self._test, batch_size,
-                               local, n)
+        arrays = {"train": self._train, "validation": self._validation, "test": self._test}[split]
+        return self._eval_iter(arrays, batch_size, local, n)
 
     def _eval_iter(self, arrays, batch_size, local, n):
         images, labels = arrays

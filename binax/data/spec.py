@@ -104,6 +104,7 @@ class Dataset:
         seed: int,
         process_index: int,
         process_count: int,
+        num_validation: int = 0,
     ):
         self.spec = spec
         self.name = spec.name
@@ -111,6 +112,7 @@ class Dataset:
         self.num_classes = spec.num_classes
         self.num_train = int(num_train)
         self.num_test = int(num_test)
+        self.num_validation = int(num_validation)
         self.seed = seed
         self.process_index = process_index
         self.process_count = process_count
@@ -119,7 +121,7 @@ class Dataset:
         return (
             f"{type(self).__name__}(name={self.name!r}, image_shape={self.image_shape}, "
             f"num_classes={self.num_classes}, num_train={self.num_train}, "
-            f"num_test={self.num_test}, process={self.process_index}/{self.process_count})"
+            f"num_test={self.num_test}, num_validation={self.num_validation}, process={self.process_index}/{self.process_count})"
         )
 
     def local_batch_size(self, batch_size: int) -> int:
@@ -154,7 +156,14 @@ class Dataset:
             return self.num_train
         if split == "test":
             return self.num_test
-        raise ConfigError(f"split={split!r} is not one of ('train', 'test')")
+        if split == "validation":
+            if not self.num_validation:
+                raise ConfigError(
+                    f"split='validation': dataset {self.name!r} has no validation split; set "
+                    "data.validation_holdout to the number of training images to hold out"
+                )
+            return self.num_validation
+        raise ConfigError(f"split={split!r} is not one of ('train', 'validation', 'test')")
 
     def _check_train_args(self, epoch: int, batch_size: int, start_step: int):
         """Validates the arguments of ``train_batches``; returns ``(local_batch, steps)``."""

@@ -72,6 +72,7 @@ _CHECKS: dict[str, Callable[[Any], str | None]] = {
     "log_every_steps": _int_at_least(1),
     "report_every_seconds": _real_in(0.0),
     "eval_every_epochs": _int_at_least(0),
+    "data.validation_holdout": _int_at_least(0),
     "checkpoint.every_steps": _int_at_least(0),
     "checkpoint.keep": _int_at_least(1),
     "checkpoint.async_save": _boolean,

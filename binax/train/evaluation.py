@@ -21,7 +21,8 @@ import numpy as np
 
 from binax.train import steps
 
-__all__ = ["Evaluation", "evaluate", "array_batches"]
+__all__ = ["Evaluation", "evaluate", "evaluate_splits", "array_batches", "selection_accuracy", "validation_summary",
+           "validation_text"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -128,3 +129,33 @@ def evaluate(
         labels=np.concatenate(labels) if keep_logits and labels else None,
         top5_accuracy=totals["correct_top5"] / count if "correct_top5" in totals and count else nan,
     )
+
+
+def evaluate_splits(model, variables: Mapping[str, Any], ds, batch_size: int, **kwargs) -> dict[str, float]:
+    """``test/`` metrics of ``ds``'s test split and, when it has one
+    (``data.validation_holdout``), ``validation/`` metrics of its validation split.
+    ``kwargs`` go to :func:`evaluate`."""
+    out = evaluate(model, variables, ds.eval_batches(batch_size), **kwargs).metrics("test/")
+    if getattr(ds, "num_validation", 0):
+        out.update(evaluate(model, variables, ds.eval_batches(batch_size, "validation"), **kwargs).metrics("validation/"))
+    return out
+
+
+def selection_accuracy(metrics: Mapping[str, float]) -> float:
+    """The accuracy a run's choices read (its "best" checkpoint): validation when the
+    run has a validation split, so that the test set chooses nothing; else test."""
+    return metrics.get("validation/accuracy", metrics["test/accuracy"])
+
+
+def validation_summary(metrics: Mapping[str, float]) -> dict[str, float]:
+    """``{'validation_accuracy', 'validation_loss'}`` for ``final.json``; empty without a
+    validation split."""
+    if "validation/accuracy" not in metrics:
+        return {}
+    return {"validation_accuracy": metrics["validation/accuracy"], "validation_loss": metrics["validation/loss"]}
+
+
+def validation_text(metrics: Mapping[str, float]) -> str:
+    """``", validation 88.12%"`` for a progress line; empty without a validation split."""
+    accuracy = metrics.get("validation/accuracy")
+    return "" if accuracy is None else f", validation {100 * accuracy:.2f}%"

@@ -551,18 +551,18 @@ class _Run:
         self.ckpts.save(self.step, self.state, accuracy=accuracy, loop_state={"window": window})
 
     def _evaluate(self) -> dict[str, float]:
-        """Test loss and accuracy of the current state: ``binax.train.evaluate`` on the
+        """Test (and validation) loss and accuracy of the current state: ``binax.train.evaluate`` on the
         sharded global batches, at the progress the next update would read."""
         variables = {"params": self.state.params, "batch_stats": self.state.batch_stats}
-        result = evaluation.evaluate(
+        return evaluation.evaluate_splits(
             self.trainer.model,
             variables,
-            self.ds.eval_batches(self.config.eval_batch_size),
+            self.ds,
+            self.config.eval_batch_size,
             progress=self.trainer.progress_fn(self.step),
             compute_dtype=self.config.compute_dtype,
             put=self._to_global,
         )
-        return result.metrics("test/")
 
     def _train_epoch(self, epoch: int, stop: "_StopRequest") -> None:
         config = self.config
@@ -627,11 +627,11 @@ class _Run:
         accuracy = None
         if last or (config.eval_every_epochs and (epoch + 1) % config.eval_every_epochs == 0):
             self.last_eval = self._evaluate()
-            accuracy = self.last_eval["test/accuracy"]
+            accuracy = evaluation.selection_accuracy(self.last_eval)
             self.writer.write(self.step, self.last_eval)
             self.reporter.message(
-                f"epoch {epoch + 1}/{config.num_epochs}: test accuracy {100 * accuracy:.2f}%"
-                f"{_top5_text(self.last_eval.get('test/top5_accuracy'))}, "
+                f"epoch {epoch + 1}/{config.num_epochs}: test accuracy {100 * self.last_eval['test/accuracy']:.2f}%"
+                f"{_top5_text(self.last_eval.get('test/top5_accuracy'))}{evaluation.validation_text(self.last_eval)}, "
                 f"loss {self.last_eval['test/loss']:.4f}"
             )
         if self.is_main:
@@ -663,6 +663,7 @@ class _Run:
         return {
             "test_accuracy": self.last_eval["test/accuracy"],
             "test_loss": self.last_eval["test/loss"],
+            **evaluation.validation_summary(self.last_eval),
             **({"test_top5_accuracy": self.last_eval["test/top5_accuracy"]}
                if "test/top5_accuracy" in self.last_eval else {}),
             "step": self.step,
@@ -693,7 +694,7 @@ class _Run:
             wall = summary["wall_time_s"]
             print(
                 f"final: test accuracy {100 * summary['test_accuracy']:.2f}%"
-                f"{_top5_text(summary.get('test_top5_accuracy'))} (loss {summary['test_loss']:.4f}) "
+                f"{_top5_text(summary.get('test_top5_accuracy'))}{evaluation.validation_text(self.last_eval)} (loss {summary['test_loss']:.4f}) "
                 f"after {summary['epochs']} epochs / {self.step} steps; wall time "
                 f"{metrics_lib.format_duration(wall)} ({wall:.0f} s"
                 f"{'' if self.resume_step is None else f', this run, resumed from step {self.resume_step}'}); "
