@@ -194,6 +194,7 @@ def write_raw(path: str, table: dict) -> None:
 
     order = {spec: i for i, (_, spec) in enumerate(SWEEP)}
     table["runs"].sort(key=lambda r: (order.get(r["spec"], len(order)), r["seed"]))
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)  # a new --raw folder
     files.write_text(path, json.dumps(table, indent=1, sort_keys=True) + "\n")
 
 

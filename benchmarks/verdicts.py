@@ -28,7 +28,7 @@ IRNET = ("Qin et al. CVPR 2020, Table 2: on CIFAR-10, VGG-Small 1/1, IR-Net (90.
          "BNN and XNOR-Net")
 BINARYDUO = ("Kim et al. ICLR 2020, abstract: BinaryDuo \"outperforms state-of-the-art BNNs [...] with the "
              "same amount of parameters and computing cost\"")
-ABC = ("Lin et al. NIPS 2017, Table 1: ImageNet ResNet-18 top-1 rises with M and N, 42.7% at M = N = 1 "
+ABC = ("Lin et al. NIPS 2017, its ImageNet ResNet-18 table over M and N: top-1 rises with M and N, 42.7% at M = N = 1 "
        "to 65.0% at M = N = 5 (full precision 69.3%)")
 SB = ("Lahoud & Achanta 2019, abstract: self-binarizing networks \"show higher classification accuracy than "
       "existing state-of-the-art methods\"; tested against the table's classic 1/1 networks")

@@ -168,8 +168,9 @@ def test_table_only_rebuilds_the_markdown_from_the_raw_json_alone(tmp_path, monk
 def test_raw_runs_are_written_in_table_order(tmp_path):
     table = _table(seeds=2)
     table["runs"].reverse()
-    results.write_raw(str(tmp_path / "mlp.json"), table)
-    runs = json.loads((tmp_path / "mlp.json").read_text())["runs"]
+    path = tmp_path / "results" / "mlp.json"  # a folder that does not exist yet, as on a fresh clone
+    results.write_raw(str(path), table)
+    runs = json.loads(path.read_text())["runs"]
     assert [(r["spec"], r["seed"]) for r in runs] == [(spec, s) for _, spec in results.SWEEP for s in (0, 1)]
 
 
