@@ -111,3 +111,11 @@ def test_flags_reach_every_key_with_the_declared_type():
     assert (model.latent_weight_clip, model.stage_sizes, model.shortcut) == (1.5, (1, 1, 1), "B")
     with pytest.raises(flags.Error, match="pad_values"):
         _flags(cfg, "--config.pad_values=one")  # a float placeholder takes numbers only
+
+
+def test_a_field_whose_annotation_does_not_resolve_is_left_unchecked():
+    # As a user's module with `from __future__ import annotations` and a name imported only
+    # under TYPE_CHECKING: the inherited fields keep their checks.
+    namespace = {"__annotations__": {"extra": "NotImportedHere"}, "extra": 1, "__module__": __name__}
+    cls = type("_Unresolved", (_Toy,), namespace)
+    assert fields.problems(cls, {"extra": "anything", "depth": 0}) == ["depth=0 must be an integer >= 1"]

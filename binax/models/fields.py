@@ -86,8 +86,17 @@ def names(cls: type) -> tuple[str, ...]:
 
 @functools.cache
 def _hints(cls: type) -> dict[str, Any]:
-    hints = typing.get_type_hints(cls, include_extras=True)
-    return {k: hints[k] for k in names(cls)}
+    """Each field's resolved annotation. A class whose own annotations do not resolve (a
+    name imported only for type checkers) keeps those of the nearest base that do: its
+    own fields are then unchecked (``Any``)."""
+    hints: dict[str, Any] = {}
+    for klass in cls.__mro__:
+        try:
+            hints = typing.get_type_hints(klass, include_extras=True)
+            break
+        except NameError:
+            continue
+    return {k: hints.get(k, Any) for k in names(cls)}
 
 
 def _unwrap(hint) -> tuple[Any, list, bool]:
