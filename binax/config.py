@@ -61,17 +61,12 @@ def parse_arg(arg: str | None, **defaults) -> ml_collections.ConfigDict:
 
 
 def model_config(name: str, **overrides) -> ml_collections.ConfigDict:
-    """``{name, **binax.models.get_config(name)}`` with ``overrides``: every model key is
-    there, so flags can set any of them (``--config.model.widths='(512, 512)'``)."""
-    cfg = binax.models.get_config(name).to_dict()
-    unknown = sorted(set(overrides) - set(cfg))
-    if unknown:
-        raise ValueError(f"unknown key(s) {unknown} for model {name!r}; valid: {sorted(cfg)}")
-    cfg.update(overrides)
-    out = ml_collections.ConfigDict({"name": name})
-    for key, value in cfg.items():
-        # A None default stays settable from a flag as a typed placeholder.
-        out[key] = config_dict.placeholder(float) if value is None else value
+    """``{name, **binax.models.get_config(name, **overrides)}``: every model key is there
+    (the model class's fields), so flags can set any of them
+    (``--config.model.widths='(512, 512)'``)."""
+    out = binax.models.get_config(name, **overrides)
+    out.unlock()
+    out.name = name
     return out
 
 

@@ -44,18 +44,6 @@ def test_top5_is_left_out_with_five_classes_or_fewer():
     assert float(six["correct_top5"]) == 1.0  # label 0 is 6th of 6, label 1 is 5th
 
 
-def test_same_sums_as_the_training_loops_eval_step(mlp):
-    model, variables, x, labels = mlp
-    state = steps.TrainState(jnp.zeros([], jnp.int32), variables["params"], variables["batch_stats"], (), jax.random.key(0))
-    totals = None
-    for batch in array_batches(x, labels, batch_size=10):
-        totals = steps.eval_step(state, batch, jnp.float32(1.0), totals, model=model)
-    got = evaluate(model, variables, array_batches(x, labels, batch_size=10))
-    assert got.count == float(totals["count"]) == 25
-    assert got.accuracy == float(totals["correct"]) / 25
-    assert got.loss == float(totals["loss_sum"]) / 25
-
-
 def test_without_labels_and_compiled_once(mlp):
     model, variables, x, _ = mlp
     got = evaluate(model, variables, array_batches(x, batch_size=8), keep_logits=True, compute_dtype="float32")

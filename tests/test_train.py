@@ -236,33 +236,19 @@ def test_bfloat16_compute_keeps_float32_master_weights():
     assert float(m16["loss"]) != float(m32["loss"])  # the forward did run in bfloat16
 
 
-def test_eval_step_ignores_padded_rows():
+def test_evaluation_ignores_padded_rows():
     model = tiny_model()
     state = tiny_state(model, optax.adam(1e-3))
+    variables = {"params": state.params, "batch_stats": state.batch_stats}
     batch = tiny_batch(6)
     padded = {k: np.concatenate([v, v[:2] * 0 + 7]) for k, v in batch.items()}
     padded["mask"] = np.array([1, 1, 1, 1, 1, 1, 0, 0], np.float32)
     full = {**batch, "mask": np.ones(6, np.float32)}
-    run = jax.jit(lambda b, totals=None: steps.eval_step(state, b, 1.0, totals, model=model))
-    a, b = run(padded), run(full)
-    twice = run(full, steps.zero_eval_totals())
-    twice = run(full, twice)
-    assert float(twice["count"]) == 12.0 and float(twice["correct"]) == 2 * float(b["correct"])
-    assert float(a["count"]) == 6.0
-    for k in a:
-        assert float(a[k]) == pytest.approx(float(b[k]), rel=1e-6)
-
-
-def test_flip_ratio_counts_sign_changes_of_latent_kernels():
-    params = {
-        "a": {"latent_kernel": jnp.array([1.0, -1.0, 0.0, 2.0])},
-        "b": {"latent_kernel": jnp.array([[0.5, 0.5], [0.5, 0.5]]), "kernel": jnp.ones(3)},
-    }
-    moved = jax.tree.map(lambda x: x, params)
-    moved["a"]["latent_kernel"] = jnp.array([-1.0, -1.0, -0.1, 2.0])  # two flips (0 counts as +)
-    moved["b"]["kernel"] = -jnp.ones(3)  # a float kernel: not counted
-    ratio = steps.flip_ratio(steps.latent_kernel_signs(params), steps.latent_kernel_signs(moved))
-    assert ratio == pytest.approx(2 / 8)
+    a, b = train.evaluate(model, variables, [padded]), train.evaluate(model, variables, [full])
+    twice = train.evaluate(model, variables, [full, padded])
+    assert (a.count, b.count, twice.count) == (6, 6, 12)
+    assert a.loss == pytest.approx(b.loss, rel=1e-6) and a.accuracy == b.accuracy == twice.accuracy
+    assert twice.loss == pytest.approx(b.loss, rel=1e-6)
 
 
 # ----------------------------------------------------------------------------- metrics

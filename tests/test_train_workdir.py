@@ -148,11 +148,17 @@ def test_allow_config_change_continues_and_records_the_change(stopped, tmp_path)
 
 
 def test_the_config_in_force_applies_the_history_and_a_damaged_history_is_named(tmp_path):
-    files.write_json(str(tmp_path / "config.json"), {"seed": 0, "optimizer": {"learning_rate": 0.1}})
+    model = {"input_quantizer_kwargs": {}, "kernel_quantizer_kwargs": {}}
+    files.write_json(str(tmp_path / "config.json"), {"seed": 0, "optimizer": {"learning_rate": 0.1}, "model": model})
     history = tmp_path / workdir_config.HISTORY_NAME
     files.append_line(str(history), json.dumps({"changes": {"optimizer.learning_rate": [0.1, 0.2]}}))
-    files.append_line(str(history), json.dumps({"changes": {"seed": [0, 1]}}))
-    assert workdir_config.current_config(str(tmp_path)) == {"seed": 1, "optimizer": {"learning_rate": 0.2}}
+    files.append_line(str(history), json.dumps({"changes": {"seed": [0, 1], "model.kernel_quantizer_kwargs.t_min": [None, 0.5]}}))
+    # An empty dict (a binarizer without keywords) stays; a change fills one.
+    assert workdir_config.current_config(str(tmp_path)) == {
+        "seed": 1,
+        "optimizer": {"learning_rate": 0.2},
+        "model": {"input_quantizer_kwargs": {}, "kernel_quantizer_kwargs": {"t_min": 0.5}},
+    }
     history.write_text(history.read_text() + '{"changes": {"se')
     with pytest.raises(WorkdirError, match=rf"^{history} line 3 is damaged"):
         workdir_config.current_config(str(tmp_path))

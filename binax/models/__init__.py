@@ -1,49 +1,55 @@
 """The model registry: ``create(name, **overrides)``, ``names()``, ``get_config(name)``.
 
-Each registered model is a Flax Linen module whose fields are exactly the keys of its
-default ``ml_collections.ConfigDict``; ``create`` applies overrides to that config (an
-unknown key raises a ``ValueError`` listing the valid keys), validates binarizer names and
-keywords, and returns the module. Call it as
+Each registered name is a Flax Linen module class and a preset: the values by which the
+name differs from the class's field defaults (each family's ``PRESETS``). The fields are
+the config, declared once (:mod:`binax.models.fields`): ``get_config`` is every field with
+the preset over its default; ``create`` applies overrides to it (an unknown key raises a
+``ValueError`` listing the valid keys), checks each value against its field's annotation
+and binarizer names and keywords, and returns the module. Call it as
 ``model.apply(variables, x, train=bool, progress=p, mutable=['batch_stats'] if train else False)``.
 """
 
 from __future__ import annotations
 
-import dataclasses
-from typing import Any, Callable
+import types
+from typing import Any, Mapping
 
 import flax.linen as nn
 import ml_collections
 
 from binax import binarizers
 from binax.errors import ConfigError
-from binax.models import alexnet, common, mlp, resnet, vgg
+from binax.models import alexnet, common, fields, mlp, resnet, vgg
 from binax.models.tracing import Call, record_calls, trace
 
 __all__ = [
     "create",
     "names",
     "get_config",
+    "problems",
     "register",
     "inference_overrides",
     "common",
+    "fields",
     "Call",
     "record_calls",
     "trace",
 ]
 
-_REGISTRY: dict[str, tuple[Callable[[], ml_collections.ConfigDict], type[nn.Module]]] = {}
+QUANTIZER_KEYS = ("input_quantizer", "kernel_quantizer")
+
+_REGISTRY: dict[str, tuple[type[nn.Module], Mapping[str, Any]]] = {}
 
 
-def register(name: str, config_fn: Callable[[], ml_collections.ConfigDict], model_cls: type[nn.Module]) -> None:
-    """Register ``model_cls`` under ``name`` with default config ``config_fn()``."""
+def register(name: str, model_cls: type[nn.Module], **preset: Any) -> None:
+    """Register ``model_cls`` under ``name``; its config is the class's fields with
+    ``preset`` values over their defaults (every key must be a field)."""
     if name in _REGISTRY:
         raise ConfigError(f"A model named {name!r} is already registered.")
-    fields = {f.name for f in dataclasses.fields(model_cls)} - {"parent", "name"}
-    unknown = set(config_fn().keys()) - fields
+    unknown = set(preset) - set(fields.names(model_cls))
     if unknown:
-        raise ConfigError(f"config keys {sorted(unknown)} of model {name!r} are not fields of {model_cls.__name__}.")
-    _REGISTRY[name] = (config_fn, model_cls)
+        raise ConfigError(f"preset keys {sorted(unknown)} of model {name!r} are not fields of {model_cls.__name__}.")
+    _REGISTRY[name] = (model_cls, types.MappingProxyType(dict(preset)))
 
 
 def names() -> list[str]:
@@ -58,11 +64,38 @@ def _entry(name: str):
         raise ConfigError(f"Unknown model {name!r}; valid names are: {', '.join(names())}.") from None
 
 
-def get_config(name: str) -> ml_collections.ConfigDict:
-    """The default config of model ``name`` (a fresh, locked ``ConfigDict``)."""
-    cfg = _entry(name)[0]()
+def get_config(name: str, **overrides: Any) -> ml_collections.ConfigDict:
+    """The default config of model ``name`` (a fresh, locked ``ConfigDict``): every field
+    of its class with the registered preset over the field defaults, and ``overrides``
+    (field names) over both. A ``None`` value is a placeholder of the field's type, so a
+    flag can set it."""
+    model_cls, preset = _entry(name)
+    unknown = sorted(set(overrides) - set(fields.names(model_cls)))
+    if unknown:
+        raise ConfigError(f"unknown key(s) {unknown} for model {name!r}; valid: {sorted(fields.names(model_cls))}")
+    cfg = fields.config(model_cls, dict(preset) | overrides)
     cfg.lock()
     return cfg
+
+
+def problems(name: str, values: Any, prefix: str = "") -> list[str]:
+    """One sentence per problem of ``values`` (a mapping of config keys) as a config of
+    model ``name``: a key that is not a field, a value its field does not allow
+    (:func:`binax.models.fields.problems`), then the family's ``validate_config``."""
+    model_cls, preset = _entry(name)
+    valid = fields.names(model_cls)
+    out = [
+        f"{prefix}{key} is not a key of model {name!r}; valid: {', '.join(sorted(valid))}"
+        for key in sorted(set(values) - set(valid))
+    ]
+    out += fields.problems(model_cls, values, prefix)
+    if not out and hasattr(model_cls, "validate_config"):
+        full = fields.config(model_cls, preset).to_dict() | dict(values)
+        try:
+            model_cls.validate_config({k: common.freeze(v) for k, v in full.items()})
+        except ConfigError as e:
+            out.append(f"{prefix.rstrip('.') or 'model'}: {str(e).rstrip('.')}")
+    return out
 
 
 def create(name: str, **overrides: Any) -> nn.Module:
@@ -70,11 +103,13 @@ def create(name: str, **overrides: Any) -> nn.Module:
 
     ``overrides`` may also be a whole config: ``create(name, **config)`` with a dict or
     ``ConfigDict`` whose keys are a subset of ``get_config(name)``. Binarizers may be given
-    as registry names or callables. Overriding a binarizer without its ``*_kwargs`` drops
-    the default binarizer's keywords (they would not fit the new one).
+    as registry names or callables (``''``, what a flag can write, is None). Overriding a
+    binarizer without its ``*_kwargs`` drops the default binarizer's keywords (they would
+    not fit the new one). Each value is checked against its field's declaration
+    (:func:`binax.models.fields.problems`), then the family's ``validate_config``.
     """
-    config_fn, model_cls = _entry(name)
-    values = config_fn().to_dict()
+    model_cls, preset = _entry(name)
+    values = fields.config(model_cls, preset).to_dict()
     unknown = sorted(set(overrides) - set(values))
     if unknown:
         raise ConfigError(
@@ -82,12 +117,17 @@ def create(name: str, **overrides: Any) -> nn.Module:
         )
     # Keyword arguments belong to their binarizer: a new binarizer without new keywords
     # starts from none, not from the default binarizer's (e.g. EDE's t_min).
-    for key in ("input_quantizer", "kernel_quantizer"):
+    for key in QUANTIZER_KEYS:
         if key in overrides and key + "_kwargs" not in overrides and overrides[key] != values[key]:
             values[key + "_kwargs"] = {}
     values.update(overrides)
     values = {k: common.freeze(v) for k, v in values.items()}
-    common.validate_common(values, name)
+    for key in QUANTIZER_KEYS:
+        if values[key] == "":
+            values[key] = None
+    bad = fields.problems(model_cls, values)
+    if bad:
+        raise ConfigError(f"Model {name!r}: {'; '.join(bad)}.")
     if hasattr(model_cls, "validate_config"):
         model_cls.validate_config(values)
     return model_cls(**values)
@@ -103,7 +143,7 @@ def inference_overrides(config: Any) -> dict[str, Any]:
     """
     get = config.get if hasattr(config, "get") else lambda key, default=None: getattr(config, key, default)
     out: dict[str, Any] = {}
-    for key in ("input_quantizer", "kernel_quantizer"):
+    for key in QUANTIZER_KEYS:
         spec = get(key)
         new, kwargs = binarizers.deployed(spec, get(key + "_kwargs"))
         if new != spec:
@@ -111,13 +151,7 @@ def inference_overrides(config: Any) -> dict[str, Any]:
     return out
 
 
-register("bnn_mlp", mlp.get_config, mlp.MLP)
-register("cnn_small", vgg.cnn_small_config, vgg.VGG)
-register("vgg_small", vgg.vgg_small_config, vgg.VGG)
-register("vgg7_tiny", vgg.vgg7_tiny_config, vgg.VGG)
-register("resnet20", resnet.resnet20_config, resnet.ResNet)
-register("resnet18_cifar", resnet.resnet18_cifar_config, resnet.ResNet)
-register("resnet18", resnet.resnet18_config, resnet.ResNet)
-register("resnet34", resnet.resnet34_config, resnet.ResNet)
-register("reactnet18", resnet.reactnet18_config, resnet.ResNet)
-register("alexnet", alexnet.alexnet_config, alexnet.AlexNet)
+for _cls, _presets in ((mlp.MLP, mlp.PRESETS), (vgg.VGG, vgg.PRESETS), (resnet.ResNet, resnet.PRESETS),
+                       (alexnet.AlexNet, alexnet.PRESETS)):
+    for _name, _preset in _presets.items():
+        register(_name, _cls, **_preset)

@@ -13,21 +13,16 @@ from __future__ import annotations
 
 import flax.linen as nn
 import jax
-import ml_collections
 
 from binax.errors import ConfigError
 from binax.models import common
+from binax.models.fields import Widths
 
 Array = jax.Array
 
 
-def alexnet_config() -> ml_collections.ConfigDict:
-    c = common.base_config()
-    c.num_classes = 1000
-    c.conv_widths = (96, 256, 384, 384, 256)
-    c.fc_widths = (4096, 4096)
-    c.latent_weight_clip = 1.0
-    return c
+#: The registered name and how it differs from the fields' defaults.
+PRESETS = {"alexnet": dict(num_classes=1000, latent_weight_clip=1.0)}
 
 
 # (kernel, stride, padding, pool after) of the five convolutions.
@@ -35,8 +30,8 @@ _CONVS = ((11, 4, 2, True), (5, 1, 2, True), (3, 1, 1, False), (3, 1, 1, False),
 
 
 class AlexNet(common.BinaryModel):
-    conv_widths: tuple[int, ...] = (96, 256, 384, 384, 256)
-    fc_widths: tuple[int, ...] = (4096, 4096)
+    conv_widths: Widths = (96, 256, 384, 384, 256)
+    fc_widths: Widths = (4096, 4096)
 
     @property
     def min_input_size(self) -> int:

@@ -2,14 +2,16 @@
 layer factories that turn them into binary / float / ABC layers, activations, input checks.
 
 Every model is a Flax Linen module whose dataclass fields are exactly the keys of its
-default ``ml_collections.ConfigDict`` (``binax.models.get_config(name)``), called as
+default ``ml_collections.ConfigDict`` (``binax.models.get_config(name)``, made from the
+fields by :mod:`binax.models.fields`), called as
 ``model.apply(variables, x, train=bool, progress=p, mutable=[...])``.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable, Mapping, Sequence
+import typing
+from typing import Any, Callable, Literal, Mapping, Sequence
 
 import flax.linen as nn
 import jax
@@ -17,46 +19,15 @@ import jax.numpy as jnp
 import ml_collections
 from flax.core import FrozenDict
 
-from binax import binarizers
 from binax import layers as L
 from binax.errors import ConfigError
+from binax.models.fields import Count, Fraction, Keywords, Positive, QuantizerSpec, Real
 
 Array = jax.Array
 
-LAYER_TYPES = ("binary", "abc")
-ACTIVATIONS = ("none", "hardtanh", "relu", "tanh", "rprelu")
-
-
-def base_config() -> ml_collections.ConfigDict:
-    """Keys every model takes (families add their own)."""
-    c = ml_collections.ConfigDict()
-    c.num_classes = 10
-    c.width_multiplier = 1.0
-    # Binarizers by registry name (binax.binarizers.names()) and their keyword arguments
-    # (schedule keywords too: t_min/t_max for ede_sign/libra_pb, nu_0/nu_max for tanh_sign).
-    c.input_quantizer = "ste_sign"
-    c.input_quantizer_kwargs = {}
-    c.kernel_quantizer = "ste_sign"
-    c.kernel_quantizer_kwargs = {}
-    # The first layer sees pixels (never quantized); True also keeps its weights float.
-    c.first_layer_float = True
-    # True: the classifier's input and weights are float.
-    c.last_layer_float = True
-    # 'binary': BinaryConv/BinaryDense; 'abc': ABC-Net layers with abc_m x abc_n bases
-    # (ABC layers ignore input_quantizer/kernel_quantizer).
-    c.layer_type = "binary"
-    c.abc_m = 3
-    c.abc_n = 3
-    # Value binarized convolutions pad with; None: +1 when the input is binarized.
-    c.pad_values = ml_collections.config_dict.placeholder(float)
-    # Latent-weight clip the trainer applies after each update (None: no clipping).
-    c.latent_weight_clip = ml_collections.config_dict.placeholder(float)
-    # Nonlinearity after each batch norm of a binary block ('none' lets the next
-    # layer's input binarizer act directly on the BN output, as BNN does).
-    c.activation = "none"
-    c.bn_momentum = 0.9
-    c.bn_epsilon = 1e-5
-    return c
+LayerType = Literal["binary", "abc"]
+Activation = Literal["none", "hardtanh", "relu", "tanh", "rprelu"]
+ACTIVATIONS = typing.get_args(Activation)
 
 
 def freeze(value: Any) -> Any:
@@ -112,40 +83,14 @@ def check_image_input(x: Array, model: str, min_size: int) -> None:
         )
 
 
-def validate_common(cfg: Mapping[str, Any], model: str) -> None:
-    """Fail at creation (not at first call) on bad names and keyword arguments."""
-    for key in ("input_quantizer", "kernel_quantizer"):
-        binarizers.resolve(cfg[key], **dict(cfg[key + "_kwargs"] or {}))
-    if cfg["layer_type"] not in LAYER_TYPES:
-        raise ConfigError(f"{model}: unknown layer_type {cfg['layer_type']!r}; valid: {', '.join(LAYER_TYPES)}.")
-    for key in ("activation", "stem_activation", "classifier_activation"):
-        if key in cfg:
-            activation_fn(cfg[key])
-    if "replicate" in cfg and not (isinstance(cfg["replicate"], int) and cfg["replicate"] >= 1):
-        raise ConfigError(f"{model}: replicate must be an int >= 1 (copies of each channel); got {cfg['replicate']!r}.")
-    if cfg["width_multiplier"] <= 0:
-        raise ConfigError(f"{model}: width_multiplier must be > 0; got {cfg['width_multiplier']!r}.")
-
-
-@dataclasses.dataclass(frozen=True)
-class LayerSpec:
+class _LayerFactories:
     """A model's quantization settings and the layer factories that apply them.
 
     A plain frozen dataclass (not a Module), so submodules such as residual units can
-    carry it as a field and build their layers in their own scope.
+    carry it as a field and build their layers in their own scope. Its fields are the
+    :data:`SPEC_FIELDS` of :class:`BinaryModel`, with their declarations
+    (:data:`LayerSpec` is made from them).
     """
-
-    input_quantizer: Any = "ste_sign"
-    input_quantizer_kwargs: Mapping[str, Any] = FrozenDict()
-    kernel_quantizer: Any = "ste_sign"
-    kernel_quantizer_kwargs: Mapping[str, Any] = FrozenDict()
-    layer_type: str = "binary"
-    abc_m: int = 3
-    abc_n: int = 3
-    pad_values: float | None = None
-    activation: str = "none"
-    bn_momentum: float = 0.9
-    bn_epsilon: float = 1e-5
 
     def conv(
         self,
@@ -220,9 +165,6 @@ class LayerSpec:
         )
 
 
-_SPEC_FIELDS = tuple(f.name for f in dataclasses.fields(LayerSpec))
-
-
 @dataclasses.dataclass(frozen=True)
 class Step:
     """One step of a sequential model's forward, as :meth:`BinaryModel.chain` lists them.
@@ -278,26 +220,39 @@ class Step:
 class BinaryModel(nn.Module):
     """Base of every binax model: the quantization fields every config has.
 
-    Subclasses add their architecture fields and ``__call__(x, train=False, progress=1.0)``;
-    they build layers through ``layer_spec(self)``.
+    Each dataclass field is a config key, declared once here or in a family's subclass:
+    its default is the key's default and its annotation what is allowed
+    (:mod:`binax.models.fields`). Subclasses add their architecture fields and
+    ``__call__(x, train=False, progress=1.0)``; they build layers through
+    ``layer_spec(self)``.
     """
 
-    num_classes: int = 10
-    width_multiplier: float = 1.0
-    input_quantizer: Any = "ste_sign"
-    input_quantizer_kwargs: Mapping[str, Any] = FrozenDict()
-    kernel_quantizer: Any = "ste_sign"
-    kernel_quantizer_kwargs: Mapping[str, Any] = FrozenDict()
+    num_classes: Count = 10
+    width_multiplier: Positive = 1.0
+    # Binarizers by registry name (binax.binarizers.names()) and their keyword arguments
+    # (schedule keywords too: t_min/t_max for ede_sign/libra_pb, nu_0/nu_max for tanh_sign).
+    input_quantizer: QuantizerSpec = "ste_sign"
+    input_quantizer_kwargs: Keywords = FrozenDict()
+    kernel_quantizer: QuantizerSpec = "ste_sign"
+    kernel_quantizer_kwargs: Keywords = FrozenDict()
+    # The first layer sees pixels (never quantized); True also keeps its weights float.
     first_layer_float: bool = True
+    # True: the classifier's input and weights are float.
     last_layer_float: bool = True
-    layer_type: str = "binary"
-    abc_m: int = 3
-    abc_n: int = 3
-    pad_values: float | None = None
-    latent_weight_clip: float | None = None
-    activation: str = "none"
-    bn_momentum: float = 0.9
-    bn_epsilon: float = 1e-5
+    # 'binary': BinaryConv/BinaryDense; 'abc': ABC-Net layers with abc_m x abc_n bases
+    # (ABC layers ignore input_quantizer/kernel_quantizer).
+    layer_type: LayerType = "binary"
+    abc_m: Count = 3
+    abc_n: Count = 3
+    # Value binarized convolutions pad with; None: +1 when the input is binarized.
+    pad_values: Real | None = None
+    # Latent-weight clip the trainer applies after each update (None: no clipping).
+    latent_weight_clip: Positive | None = None
+    # Nonlinearity after each batch norm of a binary block ('none' lets the next
+    # layer's input binarizer act directly on the BN output, as BNN does).
+    activation: Activation = "none"
+    bn_momentum: Fraction = 0.9
+    bn_epsilon: Positive = 1e-5
 
     def chain(self) -> list[Step] | None:
         """The forward as a sequence of :class:`Step` (layer → [pool] → BN block → ...), or
@@ -305,9 +260,37 @@ class BinaryModel(nn.Module):
         return None
 
 
+#: The fields of :class:`BinaryModel` that the layer factories read.
+SPEC_FIELDS = (
+    "input_quantizer",
+    "input_quantizer_kwargs",
+    "kernel_quantizer",
+    "kernel_quantizer_kwargs",
+    "layer_type",
+    "abc_m",
+    "abc_n",
+    "pad_values",
+    "activation",
+    "bn_momentum",
+    "bn_epsilon",
+)
+
+LayerSpec = dataclasses.make_dataclass(
+    "LayerSpec",
+    [
+        (f.name, f.type, dataclasses.field(default=f.default))
+        for f in dataclasses.fields(BinaryModel)
+        if f.name in SPEC_FIELDS
+    ],
+    bases=(_LayerFactories,),
+    frozen=True,
+)
+LayerSpec.__module__, LayerSpec.__doc__ = __name__, _LayerFactories.__doc__
+
+
 def layer_spec(model: BinaryModel) -> LayerSpec:
     """The LayerSpec of a model's fields."""
-    return LayerSpec(**{f: getattr(model, f) for f in _SPEC_FIELDS})
+    return LayerSpec(**{f: getattr(model, f) for f in SPEC_FIELDS})
 
 
 def classifier(model: BinaryModel, x: Array, progress) -> Array:

@@ -11,32 +11,27 @@ from __future__ import annotations
 
 import flax.linen as nn
 import jax
-import ml_collections
 
 from binax.errors import ConfigError
 from binax.models import common
+from binax.models.fields import Count, Widths
 
 Array = jax.Array
 
 
-def get_config() -> ml_collections.ConfigDict:
-    c = common.base_config()
-    c.widths = (2048, 2048, 2048)
-    c.latent_weight_clip = 1.0
-    # BN -> sign as BinaryBatchNorm threshold layers (inference after folding).
-    c.binary_bn = False
-    # Copies of each output unit of every layer whose BN feeds a binarized layer
-    # (BinaryDuo's decoupled network: 2, weights tied; see common.replicate_units).
-    c.replicate = 1
-    return c
+#: The registered name and how it differs from the fields' defaults (BNN clips latent weights).
+PRESETS = {"bnn_mlp": dict(latent_weight_clip=1.0)}
 
 
 class MLP(common.BinaryModel):
     """Dense -> BN -> sign stack; flattens any (N, ...) input."""
 
-    widths: tuple[int, ...] = (2048, 2048, 2048)
+    widths: Widths = (2048, 2048, 2048)
+    # BN -> sign as BinaryBatchNorm threshold layers (inference after folding).
     binary_bn: bool = False
-    replicate: int = 1
+    # Copies of each output unit of every layer whose BN feeds a binarized layer
+    # (BinaryDuo's decoupled network: 2, weights tied; see common.replicate_units).
+    replicate: Count = 1
 
     @nn.compact
     def __call__(self, x: Array, train: bool = False, progress: float | Array = 1.0) -> Array:

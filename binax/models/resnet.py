@@ -29,76 +29,56 @@ The 1x1 shortcut convolution is float unless ``binary_downsample=True``.
 
 from __future__ import annotations
 
+from typing import Literal
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import ml_collections
 
 from binax import layers as L
 from binax.errors import ConfigError
 from binax.models import common
+from binax.models.fields import Widths
 
 Array = jax.Array
 
-SHORTCUTS = ("A", "B", "avgpool")
-STEMS = ("cifar", "imagenet")
+
+def _irnet(t_min: float) -> dict:
+    """IR-Net 1w1a: Libra-PB weights, EDE sign activations, hardtanh, BN1d head."""
+    ede = {"t_min": t_min, "t_max": 10.0}
+    return dict(
+        input_quantizer="ede_sign",
+        input_quantizer_kwargs=ede,
+        kernel_quantizer="libra_pb",
+        kernel_quantizer_kwargs=ede,
+        activation="hardtanh",
+        stem_activation="hardtanh",
+        head_bn=True,
+    )
 
 
-def _config(stage_sizes, stage_widths, stem, shortcut) -> ml_collections.ConfigDict:
-    c = common.base_config()
-    c.stage_sizes = tuple(stage_sizes)
-    c.stage_widths = tuple(stage_widths)
-    c.stem = stem
-    c.stem_activation = "none"
-    c.shortcut = shortcut
-    c.binary_downsample = False
-    # ReActNet's RSign: a learned per-channel shift before every binary conv.
-    c.learnable_shift = False
-    # Batch norm on the pooled features before the classifier (IR-Net's BN1d).
-    c.head_bn = False
-    return c
+def _bireal(stage_sizes) -> dict:
+    """Bi-Real Net's ImageNet ResNet: approx_sign activations, XNOR-style weights."""
+    return dict(
+        stage_sizes=stage_sizes,
+        stage_widths=(64, 128, 256, 512),
+        stem="imagenet",
+        shortcut="avgpool",
+        num_classes=1000,
+        input_quantizer="approx_sign",
+        kernel_quantizer="xnor_weight",
+    )
 
 
-def _irnet(c: ml_collections.ConfigDict, t_min: float) -> ml_collections.ConfigDict:
-    c.input_quantizer = "ede_sign"
-    c.input_quantizer_kwargs = {"t_min": t_min, "t_max": 10.0}
-    c.kernel_quantizer = "libra_pb"
-    c.kernel_quantizer_kwargs = {"t_min": t_min, "t_max": 10.0}
-    c.activation = "hardtanh"
-    c.stem_activation = "hardtanh"
-    c.head_bn = True
-    return c
-
-
-def resnet20_config() -> ml_collections.ConfigDict:
-    return _irnet(_config((3, 3, 3), (16, 32, 64), "cifar", "A"), t_min=1e-3)
-
-
-def resnet18_cifar_config() -> ml_collections.ConfigDict:
-    return _irnet(_config((2, 2, 2, 2), (64, 128, 256, 512), "cifar", "B"), t_min=1e-3)
-
-
-def _bireal(stage_sizes) -> ml_collections.ConfigDict:
-    c = _config(stage_sizes, (64, 128, 256, 512), "imagenet", "avgpool")
-    c.num_classes = 1000
-    c.input_quantizer = "approx_sign"
-    c.kernel_quantizer = "xnor_weight"
-    return c
-
-
-def resnet18_config() -> ml_collections.ConfigDict:
-    return _bireal((2, 2, 2, 2))
-
-
-def resnet34_config() -> ml_collections.ConfigDict:
-    return _bireal((3, 4, 6, 3))
-
-
-def reactnet18_config() -> ml_collections.ConfigDict:
-    c = _bireal((2, 2, 2, 2))
-    c.learnable_shift = True
-    c.activation = "rprelu"
-    return c
+#: The registered names and how each differs from the fields' defaults.
+PRESETS = {
+    "resnet20": _irnet(t_min=1e-3),
+    "resnet18_cifar": dict(stage_sizes=(2, 2, 2, 2), stage_widths=(64, 128, 256, 512), shortcut="B")
+    | _irnet(t_min=1e-3),
+    "resnet18": _bireal((2, 2, 2, 2)),
+    "resnet34": _bireal((3, 4, 6, 3)),
+    "reactnet18": _bireal((2, 2, 2, 2)) | dict(learnable_shift=True, activation="rprelu"),
+}
 
 
 def _pad_channels(x: Array, features: int) -> Array:
@@ -149,13 +129,16 @@ class ResidualUnit(nn.Module):
 
 
 class ResNet(common.BinaryModel):
-    stage_sizes: tuple[int, ...] = (3, 3, 3)
-    stage_widths: tuple[int, ...] = (16, 32, 64)
-    stem: str = "cifar"
-    stem_activation: str = "none"
-    shortcut: str = "A"
+    stage_sizes: Widths = (3, 3, 3)
+    stage_widths: Widths = (16, 32, 64)
+    stem: Literal["cifar", "imagenet"] = "cifar"
+    stem_activation: common.Activation = "none"
+    shortcut: Literal["A", "B", "avgpool"] = "A"
+    # The 1x1 shortcut convolution binarized (float by default).
     binary_downsample: bool = False
+    # ReActNet's RSign: a learned per-channel shift before every binary conv.
     learnable_shift: bool = False
+    # Batch norm on the pooled features before the classifier (IR-Net's BN1d).
     head_bn: bool = False
 
     @property
@@ -164,10 +147,6 @@ class ResNet(common.BinaryModel):
 
     @staticmethod
     def validate_config(cfg) -> None:
-        if cfg["shortcut"] not in SHORTCUTS:
-            raise ConfigError(f"Unknown shortcut {cfg['shortcut']!r}; valid: {', '.join(SHORTCUTS)}.")
-        if cfg["stem"] not in STEMS:
-            raise ConfigError(f"Unknown stem {cfg['stem']!r}; valid: {', '.join(STEMS)}.")
         if len(cfg["stage_sizes"]) != len(cfg["stage_widths"]):
             raise ConfigError(
                 f"stage_sizes {cfg['stage_sizes']} and stage_widths {cfg['stage_widths']} must have the same length."

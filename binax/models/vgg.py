@@ -20,63 +20,51 @@ from __future__ import annotations
 
 import flax.linen as nn
 import jax
-import ml_collections
 
 from binax import ops
 from binax.errors import ConfigError
 from binax.models import common
+from binax.models.fields import Count, Widths
 
 Array = jax.Array
 
 
-def _config(widths, pool_after, hidden_dense=(), classifier_activation="none") -> ml_collections.ConfigDict:
-    c = common.base_config()
-    c.widths = tuple(widths)
-    c.pool_after = tuple(pool_after)
-    c.hidden_dense = tuple(hidden_dense)
-    c.kernel_size = 3
-    c.classifier_activation = classifier_activation
-    c.binary_bn = False
-    # Copies of each output channel of every layer whose BN feeds a binarized layer
-    # (BinaryDuo's decoupled network: 2, weights tied; see common.replicate_units).
-    c.replicate = 1
-    return c
-
-
-def cnn_small_config() -> ml_collections.ConfigDict:
-    """BNN-style (ste_sign on weights and activations, latent clip 1) 4-conv CNN."""
-    c = _config((32, 32, 64, 64), (2, 4))
-    c.latent_weight_clip = 1.0
-    return c
-
-
-def vgg_small_config() -> ml_collections.ConfigDict:
-    """IR-Net VGG-small 1w1a: Libra-PB weights, EDE sign activations, hardtanh."""
-    c = _config((128, 128, 256, 256, 512, 512), (2, 4, 6))
-    c.input_quantizer = "ede_sign"
-    c.input_quantizer_kwargs = {"t_min": 0.1, "t_max": 10.0}
-    c.kernel_quantizer = "libra_pb"
-    c.kernel_quantizer_kwargs = {"t_min": 0.1, "t_max": 10.0}
-    c.activation = "hardtanh"
-    return c
-
-
-def vgg7_tiny_config() -> ml_collections.ConfigDict:
-    """BinaryDuo tiny VGG-7 with the coupled ternary activation (duo_ternary) and duo_weight."""
-    c = _config((45, 45, 90, 90), (2, 3, 4), hidden_dense=(336, 512), classifier_activation="relu")
-    c.input_quantizer = "duo_ternary"
-    c.kernel_quantizer = "duo_weight"
-    return c
+#: The registered names and how each differs from the fields' defaults.
+PRESETS = {
+    # BNN-style (ste_sign on weights and activations, latent clip 1) 4-conv CNN.
+    "cnn_small": dict(widths=(32, 32, 64, 64), pool_after=(2, 4), latent_weight_clip=1.0),
+    # IR-Net VGG-small 1w1a: Libra-PB weights, EDE sign activations, hardtanh.
+    "vgg_small": dict(
+        input_quantizer="ede_sign",
+        input_quantizer_kwargs={"t_min": 0.1, "t_max": 10.0},
+        kernel_quantizer="libra_pb",
+        kernel_quantizer_kwargs={"t_min": 0.1, "t_max": 10.0},
+        activation="hardtanh",
+    ),
+    # BinaryDuo tiny VGG-7 with the coupled ternary activation (duo_ternary) and duo_weight.
+    "vgg7_tiny": dict(
+        widths=(45, 45, 90, 90),
+        pool_after=(2, 3, 4),
+        hidden_dense=(336, 512),
+        classifier_activation="relu",
+        input_quantizer="duo_ternary",
+        kernel_quantizer="duo_weight",
+    ),
+}
 
 
 class VGG(common.BinaryModel):
-    widths: tuple[int, ...] = (128, 128, 256, 256, 512, 512)
-    pool_after: tuple[int, ...] = (2, 4, 6)
-    hidden_dense: tuple[int, ...] = ()
-    kernel_size: int = 3
-    classifier_activation: str = "none"
+    widths: Widths = (128, 128, 256, 256, 512, 512)
+    # 1-based convolutions followed by a 2x2 max-pool.
+    pool_after: Widths = (2, 4, 6)
+    hidden_dense: Widths = ()
+    kernel_size: Count = 3
+    classifier_activation: common.Activation = "none"
+    # BN -> sign as BinaryBatchNorm threshold layers (inference after folding).
     binary_bn: bool = False
-    replicate: int = 1
+    # Copies of each output channel of every layer whose BN feeds a binarized layer
+    # (BinaryDuo's decoupled network: 2, weights tied; see common.replicate_units).
+    replicate: Count = 1
 
     @property
     def min_input_size(self) -> int:

@@ -3,8 +3,8 @@ checkpoints and metrics.
 
 ``train_and_evaluate(config, workdir)`` is the entry point (``experiments/run.py`` calls
 it) and ``restore_variables(workdir)`` reads a trained run back; the pieces are public for
-notebooks and tests: ``train_step``/``eval_step`` are pure
-functions of explicit state, ``create_optimizer`` builds optax transformations from a
+notebooks and tests: ``train_step`` is a pure function of explicit state
+(``eval_logits`` the eval forward), ``create_optimizer`` builds optax transformations from a
 config, ``bop`` is Larq's Bop as an optax ``GradientTransformation``; ``evaluate`` is the
 one evaluation (eval-mode loss, accuracy, logits) every part of binax uses.
 """
@@ -28,9 +28,6 @@ from binax.train.steps import (
     TrainState,
     create_train_state,
     eval_logits,
-    eval_step,
-    flip_ratio,
-    latent_kernel_signs,
     progress_at,
     train_step,
     update_flip_ratios,
@@ -55,9 +52,6 @@ __all__ = [
     "create_optimizer",
     "create_train_state",
     "eval_logits",
-    "eval_step",
-    "flip_ratio",
-    "latent_kernel_signs",
     "make_mesh",
     "make_schedule",
     "maybe_initialize_distributed",

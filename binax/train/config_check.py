@@ -3,8 +3,10 @@
 :func:`validate` looks at every key ``train_and_evaluate`` reads and raises one
 :class:`~binax.errors.ConfigError` whose one line names each bad key, its value and what
 is allowed. It runs before the workdir is created or locked, so a rejected config leaves
-nothing behind. It checks values, not the data: the dataset's name and files, and the
-model's class count against them, are checked when the data is loaded.
+nothing behind. The model block is checked against its model's fields
+(:func:`binax.models.problems`: each field's declaration says what it allows). It checks
+values, not the data: the dataset's name and files, and the model's class count against
+them, are checked when the data is loaded.
 """
 
 from __future__ import annotations
@@ -15,13 +17,13 @@ from typing import Any, Callable, Iterator
 
 import ml_collections
 
+import binax.models
 from binax.errors import ConfigError
 from binax.train import optimizers, steps
 
 __all__ = ["validate", "problems"]
 
 PROGRESS_UNITS = ("epoch", "step")
-QUANTIZER_KEYS = ("input_quantizer", "kernel_quantizer")
 
 
 def _is_int(v) -> bool:
@@ -135,51 +137,12 @@ def _optimizer_problems(prefix: str, spec, *, required: bool) -> Iterator[str]:
 
 
 def _model_problems(model) -> Iterator[str]:
-    import binax.models
-    from binax import quantizer
-
-    name = model.get("name")
+    values = model.to_dict() if isinstance(model, ml_collections.ConfigDict) else dict(model)
+    name = values.pop("name", None)
     try:
-        defaults = binax.models.get_config(name).to_dict()
+        yield from binax.models.problems(name, values, prefix="model.")
     except ConfigError as e:  # the registry's message lists the valid names
         yield f"model.name: {str(e).rstrip('.')}"
-        return
-    for key, default in defaults.items():
-        if key not in model:
-            continue
-        value = model[key]
-        where = f"model.{key}={value!r}"
-        if isinstance(default, bool):
-            if not isinstance(value, bool):
-                yield f"{where} must be True or False"
-        elif isinstance(default, (tuple, list)):
-            if not isinstance(value, (tuple, list)):
-                yield f"{where} must be a sequence such as (512, 512), not a single value"
-            elif all(_is_int(d) for d in default) and not all(_is_int(v) and v >= 1 for v in value):
-                yield f"{where} must hold integers >= 1"
-        elif _is_int(default) or key == "num_classes":
-            if not (_is_int(value) and value >= 1):
-                yield f"{where} must be an integer >= 1"
-        elif key == "width_multiplier" or key == "bn_epsilon":
-            if not (_is_real(value) and value > 0):
-                yield f"{where} must be a finite number > 0"
-        elif key == "bn_momentum":
-            if not (_is_real(value) and 0 <= value <= 1):
-                yield f"{where} must be a finite number in [0, 1]"
-        elif key == "latent_weight_clip":
-            if value is not None and not (_is_real(value) and value > 0):
-                yield f"{where} must be None or a finite number > 0"
-    for key in QUANTIZER_KEYS:
-        if key not in model:
-            continue
-        spec = model[key]
-        kwargs = model.get(key + "_kwargs") or {}
-        kwargs = kwargs.to_dict() if isinstance(kwargs, ml_collections.ConfigDict) else dict(kwargs)
-        try:
-            quantizer.resolve(spec if spec != "" else None, **kwargs)
-        except (ValueError, TypeError, ImportError, AttributeError) as e:
-            # The registry's message first: it names the value and lists what is allowed.
-            yield f"{str(e).rstrip('.')} (model.{key}={spec!r}, model.{key}_kwargs={kwargs!r})"
 
 
 def problems(config: ml_collections.ConfigDict, num_devices: int = 1) -> list[str]:

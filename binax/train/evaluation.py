@@ -6,7 +6,7 @@ BinaryBN, BinaryDuo decoupling), the gradient-mismatch experiment's accuracies a
 export command's check all call it. Each batch goes through one jitted function, compiled
 once per model, input shape and dtype (the model is a static argument: Flax modules hash
 by their fields), built from :func:`binax.train.steps.eval_logits` and
-:func:`~binax.train.steps.eval_sums`, which ``steps.eval_step`` uses too.
+:func:`~binax.train.steps.eval_sums`.
 """
 
 from __future__ import annotations
@@ -102,7 +102,7 @@ def evaluate(
     if isinstance(compute_dtype, str):
         compute_dtype = steps.COMPUTE_DTYPES[compute_dtype]
     progress = jnp.float32(progress)
-    totals = None  # float32 sums on the device, added up as steps.eval_step does
+    totals = None  # float32 sums on the device
     logits, labels = [], []
     for batch in batches:
         batch = dict(batch)

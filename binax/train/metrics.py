@@ -21,6 +21,7 @@ from typing import Any, Mapping
 
 import numpy as np
 from absl import logging
+from flax import traverse_util
 
 from binax import files
 
@@ -233,15 +234,10 @@ def _abandon_tensorboard(tb) -> None:
         event_writer._closed = True
 
 
-def flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
-    """``{'optimizer.learning_rate': 0.1, ...}``: a nested mapping's leaves under dotted names."""
-    out = {}
-    for key, value in tree.items():
-        if isinstance(value, Mapping):
-            out.update(flatten(value, f"{prefix}{key}."))
-        else:
-            out[f"{prefix}{key}"] = value
-    return out
+def flatten(tree: Mapping[str, Any]) -> dict[str, Any]:
+    """``{'optimizer.learning_rate': 0.1, ...}``: a nested dict's leaves under dotted names
+    (an empty dict has none)."""
+    return traverse_util.flatten_dict(dict(tree), sep=".")
 
 
 def _hparam_value(value):

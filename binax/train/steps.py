@@ -1,4 +1,4 @@
-"""The training state and the pure train/eval steps.
+"""The training state, the pure train step and the eval forward.
 
 ``train_step(state, batch, progress, rng, ...)`` is a pure function: it returns a new
 state and a dict of scalar metrics and touches nothing else, so one ``jax.jit`` of it
@@ -26,10 +26,7 @@ __all__ = [
     "train_step",
     "eval_logits",
     "eval_sums",
-    "eval_step",
     "progress_at",
-    "latent_kernel_signs",
-    "flip_ratio",
     "update_flip_ratios",
     "COMPUTE_DTYPES",
 ]
@@ -99,23 +96,6 @@ def progress_at(step, *, steps_per_epoch: int, num_epochs: int, unit: str = "epo
         raise ValueError(f"progress_unit={unit!r} is not one of ('epoch', 'step')")
     p = xp.clip(p, 0.0, 1.0)
     return float(p) if xp is np else p
-
-
-def latent_kernel_signs(params) -> dict[str, np.ndarray]:
-    """``{path: latent_kernel >= 0}`` on the host for every latent binary kernel (sign(0) = +1).
-
-    Host numpy on purpose: the loop compares signs once per record, and a device function
-    would cost a compilation for a few comparisons.
-    """
-    leaves = jax.tree_util.tree_leaves_with_path(params)
-    return {jax.tree_util.keystr(p): np.asarray(w) >= 0 for p, w in leaves if layers.is_latent_kernel_path(p)}
-
-
-def flip_ratio(old_signs: dict[str, np.ndarray], new_signs: dict[str, np.ndarray]) -> float:
-    """Share of binary weights whose sign differs between two ``latent_kernel_signs``."""
-    flips = sum(int(np.count_nonzero(old_signs[k] != new_signs[k])) for k in new_signs)
-    total = sum(v.size for v in new_signs.values())
-    return flips / max(total, 1)
 
 
 def update_flip_ratios(old_params, new_params) -> dict[str, jax.Array]:
@@ -200,29 +180,6 @@ def train_step(
     return new_state, metrics
 
 
-def eval_step(
-    state: TrainState,
-    batch: dict[str, jax.Array],
-    progress: jax.Array,
-    totals: dict[str, jax.Array] | None = None,
-    *,
-    model,
-    compute_dtype=jnp.float32,
-) -> dict[str, jax.Array]:
-    """Masked sums over one eval batch, added to ``totals``: ``loss_sum``, ``correct``, ``count``.
-
-    ``batch['mask']`` (1 for real examples, 0 for the padding of the last batch) keeps
-    padded rows out of every sum; batch norm uses its running statistics. Accumulating
-    inside the step keeps the whole evaluation to one compiled function.
-    """
-    variables = {"params": state.params, "batch_stats": state.batch_stats}
-    logits = eval_logits(model, variables, batch["image"], progress, compute_dtype)
-    sums = eval_sums(logits, batch["label"], batch["mask"])
-    if totals is None:
-        return sums
-    return {k: totals.get(k, 0.0) + v for k, v in sums.items()}
-
-
 def eval_logits(model, variables, images: jax.Array, progress, compute_dtype=jnp.float32) -> jax.Array:
     """The model's eval-mode logits (batch norm on running statistics), as float32.
 
@@ -257,9 +214,3 @@ def eval_sums(logits: jax.Array, labels: jax.Array | None, mask: jax.Array) -> d
         in_top = jnp.sum(logits > label_logit, -1) < TOP_K
         sums["correct_top5"] = jnp.sum(in_top * mask)
     return sums
-
-
-def zero_eval_totals(num_classes: int = 0) -> dict[str, np.ndarray]:
-    """The ``totals`` an evaluation of a ``num_classes``-way model starts from."""
-    keys = ("loss_sum", "correct", "count") + (("correct_top5",) if num_classes > TOP_K else ())
-    return {k: np.zeros([], np.float32) for k in keys}

@@ -22,9 +22,9 @@ from __future__ import annotations
 import datetime
 import json
 import os
-from typing import Any
 
 import ml_collections
+from flax import traverse_util
 
 from binax import files
 from binax.errors import ConfigError, WorkdirError
@@ -61,14 +61,6 @@ NEUTRAL_KEYS = (
 )
 
 _SHOWN = 8  # differences listed in the error before "... and N more"
-
-
-def _unflatten_into(tree: dict, dotted: str, value: Any) -> None:
-    *parents, leaf = dotted.split(".")
-    node = tree
-    for part in parents:
-        node = node.setdefault(part, {})
-    node[leaf] = value
 
 
 def _neutral(key: str) -> bool:
@@ -110,8 +102,10 @@ def current_config(workdir: str) -> dict | None:
                 raise WorkdirError(
                     f"{history} line {number} is damaged; it records a config change of this workdir's run"
                 ) from None
-            for key, (_, new) in changes.items():
-                _unflatten_into(config, key, new)
+            # Empty dicts (a binarizer's kwargs {}) stay in the tree; a change fills them.
+            flat = traverse_util.flatten_dict(config, keep_empty_nodes=True, sep=".")
+            flat.update({key: new for key, (_, new) in changes.items()})
+            config = traverse_util.unflatten_dict(flat, sep=".")
     return config
 
 
