@@ -374,13 +374,13 @@ def test_ctrl_c_saves_a_checkpoint_and_a_rerun_resumes_there(tmp_path):
     if threading.current_thread() is not threading.main_thread():
         pytest.skip("signals reach only the main thread")
 
-    def interrupt(step):
+    def interrupt(step, state, metrics):
         if step == 3:
             signal.raise_signal(signal.SIGINT)
 
     config = small_config(**{"checkpoint.async_save": False})
     with pytest.raises(KeyboardInterrupt):
-        train.train_and_evaluate(config, str(tmp_path), on_step=interrupt)
+        train.train_and_evaluate(config, str(tmp_path), hooks=[interrupt])
     # The loop stops after the update in progress when the signal came, and saves it.
     ckpts = train.Checkpoints(str(tmp_path / "checkpoints"))
     assert ckpts.all_steps() == [3]
