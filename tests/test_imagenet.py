@@ -218,7 +218,7 @@ arg, overrides, workdir, stop_at = sys.argv[1], json.loads(sys.argv[2]), sys.arg
 config = recipe.get_config(arg)
 config.update_from_flattened_dict(overrides)
 def stop(step, state, metrics):
-    if step == stop_at:
+    if metrics is not None and step == stop_at:  # None: the start, before any update
         os.kill(os.getpid(), signal.SIGKILL)
 train.train_and_evaluate(config, workdir, hooks=[stop])
 """

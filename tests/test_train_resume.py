@@ -27,7 +27,7 @@ config = digits_mlp.get_config()
 for key, value in overrides.items():
     config.update_from_flattened_dict({key: tuple(value) if isinstance(value, list) else value})
 def stop(step, state, metrics):
-    if step == stop_at:
+    if metrics is not None and step == stop_at:  # None: the start, before any update
         os.kill(os.getpid(), signum)
 try:
     train.train_and_evaluate(config, workdir, hooks=[stop])

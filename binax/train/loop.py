@@ -21,13 +21,15 @@ The functions share one frozen :class:`Run` (the parts, built once) and thread t
 state through their arguments and results; the one mutable thing a failure must see is
 :class:`_Status` (the step reached, whether ``final.json`` was written).
 
-A hook is ``hook(step, state, metrics)``, called on every process after every update
-(after any record or checkpoint of that step but at an epoch end, whose record and
-checkpoint follow): ``state`` is the :class:`~binax.train.TrainState` after update
-``step - 1`` and ``metrics`` its per-update metrics (``loss``, ``grad_norm``, ... as
-device scalars: reading one waits for the update). The state is donated to the next
-update, so a hook keeps copies (``jax.tree.map(np.array, state.params)``), not the arrays.
-A hook may raise to stop the run (a test's ``KeyboardInterrupt``).
+A hook is ``hook(step, state, metrics)``, called on every process once before the first
+update with the state training starts from (``step`` 0, or the step resumed from) and
+``metrics=None``, then after every update (after any record or checkpoint of that step
+but at an epoch end, whose record and checkpoint follow) with the
+:class:`~binax.train.TrainState` after update ``step - 1`` and that update's metrics
+(``loss``, ``grad_norm``, ... as device scalars: reading one waits for the update). The
+state is donated to the next update, so a hook keeps copies
+(``jax.tree.map(np.array, state.params)``), not the arrays. A hook may raise to stop the
+run (a test's ``KeyboardInterrupt``).
 
 Resuming is exact. The state (step, params, batch statistics, optimizer state, base key)
 is checkpointed whole with the per-update metrics since the last record; update ``s``
@@ -260,6 +262,8 @@ def _train(run: Run, state, window, stop: _StopRequest):
     config = run.config
     clock = (run.status.step, time.monotonic())
     last_eval, train_seconds = None, 0.0
+    for hook in run.hooks:
+        hook(run.status.step, state, None)
     for epoch in range(run.status.step // run.trainer.steps_per_epoch, config.num_epochs):
         t0 = time.monotonic()
         state, clock = _train_epoch(run, state, window, epoch, stop, clock)
@@ -323,9 +327,10 @@ def train_and_evaluate(
     """Trains ``config`` in ``workdir`` (resuming what is there) and evaluates it.
 
     Writes ``workdir/{checkpoints/, metrics.jsonl, tb/, config.json, final.json}``.
-    ``hooks``: each called as ``hook(step, state, metrics)`` on the host after every
-    update (see the module docstring: the state is donated to the next update, copy what
-    you keep), e.g. to snapshot weights, record every loss or stop a run from a test.
+    ``hooks``: each called as ``hook(step, state, metrics)`` on the host before the first
+    update (``metrics=None``) and after every update (see the module docstring: the state
+    is donated to the next update, copy what you keep), e.g. to snapshot weights, record
+    every loss, measure a probe or stop a run from a test.
     ``init_variables`` ({params, batch_stats}) starts a fresh run from given weights
     instead of the model's initializers (fine-tuning, e.g. BinaryDuo's decoupled network);
     a run resumed from its own checkpoint ignores it. Returns the final summary (what

@@ -26,8 +26,9 @@ from binax.train.trainer import Trainer, build_trainer, make_mesh, start_from
 
 __all__ = ["Hook", "Compiled", "Outputs", "Status", "Run", "open_run", "close"]
 
-#: ``hook(step, state, metrics)``: called after every update (see :mod:`binax.train.loop`).
-Hook = Callable[[int, steps.TrainState, Mapping[str, jax.Array]], None]
+#: ``hook(step, state, metrics)``: called before the first update (``metrics=None``) and
+#: after every update (see :mod:`binax.train.loop`).
+Hook = Callable[[int, steps.TrainState, "Mapping[str, jax.Array] | None"], None]
 
 
 @dataclasses.dataclass(frozen=True)
