@@ -1,12 +1,13 @@
 """Training: optimizers (optax, Bop), the pure train/eval steps, the sharded loop,
 checkpoints and metrics.
 
-``train_and_evaluate(config, workdir, hooks=...)`` is the entry point (``experiments/run.py``
-calls it; a hook ``hook(step, state, metrics)`` sees every update) and ``restore_variables(workdir)`` reads a trained run back; the pieces are public for
-notebooks and tests: ``train_step``/``eval_step`` are pure
-functions of explicit state, ``create_optimizer`` builds optax transformations from a
-config, ``bop`` is Larq's Bop as an optax ``GradientTransformation``; ``evaluate`` is the
-one evaluation (eval-mode loss, accuracy, logits) every part of binax uses.
+``train_and_evaluate(config, workdir, hooks=...)`` is the entry point
+(``experiments/run.py`` calls it; a hook ``hook(step, state, metrics)`` sees the state
+before the first update and after every one) and ``restore_variables(workdir)`` reads a
+trained run back; the pieces are public for notebooks and tests: ``train_step``/``eval_step``
+are pure functions of explicit state, ``create_optimizer`` builds optax transformations
+from a config, ``bop`` is Larq's Bop as an optax ``GradientTransformation``; ``evaluate``
+is the one evaluation (eval-mode loss, accuracy, logits) every part of binax uses.
 """
 
 from binax.train.checkpoints import Checkpoints, DamagedCheckpoint

@@ -20,7 +20,7 @@ from jax.sharding import PartitionSpec as P
 
 import binax.data
 from binax.train import checkpoints as ckpt_lib
-from binax.train import finish, probes, records, steps, workdir_config
+from binax.train import probes, records, steps, workdir_config
 from binax.train import metrics as metrics_lib
 from binax.train.trainer import Trainer, build_trainer, make_mesh, start_from
 
@@ -137,15 +137,11 @@ def open_run(config, workdir: str, plan, init_variables, hooks: Sequence[Hook]):
         keep=config.checkpoint.keep,
         async_save=config.checkpoint.get("async_save", True),
     )
-    try:
-        state, resume_step, pending = restore_or_init(ckpts, trainer, compiled, init_variables)
-        step = int(state.step)
-        if is_main:
-            record_start(config, workdir, plan, resume_step)
-        writer = metrics_lib.MetricsWriter(workdir, resume_step=resume_step, enabled=is_main)
-    except BaseException:
-        finish.quietly(ckpts.close)
-        raise
+    state, resume_step, pending = restore_or_init(ckpts, trainer, compiled, init_variables)
+    step = int(state.step)
+    if is_main:
+        record_start(config, workdir, plan, resume_step)
+    writer = metrics_lib.MetricsWriter(workdir, resume_step=resume_step, enabled=is_main)
     if resume_step is None:
         writer.write_config(json.loads(config.to_json_best_effort()))
     total_steps = trainer.steps_per_epoch * config.num_epochs
