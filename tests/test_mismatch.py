@@ -283,6 +283,14 @@ def test_experiment_trains_its_networks_with_the_training_loop(tmp_path):
         study.train_config(clipped, widths=(32,), steps=500)
 
 
+def test_each_network_of_the_study_trains_in_a_workdir_of_its_own():
+    from binax import mismatch_study as study
+
+    dirs = [study.network_dir("/w", label) for label in study.networks()]
+    assert len(set(dirs)) == len(dirs) == 5
+    assert study.network_dir("/w", "duo_ternary {0,½,1}") == "/w/duo_ternary_0_1"
+
+
 def test_experiment_tables_and_verdict_read_the_rows():
     from binax import mismatch_study as study
 
