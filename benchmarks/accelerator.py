@@ -2,8 +2,8 @@
 
 Prints JSON lines (one per measurement), under 5 minutes on one GPU::
 
-    python benchmarks/accelerator.py            # batch 256, ImageNet-shaped synthetic data
-    python benchmarks/accelerator.py --quick    # CPU smoke run, under a minute
+    python -m benchmarks.accelerator            # batch 256, ImageNet-shaped synthetic data
+    python -m benchmarks.accelerator --quick    # CPU smoke run, under a minute
 
 Records (``"benchmark"`` key):
 
@@ -33,20 +33,16 @@ import argparse
 import itertools
 import json
 import os
-import sys
 import time
 
-if __package__ in (None, ""):  # run as a script from a checkout without installing binax
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import jax
+import numpy as np
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
-import jax  # noqa: E402
-import numpy as np  # noqa: E402
-from jax.sharding import NamedSharding  # noqa: E402
-from jax.sharding import PartitionSpec as P  # noqa: E402
-
-import binax.data  # noqa: E402
-from binax import train  # noqa: E402
-from configs import recipe  # noqa: E402
+import binax.data
+from binax import train
+from configs import recipe
 
 DTYPES = ("float32", "bfloat16")
 

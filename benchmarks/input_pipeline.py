@@ -2,9 +2,9 @@
 
 Prints one JSON line per measurement::
 
-    python benchmarks/input_pipeline.py                  # fashion_mnist + cifar10, batch 128
-    python benchmarks/input_pipeline.py --datasets digits --max_steps 50
-    taskset -c 0 python benchmarks/input_pipeline.py --imagenet_data_dir DIR   # ImageNet, 1 core
+    python -m benchmarks.input_pipeline                  # fashion_mnist + cifar10, batch 128
+    python -m benchmarks.input_pipeline --datasets digits --max_steps 50
+    taskset -c 0 python -m benchmarks.input_pipeline --imagenet_data_dir DIR   # ImageNet, 1 core
 
 ``cifar10`` is read from tfds's data_dir when it has been built there, otherwise from
 ``tfds.testing.mock_data`` (``"source": "mock"``); the mock's Python generator encodes a
@@ -25,13 +25,9 @@ import argparse
 import contextlib
 import json
 import os
-import sys
 import time
 
-if __package__ in (None, ""):  # run as a script from a checkout without installing binax
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-import binax.data  # noqa: E402
+import binax.data
 
 
 def loader_images_per_second(dataset, batch_size: int = 128, *, epoch: int = 0,

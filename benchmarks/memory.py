@@ -5,8 +5,8 @@ ResNet-18 ImageNet recipe at 224x224 at two batch sizes, reads XLA's buffer assi
 (``compiled.memory_analysis()``: arguments, outputs, temporaries), and fits
 ``bytes = fixed + per_image * batch`` through the two points. Prints JSON lines::
 
-    python benchmarks/memory.py                       # batches 8 and 16, float32 and bfloat16
-    python benchmarks/memory.py --batches 16,32 --impl auto
+    python -m benchmarks.memory                       # batches 8 and 16, float32 and bfloat16
+    python -m benchmarks.memory --batches 16,32 --impl auto
 
 ``--impl xla`` (default) compiles the binary layers in the formulation GPUs and TPUs run
 (``binax.ops`` picks ``"xla"`` there: float activations kept for the backward); ``auto``
@@ -21,20 +21,16 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import sys
 
-if __package__ in (None, ""):  # run as a script from a checkout without installing binax
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import jax  # noqa: E402
-from jax.sharding import NamedSharding  # noqa: E402
-from jax.sharding import PartitionSpec as P  # noqa: E402
+import jax
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
-import binax.data  # noqa: E402
-import binax.ops.binary  # noqa: E402
-from binax import train  # noqa: E402
-from configs import recipe  # noqa: E402
+import binax.data
+import binax.ops.binary
+from binax import train
+from configs import recipe
 
 # (bytes of memory, usable fraction) per chip.
 CHIPS = {

@@ -9,7 +9,7 @@ scaled per image. Reports how many predictions differ from binax's packed runtim
 
 Every line of output is one JSON object.
 
-Usage: ``python benchmarks/numpy_reader.py [--images 10000] [--int32-images 1000] [--reps 3]``.
+Usage: ``python -m benchmarks.numpy_reader [--images 10000] [--int32-images 1000] [--reps 3]``.
 """
 
 from __future__ import annotations
@@ -19,15 +19,12 @@ import json
 import os
 import platform
 import re
-import sys
 import tempfile
 import time
 
 import numpy as np
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if __package__ in (None, ""):  # run as a script from a checkout without installing binax
-    sys.path.insert(0, ROOT)
 
 
 def emit(**record):

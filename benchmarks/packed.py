@@ -38,7 +38,7 @@ ratios of medians; ``cpu_*`` fields use this process's CPU time (all threads), w
 hardly grows when other processes share the cores, and are the steadier figure on a busy
 machine.
 
-Usage: ``python benchmarks/packed.py [--batch 128] [--reps 7] [--quick] [--sweep]
+Usage: ``python -m benchmarks.packed [--batch 128] [--reps 7] [--quick] [--sweep]
 [--model vgg_small | --model ''] [--model-only] [--lce]``.
 """
 
@@ -48,7 +48,6 @@ import argparse
 import json
 import os
 import platform
-import sys
 import time
 
 import jax
@@ -56,10 +55,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-if __package__ in (None, ""):  # run as a script from a checkout without installing binax
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from binax.packed import (  # noqa: E402
+from binax.packed import (
     CPU_COMPILER_OPTIONS,
     METHODS,
     pack_bits,
@@ -68,7 +65,7 @@ from binax.packed import (  # noqa: E402
     packed_size_bytes,
     threshold_to_bits,
 )
-from binax.packed import geometry  # noqa: E402
+from binax.packed import geometry
 
 SWEEP_GROUP_WORDS = (4, 8, 16, 32)
 

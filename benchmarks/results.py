@@ -1,10 +1,10 @@
 """The same-budget results table: every recipe on Fashion-MNIST, same architecture,
 epochs and seeds, written to ``docs/results.md`` with a verdict on each paper claim.
 
-    python benchmarks/results.py                       # MLP 784-512-512-512-10, 5 epochs, 5 seeds
-    python benchmarks/results.py --arch cnn --epochs 2 # the CNN table
-    python benchmarks/results.py --methods irnet,bnn --seeds 1 --quick   # a smoke run
-    python benchmarks/results.py --arch mlp --table-only                 # table from docs/results/mlp.json
+    python -m benchmarks.results                       # MLP 784-512-512-512-10, 5 epochs, 5 seeds
+    python -m benchmarks.results --arch cnn --epochs 2 # the CNN table
+    python -m benchmarks.results --methods irnet,bnn --seeds 1 --quick   # a smoke run
+    python -m benchmarks.results --arch mlp --table-only                 # table from docs/results/mlp.json
 
 Each run is ``configs/recipe.py:method=...,arch=...,seed=...`` in its own workdir under
 ``--root`` (default ``runs/results_holdout``); a finished run (its ``final.json`` or
@@ -28,11 +28,9 @@ import math
 import os
 import platform
 import statistics
-import sys
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
 
 from benchmarks import verdicts  # noqa: E402
 

@@ -4,8 +4,8 @@ the deployed sign + BinaryBN network's accuracy on the validation split (the las
 training images, never trained on). Test accuracy is printed too but chooses nothing.
 
     taskset -c 0 env XLA_FLAGS="--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1" \\
-        python benchmarks/sb_schedule.py --seeds 0,1          # MLP, 5 epochs (~1-2 min a run)
-    python benchmarks/sb_schedule.py --table-only             # the summary from finished runs
+        python -m benchmarks.sb_schedule --seeds 0,1          # MLP, 5 epochs (~1-2 min a run)
+    python -m benchmarks.sb_schedule --table-only             # the summary from finished runs
 
 One JSON line per run, then one per variant (mean validation and test accuracy over the
 seeds) and the chosen variant (highest mean validation accuracy). Runs live in
@@ -18,10 +18,8 @@ import argparse
 import json
 import os
 import statistics
-import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
 
 #: name -> (activation schedule, relative weights): nu_0 -> nu_start over [0, start], then -> nu_max.
 VARIANTS = {

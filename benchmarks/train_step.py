@@ -2,9 +2,9 @@
 
 Prints one JSON line per measurement::
 
-    python benchmarks/train_step.py                                  # configs/default.py
-    python benchmarks/train_step.py --config configs/digits_mlp.py --steps 100
-    python benchmarks/train_step.py --dtypes float32,bfloat16 --with_loader
+    python -m benchmarks.train_step                                  # configs/default.py
+    python -m benchmarks.train_step --config configs/digits_mlp.py --steps 100
+    python -m benchmarks.train_step --dtypes float32,bfloat16 --with_loader
 
 The step is the one ``binax.train.train_and_evaluate`` runs (``build_trainer``), fed one
 fixed batch of the dataset's own images already on the devices, so the figure is compute
@@ -21,19 +21,15 @@ import importlib.util
 import json
 import os
 import platform
-import sys
 import time
 
-if __package__ in (None, ""):  # run as a script from a checkout without installing binax
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import jax
+import numpy as np
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
-import jax  # noqa: E402
-import numpy as np  # noqa: E402
-from jax.sharding import NamedSharding  # noqa: E402
-from jax.sharding import PartitionSpec as P  # noqa: E402
-
-import binax.data  # noqa: E402
-from binax import train  # noqa: E402
+import binax.data
+from binax import train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -82,7 +78,6 @@ def load_config(path: str):
     path, _, arg = path.partition(":")
     spec = importlib.util.spec_from_file_location("_bench_config", path)
     module = importlib.util.module_from_spec(spec)
-    sys.path.insert(0, ROOT)  # config files import configs.common
     spec.loader.exec_module(module)
     return module.get_config(arg or None)
 

@@ -42,7 +42,7 @@ fresh mmaps whose page faults cost more than the arithmetic (see docs/performanc
 Usage::
 
     bash benchmarks/peers/setup.sh            # once: .venv-larq, .venv-torch
-    .venv/bin/python benchmarks/vs_peers.py   # ~10-15 min on 2 cores; --quick for a smoke run
+    .venv/bin/python -m benchmarks.vs_peers   # ~10-15 min on 2 cores; --quick for a smoke run
 
 Output: a Markdown table on stdout, and ``--json PATH`` for the raw records.
 """
@@ -62,7 +62,6 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 PEERS = os.path.join(HERE, "peers")
 
-sys.path.insert(0, ROOT)
 # glibc malloc: one arena, never mmap, never trim, so freed blocks are reused and the
 # same pages serve every step (glibc reads this at process start). The one setting
 # `python -m experiments.run` recommends and `bash dev.sh run` sets.
@@ -130,10 +129,9 @@ def binax_step(name: str, batch: int, variant: str):
 
 
 def run_binax_worker(args) -> None:
-    sys.path.insert(0, PEERS)
     import jax
 
-    from _worker import serve
+    from benchmarks.peers._worker import serve
 
     steps = {m: binax_step(m, args.batch, args.worker) for m in args.models.split(",")}
     serve(steps, {"framework": "binax", "jax": jax.__version__, "backend": jax.default_backend()})
@@ -161,7 +159,7 @@ class Worker:
         ms = ",".join(models)
         batch = model_batch(models[0], args)
         if variant.startswith("binax"):
-            cmd = [py, os.path.abspath(__file__), "--worker", variant, "--models", ms, "--batch", str(batch)]
+            cmd = [py, "-m", "benchmarks.vs_peers", "--worker", variant, "--models", ms, "--batch", str(batch)]
         elif variant.startswith("larq"):
             cmd = [py, os.path.join(PEERS, "larq_worker.py"), "--models", ms, "--batch", str(batch)]
             cmd += ["--xla"] if variant == "larq_xla" else []

@@ -5,7 +5,7 @@ Submodules: ``binarizers`` (forward/backward estimators, registered with their
 ``ops`` (training fast path), ``layers``, ``models`` (registry, layer chains, tracer),
 ``summary`` (bit-aware model summary), ``folding`` (BN -> sign thresholds), ``data``,
 ``train``, ``config`` (the training config's keys and defaults), ``transforms``,
-``mismatch``, ``export`` (bit-packed inference).
+``mismatch`` (with ``smoothing``: the smoothed-loss gradient), ``export`` (bit-packed inference).
 """
 
 import importlib as _importlib
@@ -26,6 +26,7 @@ _LAZY_SUBMODULES = (
     "packed",
     "quantizer",
     "recipes",
+    "smoothing",
     "train",
 )
 

@@ -7,31 +7,37 @@ backward estimator's gradient and the gradient of the smoothed loss, over the
 pre-activations of one layer and over its binary weights
 (``binax.mismatch.compare_estimators``); :func:`report` writes the markdown tables.
 
-The networks are trained by the training system (``binax.train.build_trainer``: the
-config's model, data order, Adam, latent-weight clip and per-step progress; no loop of
-its own beyond feeding batches and keeping snapshots) and evaluated by
-``binax.train.evaluate``. The command is ``python -m experiments.mismatch``; the notebooks
+The networks are trained by the training loop, ``binax.train.train_and_evaluate`` (the
+config's model, data order, Adam, latent-weight clip and per-step progress; sharding,
+finiteness checks, checkpoints, the evaluation on the test set), whose hooks keep the
+snapshots and the losses. The command is ``python -m experiments.mismatch``; the notebooks
 use :func:`run_study`, :func:`train`, :func:`load_fashion_mnist` and :func:`accuracy`.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
-import itertools
 import os
 import platform
+import re
+import tempfile
 import time
 from typing import Any, Sequence
 
+import jax
 import numpy as np
+
+from binax import config as common
+from binax import data, mismatch
+from binax import train as train_lib
+from binax.train import array_batches, evaluate
 
 SIGN_NETWORK = "sign (trained with clipped STE)"
 
 
 def networks() -> dict[str, tuple[dict, dict]]:
     """Network label -> (its training overrides, the estimators measured on it)."""
-    from binax import mismatch
-
     sign_ests = mismatch.sign_estimators()
     out = {SIGN_NETWORK: (sign_ests["clipped STE"], sign_ests)}
     for label, overrides in mismatch.MULTILEVEL_ACTIVATIONS.items():
@@ -45,8 +51,6 @@ def networks() -> dict[str, tuple[dict, dict]]:
 def load_fashion_mnist(split: str, limit: int | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Fashion-MNIST ``(images, labels)`` of ``split``: float32 NHWC, standardized as
     ``binax.data`` does for training (``'mean_std'``)."""
-    from binax import data
-
     images, labels = data.load_arrays("fashion_mnist", split)
     if limit is not None:
         images, labels = images[:limit], labels[:limit]
@@ -59,9 +63,6 @@ def train_config(overrides: dict, *, widths: Sequence[int], steps: int, batch_si
     """The training config of one network: ``bnn_mlp`` with ``widths`` and ``overrides``,
     Fashion-MNIST without augmentation, Adam at a constant ``learning_rate``, ``steps``
     updates with progress ``step / steps`` (a run longer than one epoch is whole epochs)."""
-    from binax import config as common
-    from binax import data
-
     per_epoch = data.create({"name": "fashion_mnist"}, seed=seed).steps_per_epoch(batch_size)
     if steps > per_epoch and steps % per_epoch:
         raise ValueError(f"steps={steps}: more than one epoch ({per_epoch} steps) must be whole epochs.")
@@ -82,57 +83,61 @@ def train_config(overrides: dict, *, widths: Sequence[int], steps: int, batch_si
 
 @dataclasses.dataclass
 class TrainResult:
-    """``variables`` after training; ``snapshots[step]`` the variables after ``step``
-    updates (progress ``step / steps``); ``losses`` the training loss of every step."""
+    """``variables`` after training (read back from the final checkpoint); ``snapshots[step]``
+    the variables after ``step`` updates (progress ``step / steps``); ``losses`` the
+    training loss of every update this call ran (all of them, unless it resumed a run in
+    ``workdir``); ``final`` what the run's ``final.json`` holds (``test_accuracy`` on the
+    whole test set, ``resumed_from_step``...)."""
 
     model: Any
     variables: Any
     snapshots: dict
     losses: np.ndarray
+    final: dict
+
+
+def _host_variables(state) -> dict:
+    # Copies: the loop donates the state's arrays to the next update.
+    return jax.tree.map(np.array, jax.device_get({"params": state.params, "batch_stats": state.batch_stats}))
 
 
 def train(overrides: dict, *, widths: Sequence[int] = (256, 256, 256), steps: int = 400, batch_size: int = 128,
-          learning_rate: float = 1e-3, seed: int = 0, snapshot_steps: Sequence[int] = ()) -> TrainResult:
-    """Trains one network of the study with ``binax.train`` (see :func:`train_config`)."""
-    import jax
+          learning_rate: float = 1e-3, seed: int = 0, snapshot_steps: Sequence[int] = (),
+          workdir: str | None = None, hooks: Sequence[train_lib.Hook] = ()) -> TrainResult:
+    """Trains one network of the study (see :func:`train_config`) with the training loop,
+    ``binax.train.train_and_evaluate``: its sharding, finiteness checks, checkpoints and
+    evaluation, with hooks that keep the snapshots and losses (and the caller's ``hooks``).
 
-    import binax.data
-    from binax import train as train_lib
-
+    ``workdir``: where the run's checkpoints and records go, so that a stopped run resumes
+    there (default: a temporary directory, removed afterwards).
+    """
     if steps < 1 or batch_size < 1:
         raise ValueError(f"steps and batch_size must be >= 1; got steps={steps}, batch_size={batch_size}.")
     config = train_config(overrides, widths=widths, steps=steps, batch_size=batch_size,
                           learning_rate=learning_rate, seed=seed)
-    ds = binax.data.create(config.data, seed=seed)
-    trainer = train_lib.build_trainer(config, ds)
-    state = jax.jit(trainer.init)()
-    step_fn = jax.jit(trainer.train_fn)
+    snapshots, losses = {}, []
 
-    def variables(state):
-        return {"params": state.params, "batch_stats": state.batch_stats}
-
-    snapshots = {0: variables(state)} if 0 in snapshot_steps else {}
-    losses = []
-    for epoch in range(config.num_epochs):
-        for batch in itertools.islice(ds.train_batches(epoch, batch_size), trainer.steps_per_epoch):
-            state, metrics = step_fn(state, batch)
+    def keep(step, state, metrics):
+        if metrics is not None:  # None: the state before the first update
             losses.append(metrics["loss"])
-            if len(losses) in snapshot_steps:
-                snapshots[len(losses)] = variables(state)
-    return TrainResult(trainer.model, variables(state), snapshots, np.asarray(jax.device_get(losses)))
+        if step in snapshot_steps:
+            snapshots[step] = _host_variables(state)
+
+    with contextlib.ExitStack() as stack:
+        if workdir is None:
+            workdir = stack.enter_context(tempfile.TemporaryDirectory(prefix="binax-mismatch-"))
+        final = train_lib.train_and_evaluate(config, workdir, hooks=(keep, *hooks))
+        model, variables, _, _ = train_lib.restore_variables(workdir, step="latest")
+    return TrainResult(model, variables, snapshots, np.asarray(jax.device_get(losses), np.float32), final)
 
 
 def accuracy(model, variables, images, labels, progress: float = 1.0) -> float:
     """Top-1 test accuracy in eval mode (``binax.train.evaluate``)."""
-    from binax.train import array_batches, evaluate
-
     return evaluate(model, variables, array_batches(images, labels), progress=progress).accuracy
 
 
 def machine() -> dict:
     """What the numbers were measured on."""
-    import jax
-
     model = platform.processor()
     try:
         with open("/proc/cpuinfo") as f:
@@ -164,17 +169,16 @@ def run_study(
     chunk_size=32,
     num_groups=16,
     log=print,
+    workdir=None,
 ) -> dict:
     """Train every network of ``nets`` (default ``networks()``) and measure its estimators.
 
     Returns ``{'settings', 'networks': {label: {'overrides', 'test_accuracy',
     'train_seconds'}}, 'rows', 'wall_seconds', 'machine'}``; each row is a
-    ``compare_estimators`` row with the ``network`` label added.
+    ``compare_estimators`` row with the ``network`` label added. ``workdir``: each
+    network trains in a directory of its own under it (:func:`network_dir`), so a rerun
+    resumes or reuses its training (default: temporary directories).
     """
-    import jax
-
-    from binax import mismatch
-
     start = time.time()
     info = machine()
     settings = dict(widths=list(widths), train_steps=train_steps, batch_size=batch_size,
@@ -188,8 +192,9 @@ def run_study(
     rows, net_info = [], {}
     for label, (overrides, estimators) in nets.items():
         t0 = time.time()
-        trained = train(overrides, widths=widths, steps=train_steps, seed=seed)
-        acc = accuracy(trained.model, trained.variables, x_test, y_test)
+        trained = train(overrides, widths=widths, steps=train_steps, seed=seed,
+                        workdir=None if workdir is None else network_dir(workdir, label))
+        acc = trained.final["test_accuracy"]  # the loop's evaluation, on the whole test set
         net_info[label] = {"overrides": _jsonable(overrides), "test_accuracy": acc,
                            "train_seconds": round(time.time() - t0, 1)}
         log(f"{label}: trained {train_steps} steps in {time.time() - t0:.1f}s, test accuracy {acc:.4f}")
@@ -207,6 +212,11 @@ def run_study(
     info["load_average_at_end"] = os.getloadavg()
     return {"settings": settings, "networks": net_info, "rows": rows,
             "wall_seconds": round(time.time() - start, 1), "machine": info}
+
+
+def network_dir(workdir: str, label: str) -> str:
+    """``workdir/<label as a file name>``, e.g. ``duo_ternary_0_1`` for ``duo_ternary {0,½,1}``."""
+    return os.path.join(workdir, re.sub(r"[^A-Za-z0-9]+", "_", label).strip("_"))
 
 
 def _jsonable(value):

@@ -29,8 +29,11 @@ import jax
 import ml_collections
 import numpy as np
 
-from binax import transforms
+import binax.data
+from binax import files, models, train, transforms
 from binax.errors import ConfigError
+from binax.train import config_check, evaluate
+from binax.train.workdir import environment_errors, lock_workdir, usable_workdir
 
 __all__ = ["run", "predict", "binaryduo", "binaryduo_widths", "check_decoupling", "self_binarizing"]
 
@@ -39,8 +42,6 @@ def predict(model, variables: Mapping[str, Any], ds, batch_size: int = 1000, pro
             split: str = "test"):
     """Logits and labels of every example of ``split`` (eval mode), as numpy arrays
     (``binax.train.evaluate``)."""
-    from binax.train import evaluate
-
     result = evaluate(model, variables, ds.eval_batches(batch_size, split), progress=progress, keep_logits=True)
     return result.logits, result.labels
 
@@ -60,22 +61,16 @@ def _prefixed(prefix: str, summary: Mapping[str, Any]) -> dict:
 
 
 def _dataset(config):
-    import binax.data
-
     return binax.data.create(config.data, seed=config.seed)
 
 
 def _write(workdir: str, name: str, summary: dict) -> dict:
-    from binax import files
-
     files.write_json(os.path.join(workdir, name), summary, sort_keys=True)
     return summary
 
 
 def self_binarizing(config: ml_collections.ConfigDict, workdir: str, *, allow_config_change: bool = False) -> dict:
     """Train a tanh(nu x) network, then evaluate it as sign + BinaryBN (the deployed form)."""
-    from binax import train
-
     os.makedirs(workdir, exist_ok=True)
     final = train.train_and_evaluate(config, workdir, allow_config_change=allow_config_change)
     model, variables, _, _ = train.restore_variables(workdir, step="latest")
@@ -105,9 +100,6 @@ def self_binarizing(config: ml_collections.ConfigDict, workdir: str, *, allow_co
 
 @functools.lru_cache(maxsize=None)
 def _binaryduo_widths(name: str, input_shape: tuple, baseline: tuple) -> dict:
-    import binax
-    from binax import models
-
     duo = dict(kernel_quantizer="duo_weight", latent_weight_clip=None)
     base = models.create(name, **dict(baseline), input_quantizer="duo_binary", **duo)
     if base.width_multiplier != 1.0 or getattr(base, "replicate", 1) != 1:
@@ -189,8 +181,6 @@ def binaryduo(config: ml_collections.ConfigDict, workdir: str, *, allow_config_c
     whose logits differ, from float rounding at an activation threshold, are counted
     (``decoupling_differing_fraction``) and may be at most ``DECOUPLING_TOLERANCE``.
     """
-    from binax import train
-
     os.makedirs(workdir, exist_ok=True)
     coupled_dir = os.path.join(workdir, "coupled")
     decoupled_dir = os.path.join(workdir, "decoupled")
@@ -246,10 +236,6 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, allow_config_change:
     whole recipe, every stage included. ``allow_config_change``: see
     :func:`binax.train.train_and_evaluate`.
     """
-    from binax import train
-    from binax.train import config_check
-    from binax.train.workdir import environment_errors, lock_workdir, usable_workdir
-
     procedure = config.get("recipe", {}).get("procedure", "train")
     if procedure not in PROCEDURES:
         raise ConfigError(f"unknown recipe procedure {procedure!r}; valid: {', '.join(PROCEDURES)}")
@@ -265,8 +251,6 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, allow_config_change:
 
 
 def _train(config: ml_collections.ConfigDict, workdir: str, *, allow_config_change: bool = False) -> dict:
-    from binax import train
-
     return train.train_and_evaluate(config, workdir, allow_config_change=allow_config_change)
 
 

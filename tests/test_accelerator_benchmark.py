@@ -1,4 +1,4 @@
-"""``benchmarks/accelerator.py --quick`` runs on the CPU and prints every record with sane
+"""``python -m benchmarks.accelerator --quick`` runs on the CPU and prints every record with sane
 values, so the one-command device benchmark cannot rot between accelerator runs.
 
 float32 only, to keep the suite's budget: compiling each network again in bfloat16 would
@@ -20,7 +20,7 @@ ROOT = Path(__file__).resolve().parents[1]
 def test_accelerator_quick_prints_every_record():
     env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": str(ROOT)}
     result = subprocess.run(
-        [sys.executable, str(ROOT / "benchmarks" / "accelerator.py"), "--quick", "--dtypes", "float32"],
+        [sys.executable, "-m", "benchmarks.accelerator", "--quick", "--dtypes", "float32"],
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=600,
     )
     assert result.returncode == 0, result.stderr[-3000:]

@@ -217,10 +217,10 @@ from binax import train
 arg, overrides, workdir, stop_at = sys.argv[1], json.loads(sys.argv[2]), sys.argv[3], int(sys.argv[4])
 config = recipe.get_config(arg)
 config.update_from_flattened_dict(overrides)
-def on_step(step):
-    if step == stop_at:
+def stop(step, state, metrics):
+    if metrics is not None and step == stop_at:  # None: the start, before any update
         os.kill(os.getpid(), signal.SIGKILL)
-train.train_and_evaluate(config, workdir, on_step=on_step)
+train.train_and_evaluate(config, workdir, hooks=[stop])
 """
 
 # Bi-Real's Adam learns this in 81 steps; IR-Net's SGD schedule needs more steps than

@@ -249,22 +249,46 @@ def test_compare_estimators_on_weights_gives_one_row_per_kernel():
 
 
 @pytest.mark.slow
-def test_experiment_trains_its_networks_with_the_training_system():
+def test_experiment_trains_its_networks_with_the_training_loop(tmp_path):
     from binax import mismatch_study as study
+    from binax import train
 
     clipped = mismatch.sign_estimators()["clipped STE"]
-    result = study.train(clipped, widths=(32, 32), steps=60, snapshot_steps=(0, 30))
+    seen = []
+
+    def probe(step, state, metrics):  # a caller's hook runs in the same loop, beside the study's
+        seen.append((step, int(state.step), metrics is None))
+
+    result = study.train(clipped, widths=(32, 32), steps=60, snapshot_steps=(0, 30), workdir=str(tmp_path),
+                         hooks=[probe])
+    assert seen == [(0, 0, True)] + [(s, s, False) for s in range(1, 61)]
     assert sorted(result.snapshots) == [0, 30] and result.losses.shape == (60,)
+    assert not np.array_equal(result.snapshots[0]["params"]["fc1"]["latent_kernel"],
+                              result.snapshots[30]["params"]["fc1"]["latent_kernel"])
     assert result.losses[-10:].mean() < 0.5 * result.losses[:5].mean()
-    x, y = study.load_fashion_mnist("test", limit=2000)
-    assert study.accuracy(result.model, result.variables, x, y) > 0.6
+    assert result.final["test_accuracy"] > 0.6  # the loop's evaluation on the 10,000 test images
     kernel = result.variables["params"]["fc1"]["latent_kernel"]
     assert float(jnp.max(jnp.abs(kernel))) <= 1.0  # bnn_mlp's latent-weight clip, applied by binax.train
+    # The loop's checkpoint: a rerun in the workdir finds the finished run and trains nothing.
+    ckpts = train.Checkpoints(str(tmp_path / "checkpoints"))
+    assert ckpts.latest_step() == 60
+    ckpts.close()
+    again = study.train(clipped, widths=(32, 32), steps=60, workdir=str(tmp_path))
+    assert again.losses.shape == (0,) and again.final == result.final
+    np.testing.assert_array_equal(again.variables["params"]["fc1"]["latent_kernel"], kernel)
     config = study.train_config(clipped, widths=(32, 32), steps=60)
     assert (config.num_epochs, config.max_steps_per_epoch, config.progress_unit) == (1, 60, "step")
     assert study.train_config(clipped, widths=(32,), steps=2 * 468).num_epochs == 2
     with pytest.raises(ValueError, match="whole epochs"):
         study.train_config(clipped, widths=(32,), steps=500)
+
+
+def test_each_network_of_the_study_trains_in_a_workdir_of_its_own():
+    from binax import mismatch_study as study
+
+    dirs = [study.network_dir("/w", label) for label in study.networks()]
+    assert len(set(dirs)) == len(dirs) == 5
+    assert study.network_dir("/w", "duo_ternary {0,½,1}") == "/w/duo_ternary_0_1"
 
 
 def test_experiment_tables_and_verdict_read_the_rows():

@@ -360,21 +360,32 @@ def test_ctrl_c_saves_a_checkpoint_and_a_rerun_resumes_there(tmp_path):
     if threading.current_thread() is not threading.main_thread():
         pytest.skip("signals reach only the main thread")
 
-    def interrupt(step):
+    def interrupt(step, state, metrics):
         if step == 3:
             signal.raise_signal(signal.SIGINT)
 
     config = small_config(**{"checkpoint.async_save": False})
     with pytest.raises(KeyboardInterrupt):
-        train.train_and_evaluate(config, str(tmp_path), on_step=interrupt)
+        train.train_and_evaluate(config, str(tmp_path), hooks=[interrupt])
     # The loop stops after the update in progress when the signal came, and saves it.
     ckpts = train.Checkpoints(str(tmp_path / "checkpoints"))
     assert ckpts.all_steps() == [3]
     ckpts.close()
-    summary = train.train_and_evaluate(config, str(tmp_path))
+    seen = []
+
+    def probe(step, state, metrics):  # a user's probe: sees the state and metrics of every update
+        seen.append((step, int(state.step), None if metrics is None else float(metrics["loss"])))
+
+    summary = train.train_and_evaluate(config, str(tmp_path), hooks=[probe])
     assert (summary["resumed_from_step"], summary["step"]) == (3, 5)
-    steps_logged = [r["step"] for r in train.read_metrics(str(tmp_path / "metrics.jsonl"))]
-    assert steps_logged == [1, 2, 3, 4, 5, 5]
+    records = train.read_metrics(str(tmp_path / "metrics.jsonl"))
+    assert [r["step"] for r in records] == [1, 2, 3, 4, 5, 5]
+    # Called at the resumed state (no update yet: metrics None), then after updates 4 and 5
+    # with their state and loss (records every step: each record is that update's loss).
+    losses = {r["step"]: r["train/loss"] for r in records if "train/loss" in r}
+    assert [(step, at) for step, at, _ in seen] == [(3, 3), (4, 4), (5, 5)]
+    assert seen[0][2] is None
+    assert [loss for _, _, loss in seen[1:]] == pytest.approx([losses[4], losses[5]], rel=1e-6)
 
 
 # ----------------------------------------------------------------------------- what a run logs

@@ -45,12 +45,12 @@ config = digits_mlp.get_config()
 for key, value in overrides.items():
     config.update_from_flattened_dict({key: tuple(value) if isinstance(value, list) else value})
 if mutation == "misroute_labels":
-    to_global = loop._Run._to_global
-    def misrouted(self, local):
+    to_global = loop._to_global
+    def misrouted(sharding, local):
         if "mask" not in local:  # training batches only
             local = dict(local, label=np.roll(local["label"], len(local["label"]) // 8))
-        return to_global(self, local)
-    loop._Run._to_global = misrouted
+        return to_global(sharding, local)
+    loop._to_global = misrouted
 train.train_and_evaluate(config, workdir)
 """
 

@@ -246,15 +246,15 @@ FILL_THEN_RUN = r"""
 import os, runpy, sys
 from binax.train import loop
 root = sys.argv.pop()
-end_epoch = loop._Run._end_epoch
-def filling(self, epoch):
-    if epoch + 1 == self.config.num_epochs:
-        self.ckpts.wait()
+end_epoch = loop._end_epoch
+def filling(run, state, window, epoch, clock):
+    if epoch + 1 == run.config.num_epochs:
+        run.out.ckpts.wait()
         st = os.statvfs(root)
         with open(os.path.join(root, "filler"), "wb") as f:
             f.write(b"\0" * max(st.f_bavail * st.f_frsize - 100_000, 0))
-    return end_epoch(self, epoch)
-loop._Run._end_epoch = filling
+    return end_epoch(run, state, window, epoch, clock)
+loop._end_epoch = filling
 sys.argv = ["experiments.run", *sys.argv[1:]]
 runpy.run_module("experiments.run", run_name="__main__")
 """

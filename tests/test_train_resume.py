@@ -26,11 +26,11 @@ overrides, workdir, stop_at, signum = json.loads(sys.argv[1]), sys.argv[2], int(
 config = digits_mlp.get_config()
 for key, value in overrides.items():
     config.update_from_flattened_dict({key: tuple(value) if isinstance(value, list) else value})
-def on_step(step):
-    if step == stop_at:
+def stop(step, state, metrics):
+    if metrics is not None and step == stop_at:  # None: the start, before any update
         os.kill(os.getpid(), signum)
 try:
-    train.train_and_evaluate(config, workdir, on_step=on_step)
+    train.train_and_evaluate(config, workdir, hooks=[stop])
 except KeyboardInterrupt:
     sys.exit(130)
 """

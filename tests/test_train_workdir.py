@@ -33,7 +33,7 @@ class _Stop(Exception):
     pass
 
 
-def _stop_at(step):
+def _stop_at(step, state, metrics):
     if step == STOP_AT:
         raise _Stop
 
@@ -51,7 +51,7 @@ def stopped(tmp_path_factory):
     """``config()`` stopped by an error after step 10 (checkpoints at steps 4 and 8)."""
     workdir = tmp_path_factory.mktemp("stopped")
     with pytest.raises(_Stop):
-        train.train_and_evaluate(config(), str(workdir), on_step=_stop_at)
+        train.train_and_evaluate(config(), str(workdir), hooks=[_stop_at])
     return workdir
 
 

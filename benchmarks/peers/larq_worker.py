@@ -12,7 +12,6 @@ Usage: ``python larq_worker.py --batch 128 --models vgg_small,bnn_mlp [--xla]``.
 from __future__ import annotations
 
 import os
-import sys
 
 os.environ.setdefault("TF_USE_LEGACY_KERAS", "1")  # Larq needs Keras 2 (tf-keras)
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -22,7 +21,7 @@ import larq as lq  # noqa: E402
 import tensorflow as tf  # noqa: E402
 import tf_keras as keras  # noqa: E402
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+# Run as a script by vs_peers in its own venv: this directory is sys.path[0].
 from _worker import serve, worker_parser  # noqa: E402
 
 QUANT = dict(input_quantizer="ste_sign", kernel_quantizer="ste_sign", use_bias=False)

@@ -15,15 +15,12 @@ Usage: ``python torch_worker.py --batch 128 --models vgg_small,bnn_mlp [--channe
 
 from __future__ import annotations
 
-import os
-import sys
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _worker import serve, worker_parser  # noqa: E402
+# Run as a script by vs_peers in its own venv: this directory is sys.path[0].
+from _worker import serve, worker_parser
 
 
 class SteSign(torch.autograd.Function):

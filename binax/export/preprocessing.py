@@ -23,6 +23,8 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
+from binax import data
+from binax.data.spec import Spec, normalize
 from binax.errors import ConfigError
 
 __all__ = ["Preprocessing", "as_preprocessing"]
@@ -80,8 +82,6 @@ class Preprocessing:
     def for_dataset(cls, name: str, normalize: str = "mean_std") -> "Preprocessing":
         """The preprocessing ``binax.data`` applies to dataset ``name`` with ``normalize``
         (``config.data.normalize``; binax's default is ``'mean_std'``)."""
-        from binax import data
-
         spec = data.get_spec(name)
         data.check_normalize(normalize, spec)
         resize = None
@@ -118,8 +118,6 @@ class Preprocessing:
     def table(self, channels: int) -> np.ndarray:
         """``(channels, max_value + 1)`` float32: ``table[c, v]`` is the model input of raw
         value ``v`` in channel ``c``, computed by :func:`binax.data.normalize`."""
-        from binax.data.spec import Spec, normalize
-
         mean = None if self.mean is None else np.broadcast_to(np.asarray(self.mean, np.float32), (channels,))
         std = None if self.std is None else np.broadcast_to(np.asarray(self.std, np.float32), (channels,))
         spec = Spec(self.dataset or "packed", "idx", None, None, mean=mean, std=std, max_value=self.max_value)

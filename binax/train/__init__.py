@@ -1,17 +1,20 @@
 """Training: optimizers (optax, Bop), the pure train/eval steps, the sharded loop,
 checkpoints and metrics.
 
-``train_and_evaluate(config, workdir)`` is the entry point (``experiments/run.py`` calls
-it) and ``restore_variables(workdir)`` reads a trained run back; the pieces are public for
-notebooks and tests: ``train_step`` is a pure function of explicit state
-(``eval_logits`` the eval forward), ``create_optimizer`` builds optax transformations from a
-config, ``bop`` is Larq's Bop as an optax ``GradientTransformation``; ``evaluate`` is the
-one evaluation (eval-mode loss, accuracy, logits) every part of binax uses.
+``train_and_evaluate(config, workdir, hooks=...)`` is the entry point
+(``experiments/run.py`` calls it; a hook ``hook(step, state, metrics)`` sees the state
+before the first update and after every one) and ``restore_variables(workdir)`` reads a
+trained run back; the pieces are public for notebooks and tests: ``train_step`` is a pure
+function of explicit state (``eval_logits`` the eval forward), ``create_optimizer`` builds
+optax transformations from a config, ``bop`` is Larq's Bop as an optax
+``GradientTransformation``; ``evaluate`` is the one evaluation (eval-mode loss, accuracy,
+logits) every part of binax uses.
 """
 
 from binax.train.checkpoints import Checkpoints, DamagedCheckpoint
 from binax.train.evaluation import Evaluation, array_batches, evaluate
 from binax.train.loop import (
+    Hook,
     NonFiniteError,
     NonFiniteLossError,
     Trainer,
@@ -39,6 +42,7 @@ __all__ = [
     "Evaluation",
     "array_batches",
     "evaluate",
+    "Hook",
     "MetricsWriter",
     "DamagedCheckpoint",
     "NonFiniteError",
