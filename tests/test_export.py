@@ -293,7 +293,7 @@ def test_tanh_sign_is_exported_as_sign(tmp_path):
     packed, ref, x = exported("bnn_mlp", tanh, ref_cfg=sign)
     assert_same_logits(packed(x), ref)
     assert_loads_back(packed, tmp_path)
-    assert bx.inference_config(tanh)["input_quantizer"] == "sign"
+    assert binax.models.inference_overrides(tanh)["input_quantizer"] == "sign"
     assert packed.config["input_quantizer"] == "tanh_sign"  # the file keeps the training config
     assert "xor-popcount (sign" in packed.report()
 

@@ -32,7 +32,7 @@ chained model with its training graph in eval mode.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
 import flax.linen as nn
 import jax
@@ -40,8 +40,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from binax import folding
-from binax import layers as L
+from binax import folding, layers
 from binax.export.inference import PackedLayer
 from binax.models import common
 from binax.models.common import Step
@@ -102,7 +101,7 @@ class Block:
     """``bn_sign_block``: BatchNorm then the model's activation, or a BinaryBatchNorm."""
 
     path: tuple[str, ...]
-    norm: nn.Module  # unbound nn.BatchNorm or L.BinaryBatchNorm
+    norm: nn.Module  # unbound nn.BatchNorm, or a layer whose output is binary (BinaryBatchNorm)
     activation: str  # applied after a BatchNorm (common.apply_activation)
     act_module: nn.Module | None  # an unbound RPReLU for 'rprelu'
 
@@ -125,8 +124,8 @@ class Block:
 
     def apply(self, bvars: Mapping, y: Array) -> Array:
         z = self.norm.apply(bvars["norm"], y)
-        if isinstance(self.norm, L.BinaryBatchNorm):
-            return z
+        if layers.describe(self.norm).binary_output:
+            return z  # BN -> sign in one layer: no activation follows
         if self.act_module is not None:
             return self.act_module.apply(bvars["act"], z)
         fn = common.activation_fn(self.activation)

@@ -51,8 +51,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from binax import binarizers
-from binax import layers as L
+from binax import binarizers, layers
 from binax.packed import geometry
 from binax.packed.bits import column_sums, pack_bits, pack_bits_np, unpack_bits
 from binax.packed.kernels import packed_conv, packed_dense
@@ -67,14 +66,16 @@ __all__ = [
     "kernel_request",
     "decompose_kernel",
     "LayerExport",
+    "exported",
     "export_layer",
-    "EXPORTED_TYPES",
     "PackedLayer",
     "derived_arrays",
 ]
 
-#: Layer types the exporter replaces (when they quantize something).
-EXPORTED_TYPES = (L.BinaryDense, L.BinaryConv, L.BinaryDepthwiseConv, L.ABCDense, L.ABCConv)
+
+def exported(module: nn.Module) -> bool:
+    """Whether the exporter replaces this layer (its descriptor declares a packed form)."""
+    return layers.describe(module).export is not None
 
 
 # ----------------------------------------------------------------- activation codes
@@ -176,8 +177,9 @@ def quantized_kernel(spec, kwargs, latent, progress: float = 1.0) -> np.ndarray:
 def quantize_kernels(kernels: Mapping[Any, tuple], progress: float = 1.0) -> dict[Any, Any]:
     """``{key: q(W)}`` for ``{key: (spec, kwargs, latent)}``, every quantizer in ONE jit.
 
-    ``spec == "abc_weight"`` with ``kwargs = {"m": M}`` gives ``(bases, alphas)`` of
-    :func:`binax.binarizers.abc_weight_bases` (ABC-Net layers).
+    ``spec`` may be any function ``fn(w, **kwargs)`` a layer's descriptor names
+    (:attr:`binax.layers.LayerDescriptor.kernel_function`: ABC-Net's
+    :func:`binax.binarizers.abc_weight_bases` gives ``(bases, alphas)``).
     """
     out, todo = {}, {}
     for key, (spec, kwargs, latent) in kernels.items():
@@ -195,10 +197,7 @@ def quantize_kernels(kernels: Mapping[Any, tuple], progress: float = 1.0) -> dic
         res = []
         for key, w in zip(keys, latents):
             spec, kwargs, _ = todo[key]
-            if spec == "abc_weight":
-                res.append(binarizers.abc_weight_bases(w, kwargs["m"]))
-            else:
-                res.append(binarizers.resolve(spec, **kwargs)(w, progress))
+            res.append(binarizers.resolve(spec, **kwargs)(w, progress))
         return res
 
     results = jax.jit(run)([todo[k][2] for k in keys])
@@ -208,12 +207,9 @@ def quantize_kernels(kernels: Mapping[Any, tuple], progress: float = 1.0) -> dic
 
 
 def kernel_request(module: nn.Module, params: Mapping[str, Any]) -> tuple | None:
-    """``(spec, kwargs, latent)`` for :func:`quantize_kernels`, or None (no quantized kernel)."""
-    if isinstance(module, (L.ABCDense, L.ABCConv)):
-        return ("abc_weight", {"m": module.m}, params["latent_kernel"])
-    if isinstance(module, (L.BinaryDense, L.BinaryConv, L.BinaryDepthwiseConv)) and module.kernel_quantizer is not None:
-        return (module.kernel_quantizer, dict(module.kernel_quantizer_kwargs or {}), params["latent_kernel"])
-    return None
+    """``(spec, kwargs, latent)`` for :func:`quantize_kernels`, or None (no quantized kernel):
+    read from the layer's descriptor (:meth:`binax.layers.LayerDescriptor.kernel_request`)."""
+    return layers.describe(module).kernel_request(module, params)
 
 
 def decompose_kernel(q: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
@@ -258,22 +254,6 @@ class LayerExport:
     note: str = ""
 
 
-def _is_2d_conv(module) -> bool:
-    return isinstance(module, (L.BinaryConv, L.ABCConv)) and len(module.window) == 2
-
-
-def _plain_conv(module) -> str | None:
-    """Why a conv cannot go on ``packed_conv`` (None if it can)."""
-    if len(module.window) != 2:
-        return f"{len(module.window)}-d convolution (packed_conv is 2-d)"
-    if isinstance(module, L.BinaryConv) and module.feature_group_count != 1:
-        return f"grouped convolution (feature_group_count={module.feature_group_count})"
-    dil = module.kernel_dilation
-    if (dil if isinstance(dil, int) else max(dil)) != 1:
-        return f"dilated convolution (kernel_dilation={dil})"
-    return None
-
-
 def export_layer(
     module: nn.Module,
     params: Mapping[str, Any],
@@ -290,29 +270,34 @@ def export_layer(
     ``H×W`` convolution packed along ``C`` (the packed chain keeps such maps packed per
     pixel). ``quantized``: the layer's entry of :func:`quantize_kernels`, when the
     caller evaluated every layer's quantizer at once.
+
+    What the layer is (its quantizers, product, geometry, packed form) is read from its
+    descriptor (:func:`binax.layers.describe`).
     """
-    if quantized is None and kernel_request(module, params) is not None:
-        quantized = quantize_kernels({(): kernel_request(module, params)}, progress)[()]
-    if isinstance(module, (L.ABCDense, L.ABCConv)):
-        return _export_abc(module, params, map_shape, quantized)
-    if not isinstance(module, (L.BinaryDense, L.BinaryConv, L.BinaryDepthwiseConv)):
+    desc = layers.describe(module)
+    if quantized is None and desc.kernel_request(module, params) is not None:
+        quantized = quantize_kernels({(): desc.kernel_request(module, params)}, progress)[()]
+    if desc.export == "abc":
+        return _export_abc(desc, module, params, map_shape, quantized)
+    if desc.export != "binary":
         return None
-    if module.input_quantizer is None and module.kernel_quantizer is None:
+    in_spec = desc.input_quantizer(module)[0]
+    k_spec = desc.kernel_quantizer(module)[0]
+    if in_spec is None and k_spec is None:
         return None
-    in_q, in_kw = binarizers.deployed(module.input_quantizer, module.input_quantizer_kwargs)
+    in_q, in_kw = desc.deployed_input(module)
     code = activation_code(in_q, in_kw)
     bias = params.get("bias")
     extra = {} if bias is None else {"bias": np.asarray(bias, np.float32)}
     info: dict[str, Any] = {
         "input_quantizer": in_q if isinstance(in_q, (str, type(None))) else repr(in_q),
-        "kernel_quantizer": binarizers.deployed(module.kernel_quantizer)[0],
+        "kernel_quantizer": binarizers.deployed(k_spec)[0],
     }
-    if module.kernel_quantizer is None:
+    if k_spec is None:
         kernel = np.asarray(params["kernel"], np.float32)
         info.update(shape=list(kernel.shape))
         return LayerExport("float", {"kernel": kernel, **extra}, info, "float kernel (only the input is quantized)")
 
-    latent = np.asarray(params["latent_kernel"], np.float32)
     q = quantized
     info.update(shape=list(q.shape))
     split = decompose_kernel(q)
@@ -321,27 +306,29 @@ def export_layer(
             "float", {"kernel": q, **extra}, info, f"kernel quantizer {info['kernel_quantizer']!r} is not ±α per channel"
         )
     bits, alpha = split
-    depthwise = isinstance(module, L.BinaryDepthwiseConv)
+    depthwise = desc.product == "depthwise_conv"
+    conv = desc.product == "conv"
     reason = None
     if code is None:
-        reason = "float input" if module.input_quantizer is None else f"no packed code for input quantizer {in_q!r}"
+        reason = "float input" if in_spec is None else f"no packed code for input quantizer {in_q!r}"
     elif depthwise:
         reason = "depthwise convolution (one input channel per output: nothing to pack along)"
-    elif isinstance(module, L.BinaryConv):
-        reason = _plain_conv(module)
-        if reason is None and code.pad_planes(module.pad_value) is None:
-            reason = f"pad value {module.pad_value} is not a level of {in_q!r}"
+    elif conv:
+        g = desc.geometry(module)
+        reason = g.not_packable()
+        if reason is None and code.pad_planes(g.pad_value) is None:
+            reason = f"pad value {g.pad_value} is not a level of {in_q!r}"
     if reason is not None:
         axis = q.ndim - 1 if depthwise else q.ndim - 2
         info.update(pack_axis=axis)
         return LayerExport("float_input", {"bits": pack_bits_np(bits, axis), "alpha": alpha, **extra}, info, reason)
 
-    if isinstance(module, L.BinaryDense) and map_shape is not None:
+    if not conv and map_shape is not None:
         h, w, c = map_shape
         bits = bits.reshape(h, w, c, bits.shape[-1])
         info.update(layout="map", map_shape=[int(h), int(w), int(c)])
     else:
-        info.update(layout="conv" if isinstance(module, L.BinaryConv) else "dense")
+        info.update(layout="conv" if conv else "dense")
     axis = bits.ndim - 2
     packed = pack_bits_np(bits, axis)
     n_in = int(math.prod(bits.shape[:-1]))
@@ -351,12 +338,12 @@ def export_layer(
         code=code.to_json(),
         column_sums_n=n_in,
     )
-    if isinstance(module, L.BinaryConv):
-        info.update(pad_planes=list(code.pad_planes(module.pad_value)))
+    if conv:
+        info.update(pad_planes=list(code.pad_planes(desc.geometry(module).pad_value)))
     return LayerExport("xnor", {"bits": packed, "alpha": alpha, **extra}, info)
 
 
-def _export_abc(module, params, map_shape, quantized) -> LayerExport:
+def _export_abc(desc: layers.LayerDescriptor, module, params, map_shape, quantized) -> LayerExport:
     latent = np.asarray(params["latent_kernel"], np.float32)
     bases, alphas = quantized
     bias = params.get("bias")
@@ -366,22 +353,25 @@ def _export_abc(module, params, map_shape, quantized) -> LayerExport:
         betas=np.asarray(params["betas"], np.float32),
         alphas=alphas,
     )
-    info: dict[str, Any] = {"shape": list(latent.shape), "m": module.m, "n": module.n}
-    reason = _plain_conv(module) if isinstance(module, L.ABCConv) else None
-    if reason is None and isinstance(module, L.ABCConv) and module.pad_value not in (-1.0, 0.0, 1.0):
-        reason = f"pad value {module.pad_value} (each binary activation must pad with -1, 0 or +1)"
+    m, n = desc.bases(module)
+    info: dict[str, Any] = {"shape": list(latent.shape), "m": m, "n": n}
+    conv = desc.product == "conv"
+    g = desc.geometry(module) if conv else None
+    reason = g.not_packable() if conv else None
+    if reason is None and conv and g.pad_value not in (-1.0, 0.0, 1.0):
+        reason = f"pad value {g.pad_value} (each binary activation must pad with -1, 0 or +1)"
     if reason is not None:
         axis = latent.ndim - 1
         info.update(pack_axis=axis)
         packed = np.stack([pack_bits_np(b >= 0, axis) for b in bases])
         return LayerExport("float_input", {"bits": packed, **extra}, info, reason)
     b = bases >= 0  # (M, ..., C, O)
-    if isinstance(module, L.ABCDense) and map_shape is not None:
+    if not conv and map_shape is not None:
         h, w, c = map_shape
         b = b.reshape(b.shape[0], h, w, c, b.shape[-1])
         info.update(layout="map", map_shape=[int(h), int(w), int(c)])
     else:
-        info.update(layout="conv" if isinstance(module, L.ABCConv) else "dense")
+        info.update(layout="conv" if conv else "dense")
     # Bases side by side on the output axis: one popcount pass gives every (m, o).
     b = np.moveaxis(b, 0, -2)
     b = b.reshape(*b.shape[:-2], -1)
@@ -403,6 +393,10 @@ class PackedLayer:
     info: Mapping[str, Any]
 
     @property
+    def descriptor(self) -> layers.LayerDescriptor:
+        return layers.describe(self.module)
+
+    @property
     def code(self) -> ActivationCode | None:
         c = self.info.get("code")
         if c is None:
@@ -421,12 +415,13 @@ class PackedLayer:
 
     def pad_planes(self) -> tuple[int, ...]:
         if self.kind == "abc":
-            pv = int(self.module.pad_value) if isinstance(self.module, L.ABCConv) else 1
-            return (pv,) * self.module.n
+            desc = self.descriptor
+            pv = int(desc.geometry(self.module).pad_value) if desc.product == "conv" else 1
+            return (pv,) * desc.bases(self.module)[1]
         return tuple(self.info.get("pad_planes", (1,) * self.code.planes))
 
     def n_planes(self) -> int:
-        return self.module.n if self.kind == "abc" else self.code.planes
+        return self.descriptor.bases(self.module)[1] if self.kind == "abc" else self.code.planes
 
     # ---- input planes
 
@@ -463,8 +458,9 @@ class PackedLayer:
                     planes = planes.reshape(p, planes.shape[1], h, w, -1)
                 strides, pads = (1, 1), ((0, 0), (0, 0))
             else:
-                strides = geometry.ntuple(self.module.strides, 2, "strides")
-                pads = geometry.padding_pairs(self.module.padding, planes.shape[2:4], bits.shape[:2], strides)
+                g = self.descriptor.geometry(self.module)
+                strides = g.ntuple("strides")
+                pads = geometry.padding_pairs(g.padding, planes.shape[2:4], bits.shape[:2], strides)
             acc = self._conv_planes(planes, bits, c, strides, pads)
             if layout == "map":
                 acc = acc.reshape(p, acc.shape[1], -1)
@@ -499,7 +495,7 @@ class PackedLayer:
     def decode(self, arrays: Mapping[str, Array], acc: Array) -> Array:
         """Float output ``acc·(α·Δ/2) (+ bias)``, or for ABC ``Σ_mn α_m β_n acc_mn (+ bias)``."""
         if self.kind == "abc":
-            m = self.module.m
+            m = self.descriptor.bases(self.module)[0]
             acc = acc.reshape(*acc.shape[:-1], m, -1).astype(jnp.float32)
             y = jnp.einsum("p...mo,p,m->...o", acc, arrays["betas"], arrays["alphas"], precision="highest")
         else:
@@ -511,26 +507,23 @@ class PackedLayer:
     # ---- float layers
 
     def float_apply(self, arrays: Mapping[str, Array], x: Array, progress=1.0) -> Array:
-        """A ``float``/``float_input`` layer: the model's own layer with its float kernel."""
-        module = self.module
-        params = {"bias": arrays["bias"]} if "bias" in arrays else {}
-        if isinstance(module, (L.ABCDense, L.ABCConv)):
-            # Σ_m α_m B_m from the packed bases, then ABC-Net's float math.
+        """A ``float``/``float_input`` layer: the layer's float form (its descriptor's
+        :meth:`~binax.layers.LayerDescriptor.forward_with`) with its float kernel."""
+        del progress  # deployed quantizers do not follow progress
+        desc = self.descriptor
+        if self.kind == "float":
+            kernel = arrays["kernel"]
+        elif desc.export == "abc":
+            # Σ_m α_m B_m from the packed bases.
             axis = self.info["pack_axis"]
             n = self.info["shape"][axis]
             bases = unpack_bits(arrays["bits"], n, axis=axis + 1, dtype=jnp.float32)
             kernel = jnp.tensordot(arrays["alphas"], bases, axes=1)
-            a = binarizers.abc_activation(x, arrays["shifts"], arrays["betas"])
-            return module.combine(a, kernel, arrays["betas"], arrays.get("bias"))
-        if self.kind == "float":
-            kernel = arrays["kernel"]
         else:
             axis = self.info["pack_axis"]
             n = self.info["shape"][axis]
             kernel = unpack_bits(arrays["bits"], n, axis=axis, dtype=jnp.float32) * arrays["alpha"]
-        in_q, in_kw = binarizers.deployed(module.input_quantizer, module.input_quantizer_kwargs)
-        layer = module.clone(parent=None, kernel_quantizer=None, input_quantizer=in_q, input_quantizer_kwargs=in_kw)
-        return layer.apply({"params": {"kernel": kernel, **params}}, x, progress)
+        return desc.forward_with(self.module, x, kernel, arrays)
 
 
 def derived_arrays(export: LayerExport) -> dict[str, np.ndarray]:

@@ -58,22 +58,23 @@ from flax.core import unfreeze
 from jax import lax
 
 import binax
-from binax import models
+from binax import layers, models
 from binax.errors import ConfigError, PackedFileError
 from binax.export import chain as chain_lib
 from binax.export import file_arrays, packed_file
-from binax.export.identity import _build_module, _jsonable, inference_config, inference_model, module_identity
+from binax.export.identity import _build_module, _jsonable, module_identity
 from binax.export.inference import (
-    EXPORTED_TYPES,
     LayerExport,
     PackedLayer,
     derived_arrays,
     export_layer,
+    exported,
     kernel_request,
     quantize_kernels,
 )
 from binax.export.preprocessing import Preprocessing, as_preprocessing
 from binax.packed.kernels import CPU_COMPILER_OPTIONS
+from binax.transforms import inference_model
 
 Array = jax.Array
 
@@ -87,8 +88,6 @@ __all__ = [
     "load",
     "save",
     "read_meta",
-    "inference_config",
-    "inference_model",
 ]
 
 FORMAT = packed_file.FORMAT
@@ -425,8 +424,6 @@ class PackedModel:
 
     def rows(self) -> list[LayerRow]:
         """Per-layer facts: every quantized layer, and for the chain every BatchNorm block."""
-        from binax.summary import layer_kind  # the summary's words for the same layer
-
         rows = []
         stored = {}
         for key, arr in self._arrays.items():
@@ -436,7 +433,8 @@ class PackedModel:
         for path, call in self._calls.items():
             key = "/".join(path)
             layer = self.layers.get(path)
-            cls = layer_kind(call.module)
+            desc = layers.describe(call.module)
+            cls = desc.kind(call.module)  # the summary's words for the same layer
             if layer is not None:
                 rows.append(LayerRow(key, cls, _compute_text(layer), ", ".join(stored.get(key, [])), self.meta["layers"][key].get("note", "")))
             elif self._plan is not None and path in self._plan.blocks:
@@ -445,7 +443,7 @@ class PackedModel:
                     rows.append(LayerRow(key, cls, f"fused: int32 of {producer} >= threshold -> packed bits", ", ".join(stored.get(key, []))))
                 else:
                     rows.append(LayerRow(key, cls, "float", "float32 variables", self._plan.not_fused.get(path, "")))
-            elif isinstance(call.module, EXPORTED_TYPES + (nn.Dense, nn.Conv)):
+            elif desc.has_macs:
                 rows.append(LayerRow(key, cls, "float", "float32 variables"))
         return rows
 
@@ -485,7 +483,8 @@ def _compute_text(layer: PackedLayer) -> str:
         then = "thresholds" if layer.info.get("scale_in_thresholds") else "x scale"
         return f"xor-popcount ({code.quantizer}: {planes}) -> int32 -> {then}"
     if layer.kind == "abc":
-        return f"xor-popcount ({layer.module.m}·{layer.module.n} = {layer.module.m * layer.module.n} binary ops per MAC)"
+        m, n = layer.descriptor.bases(layer.module)
+        return f"xor-popcount ({m}·{n} = {m * n} binary ops per MAC)"
     if layer.kind == "float_input":
         return "float (kernel unpacked from bits)"
     return "float"
@@ -566,9 +565,9 @@ def export(
     model = inference_model(model)
     ops = chain_lib.plan_ops(model)
     if runtime == "chain" and ops is None:
-        names = [n for n in models.names() if chain_lib.plan_ops(models.create(n)) is not None]
         raise ConfigError(
-            f"{registry_name or class_name} has no packed-chain plan (models with one: {names}); use runtime='generic'."
+            f"{registry_name or class_name} has no packed-chain plan (model.chain() is None: residual networks, "
+            f"BinaryDuo's replicated channels); use runtime='generic'."
         )
     calls, abstract = trace(model, shape)
     variables = unfreeze(dict(variables)) if isinstance(variables, Mapping) else variables
@@ -579,10 +578,10 @@ def export(
 
     exports: dict[tuple, LayerExport] = {}
     params = variables["params"]
-    exported = {p: c.module for p, c in calls.items() if isinstance(c.module, EXPORTED_TYPES)}
-    requests = {p: kernel_request(m, _subtree(params, p)) for p, m in exported.items()}
+    replaced = {p: c.module for p, c in calls.items() if exported(c.module)}
+    requests = {p: kernel_request(m, _subtree(params, p)) for p, m in replaced.items()}
     quantized = quantize_kernels({p: r for p, r in requests.items() if r is not None}, progress)
-    for path, module in exported.items():
+    for path, module in replaced.items():
         e = export_layer(
             module, _subtree(params, path), progress=progress, map_shape=map_shapes.get(path), quantized=quantized.get(path)
         )

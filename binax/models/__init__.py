@@ -25,6 +25,7 @@ __all__ = [
     "names",
     "get_config",
     "register",
+    "registry_name",
     "inference_overrides",
     "common",
     "Call",
@@ -36,7 +37,10 @@ _REGISTRY: dict[str, tuple[Callable[[], ml_collections.ConfigDict], type[nn.Modu
 
 
 def register(name: str, config_fn: Callable[[], ml_collections.ConfigDict], model_cls: type[nn.Module]) -> None:
-    """Register ``model_cls`` under ``name`` with default config ``config_fn()``."""
+    """Register ``model_cls`` under ``name`` with default config ``config_fn()``; ``name``
+    becomes the Flax name of the modules :func:`create` builds (an identifier)."""
+    if not (isinstance(name, str) and name.isidentifier()):
+        raise ConfigError(f"a model name must be an identifier (letters, digits, '_'); got {name!r}.")
     if name in _REGISTRY:
         raise ConfigError(f"A model named {name!r} is already registered.")
     fields = {f.name for f in dataclasses.fields(model_cls)} - {"parent", "name"}
@@ -90,7 +94,17 @@ def create(name: str, **overrides: Any) -> nn.Module:
     common.validate_common(values, name)
     if hasattr(model_cls, "validate_config"):
         model_cls.validate_config(values)
-    return model_cls(**values)
+    # The registry name is the module's (Flax) name, which clone() keeps: registry_name()
+    # reads it back (a top-level module's name prefixes no variable).
+    return model_cls(**values, name=name)
+
+
+def registry_name(model: nn.Module) -> str | None:
+    """The registry name :func:`create` built ``model`` under (kept by ``model.clone``), or
+    None for a module built otherwise (a class of your own, or one built by its class)."""
+    name = getattr(model, "name", None)
+    entry = _REGISTRY.get(name) if isinstance(name, str) else None
+    return name if entry is not None and type(model) is entry[1] else None
 
 
 def inference_overrides(config: Any) -> dict[str, Any]:
