@@ -1,37 +1,10 @@
-"""Quantized layers in inference form: activation codes, packed kernels, packed layer compute.
+"""Quantized layers in inference form: what the exporter stores for each layer.
 
-A binarized activation is one or more planes of signs. A quantizer whose inference values
-are the ``P + 1`` equally spaced levels ``L_j = low + j·Δ`` (``j = 0..P``) is written as P
-binary planes (a thermometer code): ``a_p = 1[q >= low + (p − ½)Δ]``, ``p = 1..P``, and
-``q = low + Δ·Σ_p a_p``. With the plane signs ``s_p = 2·a_p − 1 ∈ {−1, +1}``::
-
-    q = low + Δ·P/2 + (Δ/2)·Σ_p s_p
-
-so for a binary kernel ``w = α·b`` (``b ∈ {−1, +1}``, ``α`` per output channel)::
-
-    Σ_k q_k·w_k = α·(Δ/2)·[c0·S_b + Σ_p Σ_k s_pk·b_k],   c0 = 2·low/Δ + P,  S_b = Σ_k b_k
-
-an integer accumulator (XNOR-popcount per plane, plus a per-channel constant) times one
-float per channel. The codes of binax's quantizers:
-
-============================================  =====  ===  ===  ====
-quantizer (forward)                            low    Δ    P    c0
-============================================  =====  ===  ===  ====
-forward "sign" (ste/approx/swish/ede_sign, …)   −1     2    1    0
-ste_heaviside, duo_binary ({0, 1})               0      1    1    1
-duo_ternary ({0, ½, 1})                          0      ½    2    2
-ste_tern ({−1, 0, 1})                            −1     1    2    0
-dorefa, k bits ({0, 1/n, …, 1}, n = 2^k − 1)     0     1/n   n    n
-============================================  =====  ===  ===  ====
-
-For ``{0, 1}`` activations this is ``a·w = (s·w + Σw)/2`` (the issue's formula). A padded
-pixel of value ``v = L_j`` is the planes ``s_p = +1`` for ``p <= j``, ``−1`` above, so
-convolution borders stay exact (``S_b`` then runs over every tap, padded or not).
-
-Each quantizer is exported in its deployed form (:func:`binax.binarizers.deployed`:
-Self-Binarizing's ``tanh_sign`` is registered with ``inference="sign"``), and its code
-is read from that form's descriptor: ``forward="sign"`` is the first row (a user's
-sign-forward binarizer too), ``forward="levels"`` gives ``(low, Δ, P)``.
+Each layer's input quantizer becomes an activation code (:mod:`binax.export.codes`: the
+levels ``low + j·Δ`` as P binary planes), read from the deployed quantizer's descriptor;
+what the layer is (its quantizers, product, geometry and packed form) is read from its
+layer descriptor (:func:`binax.layers.describe`). The runtime side of an exported layer
+is :mod:`binax.export.packed_layer`.
 
 A kernel quantizer is exported by evaluating it on the latent weights and splitting the
 result into ``sign`` bits and ``α = |q|`` per output channel (``xnor_weight``: mean|W|;
@@ -48,15 +21,12 @@ from typing import Any, Mapping, Sequence
 
 import flax.linen as nn
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from binax import binarizers, layers
-from binax.packed import geometry
-from binax.packed.bits import column_sums, pack_bits, pack_bits_np, unpack_bits
-from binax.packed.kernels import packed_conv, packed_dense
-
-Array = jax.Array
+from binax.export.codes import ActivationCode, activation_code
+from binax.export.packed_layer import PackedLayer, derived_arrays
+from binax.packed.bits import pack_bits_np
 
 __all__ = [
     "ActivationCode",
@@ -76,90 +46,6 @@ __all__ = [
 def exported(module: nn.Module) -> bool:
     """Whether the exporter replaces this layer (its descriptor declares a packed form)."""
     return layers.describe(module).export is not None
-
-
-# ----------------------------------------------------------------- activation codes
-
-
-@dataclasses.dataclass(frozen=True)
-class ActivationCode:
-    """Activations on the levels ``low + j·step`` (``j = 0..planes``) as binary planes.
-
-    ``quantizer``/``kwargs`` is the inference forward (a registry name or
-    ``"module:attr"``); every ``forward="sign"`` quantizer is stored as ``"sign"``.
-    """
-
-    quantizer: str
-    kwargs: tuple = ()
-    low: float = -1.0
-    step: float = 2.0
-    planes: int = 1
-
-    @property
-    def offset(self) -> int:
-        """``c0 = 2·low/Δ + P``: the multiple of ``S_b`` in the integer accumulator."""
-        return int(round(2 * self.low / self.step + self.planes))
-
-    @property
-    def is_sign(self) -> bool:
-        return self.quantizer == "sign"
-
-    def levels(self) -> np.ndarray:
-        """The plane thresholds on the quantized value: ``low + (p − ½)·step``, ``p = 1..P``."""
-        return np.asarray([self.low + (p - 0.5) * self.step for p in range(1, self.planes + 1)])
-
-    def quantize(self, x: Array) -> Array:
-        """The quantizer's inference forward (``progress`` does not change any forward here)."""
-        if self.is_sign:
-            return binarizers.sign(x)
-        return binarizers.resolve(self.quantizer, **dict(self.kwargs))(x, 1.0)
-
-    def plane_bits(self, x: Array) -> Array:
-        """``(P, *x.shape)`` booleans: plane ``p`` is ``q(x) >= low + (p − ½)·step``."""
-        if self.is_sign:
-            return (x >= 0)[None]  # sign(x) >= 0 ⟺ x >= 0 (NaN -> False, as sign gives -1)
-        q = self.quantize(x)
-        levels = jnp.asarray(self.levels(), q.dtype).reshape((-1,) + (1,) * q.ndim)
-        return q[None] >= levels
-
-    def pad_planes(self, pad_value: float) -> tuple[int, ...] | None:
-        """Per-plane ``±1`` (or 0) of a padded pixel of value ``pad_value``; None if not a level.
-
-        A level ``L_j`` is ``+1`` in planes ``p <= j`` and ``−1`` above. With one plane, the
-        midpoint ``low + Δ/2`` (0 for sign) is the plane value 0, which ``packed_conv``
-        supports directly.
-        """
-        j = (pad_value - self.low) / self.step
-        if abs(j - round(j)) < 1e-9 and 0 <= round(j) <= self.planes:
-            j = int(round(j))
-            return tuple(1 if p <= j else -1 for p in range(1, self.planes + 1))
-        if self.planes == 1 and abs(j - 0.5) < 1e-9:
-            return (0,)
-        return None
-
-    def to_json(self) -> dict:
-        return {
-            "quantizer": self.quantizer,
-            "kwargs": dict(self.kwargs),
-            "low": self.low,
-            "step": self.step,
-            "planes": self.planes,
-        }
-
-
-def activation_code(spec, kwargs: Mapping[str, Any] | None = None) -> ActivationCode | None:
-    """The :class:`ActivationCode` of an input quantizer at inference, or None (float, or
-    no exact code): read from its deployed form's descriptor (``forward`` ``"sign"`` or
-    ``"levels"``; :func:`binax.binarizers.deployed`, :meth:`binax.quantizer.Quantizer.levels_for`)."""
-    spec, kwargs = binarizers.deployed(spec, kwargs)
-    q = binarizers.describe(spec)
-    levels = None if q is None else q.levels_for(kwargs)
-    if levels is None:
-        return None
-    if q.is_sign:
-        return ActivationCode("sign")
-    low, step, planes = levels
-    return ActivationCode(spec if isinstance(spec, str) else q.name, tuple(sorted(kwargs.items())), low, step, planes)
 
 
 # ----------------------------------------------------------------- kernels
@@ -378,165 +264,3 @@ def _export_abc(desc: layers.LayerDescriptor, module, params, map_shape, quantiz
     axis = b.ndim - 2
     info.update(pack_axis=axis, in_channels=int(b.shape[axis]))
     return LayerExport("abc", {"bits": pack_bits_np(b, axis), **extra}, info)
-
-
-# ----------------------------------------------------------------- packed compute
-
-
-@dataclasses.dataclass(frozen=True)
-class PackedLayer:
-    """The static side of an exported layer at run time (arrays are passed separately)."""
-
-    path: tuple[str, ...]
-    module: nn.Module  # unbound clone of the model's layer
-    kind: str
-    info: Mapping[str, Any]
-
-    @property
-    def descriptor(self) -> layers.LayerDescriptor:
-        return layers.describe(self.module)
-
-    @property
-    def code(self) -> ActivationCode | None:
-        c = self.info.get("code")
-        if c is None:
-            return None
-        return ActivationCode(c["quantizer"], tuple(sorted(c["kwargs"].items())), c["low"], c["step"], c["planes"])
-
-    @property
-    def packed(self) -> bool:
-        """Computed by XOR-popcount (``xnor``/``abc``)."""
-        return self.kind in ("xnor", "abc")
-
-    @property
-    def integer_output(self) -> bool:
-        """One int32 accumulator per output, decoded by ``acc·scale (+ bias)``."""
-        return self.kind == "xnor"
-
-    def pad_planes(self) -> tuple[int, ...]:
-        if self.kind == "abc":
-            desc = self.descriptor
-            pv = int(desc.geometry(self.module).pad_value) if desc.product == "conv" else 1
-            return (pv,) * desc.bases(self.module)[1]
-        return tuple(self.info.get("pad_planes", (1,) * self.code.planes))
-
-    def n_planes(self) -> int:
-        return self.descriptor.bases(self.module)[1] if self.kind == "abc" else self.code.planes
-
-    # ---- input planes
-
-    def encode(self, arrays: Mapping[str, Array], x: Array) -> Array:
-        """``(P, *x.shape[:-1], ceil(C/32))`` packed input planes of a float input."""
-        if self.kind == "abc":
-            shifts = arrays["shifts"].astype(jnp.float32)
-            shifted = x.astype(jnp.float32)[None] + shifts.reshape((-1,) + (1,) * x.ndim)
-            bits = shifted >= 0.5  # H_v(x) = +1 ⟺ clip(x + v, 0, 1) >= 0.5 ⟺ x + v >= 0.5
-        else:
-            bits = self.code.plane_bits(x)
-        return pack_bits(bits, axis=-1)
-
-    # ---- accumulators
-
-    def accumulate(self, arrays: Mapping[str, Array], planes: Array) -> Array:
-        """Integer accumulators from packed planes ``(P, N, ..., Cw)``.
-
-        ``xnor``: ``(N, ..., O)`` int32, ``Σ_p Σ_k s_pk·b_k + c0·S_b``; ``abc``: one
-        accumulator per activation plane and weight base, ``(P, N, ..., M·O)``.
-        """
-        bits = arrays["bits"]
-        c = self.info["in_channels"]
-        layout = self.info["layout"]
-        p = planes.shape[0]
-        if layout == "dense":
-            lead = planes.shape[1:-1]
-            acc = packed_dense(planes.reshape(-1, planes.shape[-1]), bits, c)
-            acc = acc.reshape(p, *lead, bits.shape[-1])
-        else:
-            if layout == "map":
-                h, w, _ = self.info["map_shape"]
-                if planes.ndim == 3:  # flattened (P, N, H·W·Cw) words -> per-pixel words
-                    planes = planes.reshape(p, planes.shape[1], h, w, -1)
-                strides, pads = (1, 1), ((0, 0), (0, 0))
-            else:
-                g = self.descriptor.geometry(self.module)
-                strides = g.ntuple("strides")
-                pads = geometry.padding_pairs(g.padding, planes.shape[2:4], bits.shape[:2], strides)
-            acc = self._conv_planes(planes, bits, c, strides, pads)
-            if layout == "map":
-                acc = acc.reshape(p, acc.shape[1], -1)
-        if self.kind == "abc":
-            return acc
-        acc = jnp.sum(acc, axis=0) if p > 1 else acc[0]
-        offset = self.code.offset
-        if offset:
-            acc = acc + offset * arrays["column_sums"]
-        return acc
-
-    def _conv_planes(self, planes, bits, c, strides, pads) -> Array:
-        # Planes that pad alike share one packed_conv call (stacked on the batch axis).
-        pad_planes = self.pad_planes() if self.info["layout"] == "conv" else (1,) * planes.shape[0]
-        groups: dict[int, list[int]] = {}
-        for i, pv in enumerate(pad_planes):
-            groups.setdefault(pv, []).append(i)
-        out = [None] * planes.shape[0]
-        n = planes.shape[1]
-        for pv, idx in groups.items():
-            xb = planes[jnp.asarray(idx)] if len(idx) < planes.shape[0] else planes
-            y = packed_conv(xb.reshape(-1, *planes.shape[2:]), bits, c, strides, pads, float(pv))
-            y = y.reshape(len(idx), n, *y.shape[1:])
-            for j, i in enumerate(idx):
-                out[i] = y[j]
-        return jnp.stack(out)
-
-    def decode_scale(self, arrays: Mapping[str, Array]) -> Array:
-        """Per-channel float of one accumulator step: ``α·Δ/2``."""
-        return arrays["scale"]
-
-    def decode(self, arrays: Mapping[str, Array], acc: Array) -> Array:
-        """Float output ``acc·(α·Δ/2) (+ bias)``, or for ABC ``Σ_mn α_m β_n acc_mn (+ bias)``."""
-        if self.kind == "abc":
-            m = self.descriptor.bases(self.module)[0]
-            acc = acc.reshape(*acc.shape[:-1], m, -1).astype(jnp.float32)
-            y = jnp.einsum("p...mo,p,m->...o", acc, arrays["betas"], arrays["alphas"], precision="highest")
-        else:
-            y = acc.astype(jnp.float32) * arrays["scale"]
-        if "bias" in arrays:
-            y = y + arrays["bias"]
-        return y
-
-    # ---- float layers
-
-    def float_apply(self, arrays: Mapping[str, Array], x: Array, progress=1.0) -> Array:
-        """A ``float``/``float_input`` layer: the layer's float form (its descriptor's
-        :meth:`~binax.layers.LayerDescriptor.forward_with`) with its float kernel."""
-        del progress  # deployed quantizers do not follow progress
-        desc = self.descriptor
-        if self.kind == "float":
-            kernel = arrays["kernel"]
-        elif desc.export == "abc":
-            # Σ_m α_m B_m from the packed bases.
-            axis = self.info["pack_axis"]
-            n = self.info["shape"][axis]
-            bases = unpack_bits(arrays["bits"], n, axis=axis + 1, dtype=jnp.float32)
-            kernel = jnp.tensordot(arrays["alphas"], bases, axes=1)
-        else:
-            axis = self.info["pack_axis"]
-            n = self.info["shape"][axis]
-            kernel = unpack_bits(arrays["bits"], n, axis=axis, dtype=jnp.float32) * arrays["alpha"]
-        return desc.forward_with(self.module, x, kernel, arrays)
-
-
-def derived_arrays(export: LayerExport) -> dict[str, np.ndarray]:
-    """Arrays computed at load from the stored ones (not saved): decode scales, ``S_b``."""
-    out = {}
-    if export.kind == "xnor":
-        code = export.info["code"]
-        half_step = np.float32(code["step"] / 2)
-        if "alpha" in export.arrays:  # absent when the chain folded it into thresholds
-            out["scale"] = (np.asarray(export.arrays["alpha"], np.float32) * half_step).astype(np.float32)
-        c0 = ActivationCode(code["quantizer"], (), code["low"], code["step"], code["planes"]).offset
-        if c0:
-            out["column_sums"] = column_sums(export.arrays["bits"], export.info["column_sums_n"])
-    return out
-
-

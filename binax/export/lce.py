@@ -49,7 +49,7 @@ import numpy as np
 
 from binax import files, layers
 from binax.errors import ConfigError, MissingDependencyError
-from binax.export.model import PackedModel
+from binax.export.runtime import PackedModel
 from binax.packed.bits import unpack_bits
 
 __all__ = ["keras_layers", "export_tflite", "run_lce", "lce_python", "WORKER"]
