@@ -159,7 +159,7 @@ def deployed_cost(arch: str, spec: str) -> tuple[float, float, int]:
         variables = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), variables)
         model, _, _ = transforms.decouple_binaryduo_model(model, variables)
     if config.recipe.procedure == "self_binarizing":
-        model = transforms.tanh_to_sign(model)
+        model = transforms.inference_model(model)
     totals = binax.summary(model, (28, 28, 1)).totals
     return totals.memory_bytes, totals.float32_bytes, totals.binary_ops
 

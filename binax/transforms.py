@@ -4,8 +4,9 @@
   norm followed by ``sign`` becomes one threshold and one sign bit per channel
   (:func:`fold_bn_sign`, :func:`fold_binary_bn`), applied by
   :class:`binax.layers.BinaryBatchNorm`.
-* Self-Binarizing end state: ``tanh(nu x)`` replaced by ``sign`` on weights and
-  activations (:func:`tanh_to_sign`), then BinaryBN folding (:func:`self_binarizing_inference`).
+* Deployed quantizers: every quantizer in the form it runs at inference
+  (:func:`inference_model`: Self-Binarizing's ``tanh(nu x)`` becomes ``sign``), then
+  BinaryBN folding (:func:`self_binarizing_inference`).
 * BinaryDuo decoupling (Kim et al. ICLR 2020): a network trained with the coupled
   ternary activation becomes the binary network whose coupled layers' outputs are
   copied twice (weights tied, as the official ``nn.Replicate``), computing the same
@@ -31,7 +32,6 @@ __all__ = [
     "fold_binary_bn_variables",
     "fold_binary_bn",
     "inference_model",
-    "tanh_to_sign",
     "self_binarizing_inference",
     "DUO_SHIFT",
     "binaryduo_couplings",
@@ -272,10 +272,10 @@ def _chain(model: nn.Module) -> list:
     """The model's layer chain (``model.chain()``, :class:`binax.models.common.Step`)."""
     chain = model.chain() if hasattr(model, "chain") else None
     if chain is None:
-        with_chain = [n for n in models.names() if models.create(n).chain() is not None]
+        name = models.registry_name(model) or type(model).__name__
         raise ValueError(
-            f"BinaryDuo decoupling needs a model described by a layer chain (model.chain(): "
-            f"{', '.join(with_chain)}); got {type(model).__name__}."
+            f"BinaryDuo decoupling needs a model described by a layer chain (model.chain(): bnn_mlp, the VGG "
+            f"family, alexnet); {name}'s chain() is None."
         )
     return chain
 
@@ -299,6 +299,18 @@ def binaryduo_couplings(model: nn.Module) -> list[tuple[str, str, str]]:
     return out
 
 
+def _decouples(spec, kwargs) -> bool:
+    """Whether ``q(y) = (duo_binary(y + ¼) + duo_binary(y − ¼)) / 2``, the identity the
+    decoupling rests on, holds for the quantizer ``spec``: checked on its own forward on
+    a grid through both thresholds (its values decide, not its name)."""
+    q = binarizers.resolve(spec, **dict(kwargs or {}))
+    if q is None:
+        return False
+    y = np.arange(-1024, 2049) / 1024  # [-1, 2] in exact binary steps, both thresholds among them
+    want = ((y + DUO_SHIFT >= 0.5).astype(np.float32) + (y - DUO_SHIFT >= 0.5)) / 2
+    return bool(np.array_equal(np.asarray(q(jnp.asarray(y, jnp.float32), 1.0)), want))
+
+
 # Activations that leave 1[y >= 0.25] and 1[y >= 0.75] unchanged.
 _DUO_SAFE_ACTIVATIONS = ("none", "hardtanh", "relu")
 
@@ -316,9 +328,10 @@ def decouple_binaryduo_model(model: nn.Module, variables: Mapping) -> tuple[nn.M
     (``ternary(y) = (binary(y + 0.25) + binary(y − 0.25)) / 2``), so its logits equal the
     coupled model's up to float summation order. See :func:`decouple_binaryduo`.
     """
-    if model.input_quantizer != "duo_ternary":
+    if not _decouples(model.input_quantizer, model.input_quantizer_kwargs):
         raise ValueError(
-            f"decoupling needs a coupled model with input_quantizer='duo_ternary'; got {model.input_quantizer!r}."
+            f"decoupling needs a coupled model whose input quantizer is BinaryDuo's ternary activation (duo_ternary: "
+            f"q(y) = (duo_binary(y + {DUO_SHIFT}) + duo_binary(y - {DUO_SHIFT})) / 2); got {model.input_quantizer!r}."
         )
     kq = binarizers.describe(model.kernel_quantizer)
     if kq is not None and not kq.scale_equivariant:
@@ -363,27 +376,14 @@ def decouple_binaryduo_model(model: nn.Module, variables: Mapping) -> tuple[nn.M
 
 
 def inference_model(model: nn.Module) -> nn.Module:
-    """``model`` with every quantizer in its deployed form (:func:`binax.models.inference_overrides`:
-    ``binax.binarizers.deployed``); the model itself when nothing changes."""
+    """``model`` as it runs at inference: every quantizer in its deployed form
+    (:func:`binax.models.inference_overrides`, :func:`binax.binarizers.deployed`: e.g.
+    Self-Binarizing's ``tanh_sign`` becomes ``sign``); the model itself when nothing
+    changes. The summary, the exporter and model surgery all deploy through it."""
     changes = models.inference_overrides(model)
-    return model.clone(**{k: models.common.freeze(v) for k, v in changes.items()}) if changes else model
-
-
-def tanh_to_sign(model: nn.Module) -> nn.Module:
-    """The Self-Binarizing inference model: ``tanh_sign`` quantizers deployed as ``sign``.
-
-    Lahoud & Achanta (2019) train with ``tanh(nu x)`` on weights and activations, nu
-    growing so tanh approaches sign, and deploy with ``sign`` (``tanh_sign``'s descriptor
-    says so: ``inference="sign"``). :func:`inference_model`, for a model that has
-    something to deploy; otherwise a ``ValueError``.
-    """
-    deployed = inference_model(model)
-    if deployed is model:
-        raise ValueError(
-            f"{type(model).__name__} has no quantizer deployed in another form, such as tanh_sign (input_quantizer="
-            f"{model.input_quantizer!r}, kernel_quantizer={model.kernel_quantizer!r})."
-        )
-    return deployed
+    if not changes:
+        return model
+    return model.clone(parent=None, **{k: models.common.freeze(v) for k, v in changes.items()})
 
 
 def self_binarizing_inference(
@@ -391,8 +391,17 @@ def self_binarizing_inference(
 ) -> tuple[nn.Module, dict]:
     """Self-Binarizing end state: ``sign`` in place of tanh, BinaryBN in place of BN → sign.
 
-    Returns the folded model and variables (see :func:`tanh_to_sign`, :func:`fold_binary_bn`).
-    Its predictions equal the trained model's at nu_max when nu_max is large enough that
+    Lahoud & Achanta (2019) train with ``tanh(nu x)`` on weights and activations, nu
+    growing so tanh approaches sign, and deploy with ``sign`` (``tanh_sign``'s descriptor
+    says so: ``inference="sign"``): :func:`inference_model`, then :func:`fold_binary_bn`.
+    A model with no quantizer deployed in another form is a ``ValueError``. Its
+    predictions equal the trained model's at nu_max when nu_max is large enough that
     ``tanh(nu x)`` and ``sign(x)`` agree on the data (measure the agreement rate).
     """
-    return fold_binary_bn(tanh_to_sign(model), variables, input_shape)
+    deployed = inference_model(model)
+    if deployed is model:
+        raise ValueError(
+            f"{type(model).__name__} has no quantizer deployed in another form, such as tanh_sign (input_quantizer="
+            f"{model.input_quantizer!r}, kernel_quantizer={model.kernel_quantizer!r})."
+        )
+    return fold_binary_bn(deployed, variables, input_shape)

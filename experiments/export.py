@@ -192,7 +192,7 @@ def run(
     if check:
         pre = packed.preprocessing
         raw = np.random.default_rng(0).integers(0, pre.max_value + 1, (check, *shape), dtype=np.uint8)
-        ref_model = bx.inference_model(model)
+        ref_model = binax.transforms.inference_model(model)
         ref = train.evaluate(ref_model, variables, train.array_batches(packed.preprocess(raw)), keep_logits=True).logits
         loaded = bx.load(out)
         got = np.asarray(loaded(raw))

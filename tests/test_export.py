@@ -203,10 +203,16 @@ def _freeze(cfg: dict) -> tuple:
     return tuple(sorted((k, _freeze(v) if isinstance(v, dict) else v) for k, v in cfg.items()))
 
 
+def _thaw(frozen: tuple) -> dict:
+    """:func:`_freeze` undone: nested ``(key, value)`` pairs back to dicts."""
+    return {k: _thaw(v) if isinstance(v, tuple) and v and all(isinstance(p, tuple) and len(p) == 2 for p in v)
+            and all(isinstance(p[0], str) for p in v) else v for k, v in frozen}
+
+
 @functools.lru_cache(maxsize=None)
 def _exported(name: str, cfg: tuple, runtime: str, ref_cfg: tuple | None):
-    cfg = json.loads(json.dumps(dict(cfg)))  # back to plain dicts / lists
-    ref_model = binax.models.create(name, **(dict(ref_cfg) if ref_cfg else cfg))
+    cfg = json.loads(json.dumps(_thaw(cfg)))  # back to plain dicts / lists
+    ref_model = binax.models.create(name, **(_thaw(ref_cfg) if ref_cfg else cfg))
     shape = input_shape_for(ref_model)
     x = images_for(shape)
     variables, ref, _ = calibrated(ref_model, x)
@@ -293,7 +299,7 @@ def test_tanh_sign_is_exported_as_sign(tmp_path):
     packed, ref, x = exported("bnn_mlp", tanh, ref_cfg=sign)
     assert_same_logits(packed(x), ref)
     assert_loads_back(packed, tmp_path)
-    assert bx.inference_config(tanh)["input_quantizer"] == "sign"
+    assert binax.models.inference_overrides(tanh)["input_quantizer"] == "sign"
     assert packed.config["input_quantizer"] == "tanh_sign"  # the file keeps the training config
     assert "xor-popcount (sign" in packed.report()
 

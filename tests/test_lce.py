@@ -227,20 +227,19 @@ def test_what_lce_cannot_run_is_refused_in_one_line_naming_the_layer(name, cfg, 
 
 def test_geometry_keras_cannot_express_is_refused():
     """Explicit paddings, dilation and grouped convolutions: refused, naming the layer."""
-    from types import SimpleNamespace
-
+    from binax import layers
     from binax.models.common import Step
 
-    conv = SimpleNamespace(padding=((1, 1), (1, 1)), pad_value=1.0, window=(3, 3), kernel_dilation=1, feature_group_count=1)
+    explicit = layers.Geometry((3, 3), 1, ((1, 1), (1, 1)), pad_value=1.0)
     with pytest.raises(ConfigError, match=r"conv2: padding \(\(1, 1\), \(1, 1\)\)"):
-        lce._padding(("conv2",), conv, float_input=False)
-    assert lce._padding(("conv2",), SimpleNamespace(padding="SAME", pad_value=1.0), float_input=False) == "same"
+        lce._padding(("conv2",), explicit, float_input=False)
+    assert lce._padding(("conv2",), layers.Geometry((3, 3), 1, "SAME", pad_value=1.0), float_input=False) == "same"
     with pytest.raises(ConfigError, match="conv2: dilated or grouped"):
-        lce._conv_checks(("conv2",), SimpleNamespace(window=(3, 3), kernel_dilation=(2, 2), feature_group_count=1))
+        lce._conv(("conv2",), layers.BinaryConv(4, (3, 3), kernel_dilation=(2, 2)))
     with pytest.raises(ConfigError, match="conv2: dilated or grouped"):
-        lce._conv_checks(("conv2",), SimpleNamespace(window=(3, 3), kernel_dilation=1, feature_group_count=2))
+        lce._conv(("conv2",), layers.BinaryConv(4, (3, 3), feature_group_count=2))
     with pytest.raises(ConfigError, match="conv2: 1-d convolution"):
-        lce._conv_checks(("conv2",), SimpleNamespace(window=(3,), kernel_dilation=1, feature_group_count=1))
+        lce._conv(("conv2",), layers.BinaryConv(4, (3,)))
     with pytest.raises(ConfigError, match="max_pool: padding"):
         lce.max_pool_fields(Step.max_pool((2, 2), (2, 2), padding=((0, 1), (0, 1))))
     assert lce.max_pool_fields(Step.max_pool((2, 2), (2, 2)))["padding"] == "valid"

@@ -155,34 +155,29 @@ def test_full_size_parameter_count_matches_the_architecture(name):
     assert out.shape == (2, models.get_config(name).num_classes)
 
 
-@pytest.mark.parametrize("name", EXPECTED_NAMES)
-@pytest.mark.parametrize("last_layer_float", [True, False])
-def test_layer_chain_is_the_forward_in_call_order(name, last_layer_float):
-    """model.chain() (what export and BinaryDuo decoupling read) lists the layers and BN
-    blocks ``__call__`` runs, in its order, with their width keys and quantized inputs."""
+@pytest.mark.parametrize("name", ["bnn_mlp", "cnn_small", "vgg7_tiny", "alexnet"])
+def test_the_forward_runs_its_chain(name):
+    """A sequential model writes its forward once (``steps()``): ``__call__`` runs it and
+    ``chain()`` hands it to the exporter and BinaryDuo decoupling. What the steps say is
+    what the built layers do: quantized inputs and kernels, widths from their keys."""
     shape, overrides = SMALL[name]
-    model = models.create(name, last_layer_float=last_layer_float, width_multiplier=0.5, **overrides)
-    chain = model.chain()
-    if chain is None:
-        assert name.startswith(("resnet", "reactnet"))  # residual: not one chain
-        return
+    model = models.create(name, last_layer_float=False, width_multiplier=0.5, **overrides)  # a float first kernel
     calls, _ = models.trace(model, shape)
-    top = {}
-    for call in calls:
-        if len(call.path) == 1 and not call.path[0].endswith("_act"):
-            top.setdefault(call.path, call)
-    steps = [s for s in chain if s.kind in ("layer", "block")]
-    assert [s.path for s in steps] == list(top)
-    assert [s.kind for s in steps] == ["block" if "bn" in p[0] else "layer" for p in top]
-    for step in steps:
-        call = top[step.path]
-        if step.kind == "layer":
-            assert (call.module.input_quantizer is not None) == step.quantize_input, step
-            if step.width is not None:
-                key, index = step.width
-                assert call.out_shape[-1] == max(1, round(getattr(model, key)[index] * 0.5)), step
-    pools = sum(s.kind == "max_pool" for s in chain)
-    assert pools == {"bnn_mlp": 0, "cnn_small": 2, "vgg_small": 3, "vgg7_tiny": 3, "alexnet": 3}[name]
+    top = {c.path: c for c in calls if len(c.path) == 1}
+    layers = [s for s in model.chain() if s.kind == "layer"]
+    assert [s.path for s in layers] == [p for p, c in top.items() if hasattr(c.module, "kernel_quantizer")]
+    for step in layers:
+        module = top[step.path].module
+        assert (module.input_quantizer is not None, module.kernel_quantizer is not None) == (
+            step.quantize_input,
+            step.quantize_kernel,
+        ), step
+        if step.width is not None:
+            key, index = step.width
+            assert top[step.path].out_shape[-1] == max(1, round(getattr(model, key)[index] * 0.5)), step
+    if hasattr(model, "replicate"):  # BinaryDuo's copies between a layer and its BN: no chain
+        assert model.clone(replicate=2).chain() is None
+    assert models.create("resnet20").chain() is None  # residual: not one chain
 
 
 def test_hand_counts_of_the_papers_architectures():
@@ -295,6 +290,18 @@ def test_get_config_is_locked_and_create_applies_overrides():
     same = models.create("cnn_small", **models.get_config("cnn_small"))
     assert same == models.create("cnn_small")
     hash(models.create("vgg_small"))  # hashable: jit can take the module or its methods
+
+
+def test_create_records_the_registry_name_on_the_model():
+    """The name create() was given is read back from the model (and its clones), so
+    nothing builds every registered model to guess it."""
+    small = models.create("cnn_small", width_multiplier=0.5)
+    assert models.registry_name(small) == "cnn_small"  # VGG, the class of vgg_small too
+    assert models.registry_name(small.clone(pool_after=(2,))) == "cnn_small"
+    assert models.registry_name(type(small)()) is None  # built by its class
+    with pytest.raises(ValueError, match="identifier"):
+        models.register("my net", type(small))
+    assert "my net" not in models.names()
 
 
 def test_unknown_names_and_keys_raise_clear_errors():

@@ -136,4 +136,4 @@ def test_self_binarizing_inference_matches_tanh_model_at_large_nu():
     np.testing.assert_array_equal(jnp.argmax(out, -1), jnp.argmax(ref, -1))
     np.testing.assert_allclose(out, ref, rtol=1e-3, atol=1e-3)
     with pytest.raises(ValueError, match="tanh_sign"):
-        transforms.tanh_to_sign(models.create("bnn_mlp", widths=(8,)))
+        transforms.self_binarizing_inference(models.create("bnn_mlp", widths=(8,)), {}, (28, 28, 1))

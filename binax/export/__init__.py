@@ -7,8 +7,12 @@
   (``chain`` / ``generic`` runtimes), and a ``jax.export`` artifact that runs without
   binax. ``load`` reads a file as data (:mod:`binax.export.packed_file`).
 * ``preprocessing``: :class:`Preprocessing`, what the training pipeline did to raw images.
-* ``inference``: a quantized layer in inference form (activation codes, packed kernels).
-* ``chain``: sequential models whose binary layers pass packed bits to each other.
+* ``runtime``: :class:`PackedModel` at run time (``report``: what runs packed, layer by layer).
+* ``inference``: a quantized layer in inference form (``codes``: activation codes; packed
+  kernels), read from the layer's descriptor (:mod:`binax.layers.descriptor`);
+  ``packed_layer``: its packed compute.
+* ``chain``: sequential models whose binary layers pass packed bits to each other
+  (``thresholds``: the integer thresholds between them).
 * ``lce``: a packed chain as a Larq Compute Engine ``.tflite`` (``export_tflite``;
   TensorFlow runs in a subprocess, ``pip install 'binax[lce]'``; not imported here).
 
@@ -24,8 +28,6 @@ from binax.export.model import (
     PORTABLE_REQUIREMENTS,
     PackedModel,
     export,
-    inference_config,
-    inference_model,
     load,
     read_meta,
     save,
@@ -36,8 +38,6 @@ __all__ = [
     "FORMAT_VERSION",
     "PORTABLE_REQUIREMENTS",
     "export",
-    "inference_config",
-    "inference_model",
     "load",
     "PackedModel",
     "Preprocessing",

@@ -15,6 +15,7 @@ from typing import Any, Mapping
 
 import numpy as np
 
+from binax import layers
 from binax.export.packed_file import check_code, fail
 
 __all__ = ["expected_arrays", "check_arrays"]
@@ -46,7 +47,8 @@ def _layer_arrays(key: str, entry: Mapping, module, params: Mapping, path) -> di
         want["bias"] = (f32, (out_ch,))
     abc = kind == "abc" or (kind == "float_input" and "shifts" in params)
     if abc:
-        m = _int(info, "m", where, path) if kind == "float_input" else getattr(module, "m", 0)
+        bases = layers.describe(module).bases
+        m = _int(info, "m", where, path) if kind == "float_input" else (bases(module)[0] if bases else 0)
         want.update(alphas=(f32, (m,)), betas=(f32, tuple(params["betas"].shape)), shifts=(f32, tuple(params["shifts"].shape)))
     if kind == "float":
         want["kernel"] = (f32, shape)
@@ -87,15 +89,13 @@ def _layer_arrays(key: str, entry: Mapping, module, params: Mapping, path) -> di
 def expected_arrays(meta: Mapping[str, Any], calls: Mapping[tuple, Any], abstract: Mapping, path) -> dict[str, tuple]:
     """``{key: (dtype, shape)}`` of every array the file must hold for the rebuilt model
     (``calls``/``abstract``: :func:`binax.models.trace` of it)."""
-    from binax.export.inference import EXPORTED_TYPES
-
     params = abstract.get("params", {})
     want: dict[str, tuple] = {}
     skip: set[tuple] = set()
     for key, entry in meta["layers"].items():
         p = tuple(key.split("/"))
         call = calls.get(p)
-        if call is None or not isinstance(call.module, EXPORTED_TYPES):
+        if call is None or layers.describe(call.module).export is None:
             raise fail(path, f"layers[{key!r}] is not a quantized layer of this {meta['model'] or meta['model_class']}.")
         if "code" in entry["info"]:  # what the runtime quantizes inputs with: registered here
             check_code(entry["info"]["code"], f"layers[{key!r}].info.code", path, must_exist=True)

@@ -18,9 +18,8 @@ import numpy as np
 from binax import binarizers, models
 from binax.errors import ConfigError, PackedFileError
 from binax.export import packed_file
-from binax.models import common
 
-__all__ = ["inference_config", "inference_model", "module_identity"]
+__all__ = ["module_identity"]
 
 
 def _jsonable(value, where: str):
@@ -39,21 +38,6 @@ def _jsonable(value, where: str):
         f"config value {where} = {value!r} cannot be stored in a packed model file; use registry "
         f"names (binax.binarizers.names()) and plain numbers, strings, lists and dicts."
     )
-
-
-def inference_config(config: Mapping[str, Any]) -> dict:
-    """The config a model runs at inference: ``config`` with
-    :func:`binax.models.inference_overrides` (e.g. ``tanh_sign`` quantizers become ``sign``)."""
-    return {**dict(config), **models.inference_overrides(config)}
-
-
-def inference_model(model: nn.Module) -> nn.Module:
-    """``model`` as it runs at inference (:func:`binax.models.inference_overrides`: e.g.
-    ``tanh_sign`` quantizers become ``sign``); the same module when nothing changes."""
-    overrides = models.inference_overrides(model)
-    if not overrides:
-        return model
-    return model.clone(parent=None, **{k: common.freeze(v) for k, v in overrides.items()})
 
 
 def _fields(model: nn.Module) -> dict[str, Any]:
@@ -75,31 +59,24 @@ def _registered_name(spec, key: str) -> str:
 def module_identity(model: nn.Module) -> tuple[str | None, str, dict, dict]:
     """``(registry name or None, class name, config, quantizers)`` that the file records.
 
-    A registry model is recorded by its name and the keys of its config
-    (``binax.models.create(name, **config)`` gives the same module; of several names of
-    one class the one whose defaults differ least); any other module by its class name
-    (text, never imported) and every field. Quantizers are stored by registry name
+    A registry model (:func:`binax.models.registry_name`: the name ``create`` gave it) is
+    recorded by its name and the keys of its config (``binax.models.create(name,
+    **config)`` gives the same module); any other module by its class name (text, never
+    imported) and every field. Quantizers are stored by registry name
     (``"my_module:fn"`` becomes the name it is registered under), and ``quantizers``
     records each one's declared forward (:func:`binax.export.packed_file.quantizer_record`).
     """
     cls = type(model)
     fields = _fields(model)
-    best = None
-    for name in models.names():
-        if type(models.create(name)) is not cls:
-            continue
-        defaults = models.get_config(name).to_dict()
-        config = {k: fields[k] for k in defaults}
+    name = models.registry_name(model)
+    config = dict(fields)
+    if name is not None:
+        config = {k: fields[k] for k in models.get_config(name).to_dict()}
         try:
-            rebuilt = models.create(name, **config)
+            if _fields(models.create(name, **config)) != fields:
+                name, config = None, dict(fields)  # a field outside the config was changed
         except (ConfigError, ValueError):
-            continue
-        if _fields(rebuilt) != fields:
-            continue  # a field outside this name's config differs from its default
-        diff = sum(common.freeze(defaults[k]) != config[k] for k in defaults)
-        if best is None or diff < best[0]:
-            best = (diff, name, config)
-    name, config = (best[1], dict(best[2])) if best is not None else (None, dict(fields))
+            name, config = None, dict(fields)
     quantizers = {}
     for key in packed_file.QUANTIZER_KEYS:
         if config.get(key) is not None:

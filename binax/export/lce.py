@@ -44,14 +44,12 @@ import sys
 import tempfile
 from typing import Any, Mapping, Sequence
 
-import flax.linen as nn
 import jax.numpy as jnp
 import numpy as np
 
-from binax import files
-from binax import layers as L
+from binax import files, layers
 from binax.errors import ConfigError, MissingDependencyError
-from binax.export.model import PackedModel
+from binax.export.runtime import PackedModel
 from binax.packed.bits import unpack_bits
 
 __all__ = ["keras_layers", "export_tflite", "run_lce", "lce_python", "WORKER"]
@@ -70,16 +68,16 @@ def _refuse(path: Sequence[str] | str, why: str) -> ConfigError:
 # ------------------------------------------------------------------------- layers
 
 
-def _padding(path, module, float_input: bool) -> str:
-    """Keras padding of a binax conv; binary inputs must pad with +1 (LCE's ``pad_values=1``)."""
-    pad = module.padding
+def _padding(path, g: layers.Geometry, float_input: bool) -> str:
+    """Keras padding of a conv; binary inputs must pad with +1 (LCE's ``pad_values=1``)."""
+    pad = g.padding
     if not isinstance(pad, str) or pad.upper() not in ("SAME", "VALID"):
         raise _refuse(path, f"padding {pad!r} (LCE export maps 'SAME' and 'VALID')")
     if pad.upper() == "SAME":
         want = 0.0 if float_input else 1.0
-        if module.pad_value != want:
+        if g.pad_value != want:
             kind = "a float" if float_input else "a binary"
-            raise _refuse(path, f"pads {kind} input with {module.pad_value} (Keras/LCE pad it with {want})")
+            raise _refuse(path, f"pads {kind} input with {g.pad_value} (Keras/LCE pad it with {want})")
     return pad.lower()
 
 
@@ -91,17 +89,14 @@ def max_pool_fields(op) -> dict:
     return {"pool": list(op.window), "strides": list(op.strides), "padding": pad.lower()}
 
 
-def _strides(module) -> list[int]:
-    s = module.strides
-    return [int(s), int(s)] if isinstance(s, int) else [int(v) for v in s]
-
-
-def _conv_checks(path, module) -> None:
-    if len(module.window) != 2:
-        raise _refuse(path, f"{len(module.window)}-d convolution (LCE export maps 2-d)")
-    dil = module.kernel_dilation
-    if (dil if isinstance(dil, int) else max(dil)) != 1 or getattr(module, "feature_group_count", 1) != 1:
+def _conv(path, module) -> layers.Geometry:
+    """A 2-d, undilated, ungrouped convolution's geometry (its layer descriptor's)."""
+    g = layers.describe(module).geometry(module)
+    if len(g.window) != 2:
+        raise _refuse(path, f"{len(g.window)}-d convolution (LCE export maps 2-d)")
+    if max(g.ntuple("dilation")) != 1 or g.groups != 1:
         raise _refuse(path, "dilated or grouped convolution")
+    return g
 
 
 def _unpack(arrays: Mapping, info: Mapping) -> np.ndarray:
@@ -136,15 +131,10 @@ class _Builder:
 def _float_layer(b: _Builder, path, module, params: Mapping, kernel=None) -> None:
     kernel = np.asarray(params["kernel"] if kernel is None else kernel, np.float32)
     bias = params.get("bias")
-    if isinstance(module, (nn.Conv, L.BinaryConv)) and kernel.ndim == 4:
-        if isinstance(module, L.BinaryConv):
-            _conv_checks(path, module)
-            padding = _padding(path, module, float_input=True)
-        else:
-            padding = module.padding.lower() if isinstance(module.padding, str) else None
-            if padding not in ("same", "valid"):
-                raise _refuse(path, f"padding {module.padding!r}")
-        b.add("conv", path, {"kernel": kernel, "bias": bias}, strides=_strides(module), padding=padding)
+    if layers.describe(module).product == "conv" and kernel.ndim == 4:
+        g = _conv(path, module)
+        padding = _padding(path, g, float_input=True)
+        b.add("conv", path, {"kernel": kernel, "bias": bias}, strides=list(g.ntuple("strides")), padding=padding)
     elif kernel.ndim == 2:
         b.add("dense", path, {"kernel": kernel, "bias": bias})
     else:
@@ -162,11 +152,12 @@ def _binary_layer(b: _Builder, path, layer, arrays: Mapping) -> bool:
         )
     info, module = layer.info, layer.module
     kernel = _unpack(arrays, info)
-    if isinstance(module, L.BinaryConv):
-        _conv_checks(path, module)
-        padding = _padding(path, module, float_input=False)
-        b.add("quant_conv", path, {"kernel": kernel}, strides=_strides(module), padding=padding, pad_values=1.0)
-    elif isinstance(module, L.BinaryDense):
+    product = layers.describe(module).product
+    if product == "conv":
+        g = _conv(path, module)
+        padding = _padding(path, g, float_input=False)
+        b.add("quant_conv", path, {"kernel": kernel}, strides=list(g.ntuple("strides")), padding=padding, pad_values=1.0)
+    elif product == "dense":
         # After a flatten, LCE 0.16's binary convolution on the reshaped bitpacked map gave
         # wrong accumulators for some images: there the layer stays a QuantDense (LCE runs
         # it as a float matmul of ±1 values, exact).
@@ -242,7 +233,7 @@ def keras_layers(packed: PackedModel) -> tuple[list[dict], dict[str, np.ndarray]
                 _binary_layer(b, path, layer, host["layers"][path])
             elif layer.kind == "float_input":
                 la = host["layers"][path]
-                if isinstance(layer.module, (L.ABCDense, L.ABCConv)):
+                if layer.descriptor.export == "abc":
                     raise _refuse(path, "ABC-Net layer (M bases x N shifted activations; LCE has one binary conv per layer)")
                 kernel = _unpack(la, layer.info) * np.asarray(la["alpha"], np.float32)
                 _float_layer(b, path, layer.module, {"bias": la.get("bias")}, kernel)
@@ -263,7 +254,7 @@ def keras_layers(packed: PackedModel) -> tuple[list[dict], dict[str, np.ndarray]
                 b.add("affine", path, {"scale": s, "bias": bias})
                 continue
             block = plan.blocks[path]
-            if isinstance(block.norm, L.BinaryBatchNorm):
+            if layers.describe(block.norm).binary_output:
                 b.add("affine", path, _binary_bn_affine(_node(float_vars["params"], path)))
                 continue
             v = {col: _node(tree, path) for col, tree in float_vars.items()}

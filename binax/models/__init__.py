@@ -28,6 +28,7 @@ __all__ = [
     "get_config",
     "problems",
     "register",
+    "registry_name",
     "inference_overrides",
     "common",
     "fields",
@@ -43,7 +44,10 @@ _REGISTRY: dict[str, tuple[type[nn.Module], Mapping[str, Any]]] = {}
 
 def register(name: str, model_cls: type[nn.Module], **preset: Any) -> None:
     """Register ``model_cls`` under ``name``; its config is the class's fields with
-    ``preset`` values over their defaults (every key must be a field)."""
+    ``preset`` values over their defaults (every key must be a field). ``name`` becomes
+    the Flax name of the modules :func:`create` builds (an identifier)."""
+    if not (isinstance(name, str) and name.isidentifier()):
+        raise ConfigError(f"a model name must be an identifier (letters, digits, '_'); got {name!r}.")
     if name in _REGISTRY:
         raise ConfigError(f"A model named {name!r} is already registered.")
     unknown = set(preset) - set(fields.names(model_cls))
@@ -130,7 +134,17 @@ def create(name: str, **overrides: Any) -> nn.Module:
         raise ConfigError(f"Model {name!r}: {'; '.join(bad)}.")
     if hasattr(model_cls, "validate_config"):
         model_cls.validate_config(values)
-    return model_cls(**values)
+    # The registry name is the module's (Flax) name, which clone() keeps: registry_name()
+    # reads it back (a top-level module's name prefixes no variable).
+    return model_cls(**values, name=name)
+
+
+def registry_name(model: nn.Module) -> str | None:
+    """The registry name :func:`create` built ``model`` under (kept by ``model.clone``), or
+    None for a module built otherwise (a class of your own, or one built by its class)."""
+    name = getattr(model, "name", None)
+    entry = _REGISTRY.get(name) if isinstance(name, str) else None
+    return name if entry is not None and type(model) is entry[0] else None
 
 
 def inference_overrides(config: Any) -> dict[str, Any]:

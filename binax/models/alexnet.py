@@ -11,11 +11,10 @@ fc_widths=(2400, 4096)``. Needs at least 63x63 inputs.
 
 from __future__ import annotations
 
-import flax.linen as nn
 import jax
 
 from binax.errors import ConfigError
-from binax.models import common
+from binax.models import common, sequential
 from binax.models.fields import Widths
 
 Array = jax.Array
@@ -29,7 +28,7 @@ PRESETS = {"alexnet": dict(num_classes=1000, latent_weight_clip=1.0)}
 _CONVS = ((11, 4, 2, True), (5, 1, 2, True), (3, 1, 1, False), (3, 1, 1, False), (3, 1, 1, True))
 
 
-class AlexNet(common.BinaryModel):
+class AlexNet(sequential.SequentialModel):
     conv_widths: Widths = (96, 256, 384, 384, 256)
     fc_widths: Widths = (4096, 4096)
 
@@ -42,40 +41,19 @@ class AlexNet(common.BinaryModel):
         if len(cfg["conv_widths"]) != len(_CONVS):
             raise ConfigError(f"AlexNet has {len(_CONVS)} convolutions; got conv_widths={cfg['conv_widths']}.")
 
-    @nn.compact
-    def __call__(self, x: Array, train: bool = False, progress: float | Array = 1.0) -> Array:
-        common.check_image_input(x, "AlexNet", self.min_input_size)
-        spec = common.layer_spec(self)
-        widths = common.scaled(self.conv_widths, self.width_multiplier)
-        for i, (width, (k, s, p, pool)) in enumerate(zip(widths, _CONVS)):
-            first = i == 0
-            x = spec.conv(
-                width,
-                (k, k),
-                s,
-                p,
-                name=f"conv{i}",
-                quantize_input=not first,
-                quantize_kernel=not (first and self.first_layer_float),
-            )(x, progress)
-            if pool:
-                x = nn.max_pool(x, (3, 3), (2, 2))
-            x = common.bn_sign_block(self, x, train, f"bn{i}", False)
-        x = x.reshape(x.shape[0], -1)
-        for j, width in enumerate(common.scaled(self.fc_widths, self.width_multiplier)):
-            x = spec.dense(width, name=f"fc{j}")(x, progress)
-            x = common.bn_sign_block(self, x, train, f"fc_bn{j}", False)
-        return common.classifier(self, x, progress)
-
-    def chain(self) -> list[common.Step]:
+    def steps(self) -> list[common.Step]:
+        """Per convolution: conv -> [3x3/2 max-pool] -> BN block; flatten; dense -> BN
+        blocks; the classifier."""
         Step = common.Step
         steps = []
-        for i, (_, _, _, pool) in enumerate(_CONVS):
-            steps.append(Step.layer(f"conv{i}", ("conv_widths", i), quantize_input=i > 0))
+        for i, (k, s, p, pool) in enumerate(_CONVS):
+            first = i == 0
+            no_kq = first and self.first_layer_float
+            steps.append(Step.conv(f"conv{i}", ("conv_widths", i), (k, k), s, p, quantize_input=not first, quantize_kernel=not no_kq))
             if pool:
                 steps.append(Step.max_pool((3, 3), (2, 2)))
             steps.append(Step.block(f"bn{i}"))
         steps.append(Step.flatten())
         for j, _ in enumerate(self.fc_widths):
             steps += [Step.layer(f"fc{j}", ("fc_widths", j)), Step.block(f"fc_bn{j}")]
-        return steps + [Step.layer("classifier", quantize_input=not self.last_layer_float)]
+        return steps + [sequential.classifier_step(self)]

@@ -167,14 +167,15 @@ class _LayerFactories:
 
 @dataclasses.dataclass(frozen=True)
 class Step:
-    """One step of a sequential model's forward, as :meth:`BinaryModel.chain` lists them.
+    """One step of a sequential model's forward (:class:`binax.models.sequential.SequentialModel`).
 
     ``kind``:
 
     * ``"layer"``: the dense or conv layer ``path``; ``width`` is the ``(config key,
-      index)`` of its output width (None: fixed, e.g. the classifier's classes) and
-      ``quantize_input`` whether its input goes through the model's input quantizer (as
-      the layer factories' argument: every layer but the first and a float classifier);
+      index)`` of its output width (None: ``features``, e.g. the classifier's classes),
+      ``quantize_input``/``quantize_kernel`` whether its input and its kernel go through
+      the model's quantizers (as the layer factories' arguments), ``use_bias``; a conv
+      layer has its ``window``, ``strides`` and ``padding`` (a dense layer: ``window=()``);
     * ``"block"``: :func:`bn_sign_block` at ``path`` (BatchNorm then the model's
       activation, or a BinaryBatchNorm);
     * ``"max_pool"``: ``window``, ``strides``, ``padding``;
@@ -182,9 +183,9 @@ class Step:
     * ``"activation"``: the activation ``activation`` (its module at ``path`` for
       ``'rprelu'``).
 
-    The chain is what the packed exporter (``binax.export``) and model surgery
-    (``binax.transforms``: BinaryDuo decoupling) read; ``tests/test_models.py`` checks it
-    against the module calls of the model's ``__call__``.
+    A sequential model writes its forward once as these steps: its ``__call__`` runs
+    them, and its ``chain()`` is what the packed exporter (``binax.export``) and model
+    surgery (``binax.transforms``: BinaryDuo decoupling) read.
     """
 
     kind: str
@@ -192,13 +193,45 @@ class Step:
     width: tuple[str, int] | None = None
     quantize_input: bool = False
     window: tuple[int, ...] = ()
-    strides: tuple[int, ...] = ()
-    padding: str = "VALID"
+    strides: Any = ()
+    padding: Any = "VALID"
     activation: str = "none"
+    features: int | None = None
+    quantize_kernel: bool = True
+    use_bias: bool = False
 
     @staticmethod
-    def layer(name: str, width: tuple[str, int] | None = None, *, quantize_input: bool = True) -> "Step":
-        return Step("layer", (name,), width=width, quantize_input=quantize_input)
+    def layer(
+        name: str,
+        width: tuple[str, int] | None = None,
+        *,
+        quantize_input: bool = True,
+        quantize_kernel: bool = True,
+        features: int | None = None,
+        use_bias: bool = False,
+    ) -> "Step":
+        """A dense layer."""
+        return Step(
+            "layer", (name,), width=width, quantize_input=quantize_input, quantize_kernel=quantize_kernel,
+            features=features, use_bias=use_bias,
+        )
+
+    @staticmethod
+    def conv(
+        name: str,
+        width: tuple[str, int],
+        window: tuple[int, int],
+        strides: Any = 1,
+        padding: Any = "SAME",
+        *,
+        quantize_input: bool = True,
+        quantize_kernel: bool = True,
+    ) -> "Step":
+        """A convolution layer."""
+        return Step(
+            "layer", (name,), width=width, quantize_input=quantize_input, quantize_kernel=quantize_kernel,
+            window=tuple(window), strides=strides, padding=padding,
+        )
 
     @staticmethod
     def block(name: str) -> "Step":

@@ -18,12 +18,10 @@ classifier.
 
 from __future__ import annotations
 
-import flax.linen as nn
 import jax
 
-from binax import ops
 from binax.errors import ConfigError
-from binax.models import common
+from binax.models import common, sequential
 from binax.models.fields import Count, Widths
 
 Array = jax.Array
@@ -53,7 +51,7 @@ PRESETS = {
 }
 
 
-class VGG(common.BinaryModel):
+class VGG(sequential.SequentialModel):
     widths: Widths = (128, 128, 256, 256, 512, 512)
     # 1-based convolutions followed by a 2x2 max-pool.
     pool_after: Widths = (2, 4, 6)
@@ -79,51 +77,16 @@ class VGG(common.BinaryModel):
                 f"(1..{len(cfg['widths'])} for widths {cfg['widths']})."
             )
 
-    @nn.compact
-    def __call__(self, x: Array, train: bool = False, progress: float | Array = 1.0) -> Array:
-        common.check_image_input(x, type(self).__name__, self.min_input_size)
-        k = self.kernel_size
-        spec = common.layer_spec(self)
-        widths = common.scaled(self.widths, self.width_multiplier)
-        hidden = common.scaled(self.hidden_dense, self.width_multiplier)
-        # Only a BN whose output a binarized layer consumes is a BN -> sign pair.
-        n_bn = len(widths) + len(hidden)
-        feeds_binary = [i < n_bn - 1 or not self.last_layer_float for i in range(n_bn)]
-        foldable = [self.binary_bn and f for f in feeds_binary]
-        for i, width in enumerate(widths):
-            first = i == 0
-            x = spec.conv(
-                width,
-                (k, k),
-                name=f"conv{i}",
-                quantize_input=not first,
-                quantize_kernel=not (first and self.first_layer_float),
-            )(x, progress)
-            if i + 1 in self.pool_after:
-                # binax.ops.max_pool: nn.max_pool's values and gradients, ~9% less CPU
-                # per VGG-small step on XLA:CPU (docs/performance.md).
-                x = ops.max_pool(x, (2, 2), strides=(2, 2))
-            if feeds_binary[i]:
-                x = common.replicate_units(x, self.replicate)
-            x = common.bn_sign_block(self, x, train, f"bn{i}", foldable[i])
-        x = x.reshape(x.shape[0], -1)
-        for j, width in enumerate(hidden):
-            x = spec.dense(width, name=f"fc{j}")(x, progress)
-            if feeds_binary[len(widths) + j]:
-                x = common.replicate_units(x, self.replicate)
-            x = common.bn_sign_block(self, x, train, f"fc_bn{j}", foldable[len(widths) + j])
-        x = common.apply_activation(self.classifier_activation, x, "classifier_act")
-        return common.classifier(self, x, progress)
-
-    def chain(self) -> list[common.Step] | None:
-        if self.replicate != 1:
-            # BinaryDuo's decoupled network copies channels between a layer and its BN, a
-            # step the chain's readers (export's fused path, decoupling) do not model.
-            return None
+    def steps(self) -> list[common.Step]:
+        """Per width: conv -> [2x2 max-pool] -> BN block; flatten; hidden dense -> BN
+        blocks; the classifier activation; the classifier."""
         Step = common.Step
+        k = self.kernel_size
         steps = []
         for i, _ in enumerate(self.widths):
-            steps.append(Step.layer(f"conv{i}", ("widths", i), quantize_input=i > 0))
+            first = i == 0
+            no_kq = first and self.first_layer_float
+            steps.append(Step.conv(f"conv{i}", ("widths", i), (k, k), quantize_input=not first, quantize_kernel=not no_kq))
             if i + 1 in self.pool_after:
                 steps.append(Step.max_pool((2, 2), (2, 2)))
             steps.append(Step.block(f"bn{i}"))
@@ -131,4 +94,4 @@ class VGG(common.BinaryModel):
         for j, _ in enumerate(self.hidden_dense):
             steps += [Step.layer(f"fc{j}", ("hidden_dense", j)), Step.block(f"fc_bn{j}")]
         steps.append(Step.apply_activation(self.classifier_activation, "classifier_act"))
-        return steps + [Step.layer("classifier", quantize_input=not self.last_layer_float)]
+        return steps + [sequential.classifier_step(self)]
