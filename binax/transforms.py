@@ -19,6 +19,7 @@ from __future__ import annotations
 from typing import Any, Mapping, Sequence
 
 import flax.linen as nn
+from flax import traverse_util
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -141,18 +142,11 @@ def binary_bn_paths(model: nn.Module, input_shape: Sequence[int]) -> list[tuple[
     """
     x = jax.ShapeDtypeStruct((1, *input_shape), jnp.float32)
     shapes = jax.eval_shape(lambda x: model.init(jax.random.key(0), x), x)
-    found = []
-
-    def walk(tree, path):
-        if isinstance(tree, Mapping):
-            if set(tree) == {"threshold", "sign"}:
-                found.append(tuple(path))
-                return
-            for k, v in tree.items():
-                walk(v, path + [k])
-
-    walk(shapes.get("params", {}), [])
-    return found
+    flat = traverse_util.flatten_dict(unfreeze(shapes.get("params", {})))
+    leaves: dict[tuple[str, ...], set[str]] = {}
+    for path in flat:
+        leaves.setdefault(path[:-1], set()).add(path[-1])
+    return [module for module, names in leaves.items() if names == {"threshold", "sign"}]
 
 
 def fold_binary_bn_variables(

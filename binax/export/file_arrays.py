@@ -14,6 +14,8 @@ import math
 from typing import Any, Mapping
 
 import numpy as np
+from flax import traverse_util
+from flax.core import unfreeze
 
 from binax import layers
 from binax.export.packed_file import check_code, fail
@@ -116,20 +118,12 @@ def expected_arrays(meta: Mapping[str, Any], calls: Mapping[tuple, Any], abstrac
         want[f"thresholds/{block}/flip"] = (np.dtype(np.bool_), (planes, out_ch))
         skip.add(tuple(block.split("/")))
     for col, tree in abstract.items():
-        for p, leaf in _leaves(tree):
+        for p, leaf in traverse_util.flatten_dict(unfreeze(tree)).items():
             if not any(p[: len(s)] == s for s in skip):
                 want["variables/" + "/".join((col,) + p)] = (np.dtype(np.float32), tuple(leaf.shape))
     if meta["preprocessing"].get("normalize") is not None:
         want["preprocessing/table"] = (np.dtype(np.float32), (meta["input_shape"][-1], meta["preprocessing"].get("max_value", 255) + 1))
     return want
-
-
-def _leaves(tree, prefix=()):
-    for k, v in tree.items():
-        if isinstance(v, Mapping):
-            yield from _leaves(v, prefix + (str(k),))
-        else:
-            yield prefix + (str(k),), v
 
 
 def check_arrays(arrays: Mapping[str, np.ndarray], want: Mapping[str, tuple], path) -> None:

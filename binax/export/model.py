@@ -49,6 +49,7 @@ import os
 from typing import Any, Mapping, Sequence
 
 import flax.linen as nn
+from flax import traverse_util
 import numpy as np
 from flax.core import unfreeze
 
@@ -67,7 +68,7 @@ from binax.export.inference import (
     quantize_kernels,
 )
 from binax.export.preprocessing import Preprocessing, as_preprocessing
-from binax.export.runtime import PackedModel, _flatten, _subtree, trace
+from binax.export.runtime import PackedModel, _subtree, trace
 from binax.transforms import inference_model
 
 __all__ = [
@@ -94,8 +95,8 @@ PORTABLE_REQUIREMENTS = ("jax", "jaxlib", "numpy", "ml_dtypes", "opt_einsum", "s
 def _check_variables(variables: Mapping, abstract: Mapping) -> None:
     if not isinstance(variables, Mapping) or "params" not in variables:
         raise ConfigError(f"variables must be a dict with 'params' (and 'batch_stats'); got {type(variables).__name__}.")
-    want = {p: tuple(v.shape) for p, v in _flatten(unfreeze(abstract)).items()}
-    have = {p: tuple(np.shape(v)) for p, v in _flatten(unfreeze(dict(variables))).items()}
+    want = {p: tuple(v.shape) for p, v in traverse_util.flatten_dict(unfreeze(abstract)).items()}
+    have = {p: tuple(np.shape(v)) for p, v in traverse_util.flatten_dict(unfreeze(dict(variables))).items()}
     missing = sorted("/".join(p) for p in set(want) - set(have))
     if missing:
         raise ConfigError(f"variables lack {len(missing)} entries the model needs, e.g. {missing[:3]}.")
@@ -250,7 +251,7 @@ def export(
     # The model's variables (what its trace declares), as float32: the runtime computes
     # in float32 whatever the training dtype.
     for col, tree in unfreeze(abstract).items():
-        for path in _flatten(tree):
+        for path in traverse_util.flatten_dict(tree):
             if any(path[: len(s)] == s for s in skip):
                 continue
             leaf = _subtree(variables.get(col, {}), path)

@@ -11,6 +11,7 @@ import os
 from typing import Any, Mapping, Sequence
 
 import flax.linen as nn
+from flax import traverse_util
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -47,26 +48,6 @@ def trace(model: nn.Module, input_shape: Sequence[int]) -> tuple[dict[tuple, mod
 
 
 # ------------------------------------------------------------------------- trees
-
-
-def _flatten(tree: Mapping, prefix: tuple = ()) -> dict[tuple, Any]:
-    out = {}
-    for k, v in tree.items():
-        if isinstance(v, Mapping):
-            out.update(_flatten(v, prefix + (str(k),)))
-        else:
-            out[prefix + (str(k),)] = v
-    return out
-
-
-def _unflatten(flat: Mapping[tuple, Any]) -> dict:
-    out: dict = {}
-    for path, v in flat.items():
-        node = out
-        for k in path[:-1]:
-            node = node.setdefault(k, {})
-        node[path[-1]] = v
-    return out
 
 
 def _subtree(tree: Mapping, path: Sequence[str]) -> Mapping | None:
@@ -147,7 +128,7 @@ class PackedModel:
         out = {
             "layers": layers,
             "thresholds": self._group("thresholds"),
-            "variables": _unflatten(variables),
+            "variables": traverse_util.unflatten_dict(variables),
         }
         if "preprocessing/table" in self._arrays:
             out["table"] = self._arrays["preprocessing/table"]
