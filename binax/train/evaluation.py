@@ -155,7 +155,7 @@ def validation_summary(metrics: Mapping[str, float]) -> dict[str, float]:
     return {"validation_accuracy": metrics["validation/accuracy"], "validation_loss": metrics["validation/loss"]}
 
 
-def validation_text(metrics: Mapping[str, float]) -> str:
-    """``", validation 88.12%"`` for a progress line; empty without a validation split."""
-    accuracy = metrics.get("validation/accuracy")
+def validation_text(accuracy: float | None) -> str:
+    """``", validation 88.12%"`` for a progress line (the epoch's and the run's last);
+    empty without a validation split (``accuracy`` None)."""
     return "" if accuracy is None else f", validation {100 * accuracy:.2f}%"

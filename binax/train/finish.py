@@ -72,10 +72,10 @@ def print_final(workdir: str, final: Mapping[str, Any]) -> None:
     """The run's last line: accuracy, steps, wall time, workdir."""
     wall = final["wall_time_s"]
     resumed = final["resumed_from_step"]
-    validation = "" if final.get("validation_accuracy") is None else f", validation {100 * final['validation_accuracy']:.2f}%"
     print(
         f"final: test accuracy {100 * final['test_accuracy']:.2f}%"
-        f"{top5_text(final.get('test_top5_accuracy'))}{validation} (loss {final['test_loss']:.4f}) "
+        f"{top5_text(final.get('test_top5_accuracy'))}"
+        f"{evaluation_lib.validation_text(final.get('validation_accuracy'))} (loss {final['test_loss']:.4f}) "
         f"after {final['epochs']} epochs / {final['step']} steps; wall time "
         f"{metrics_lib.format_duration(wall)} ({wall:.0f} s"
         f"{'' if resumed is None else f', this run, resumed from step {resumed}'}); "

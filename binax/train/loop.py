@@ -248,7 +248,7 @@ def _end_epoch(run: Run, state, window, epoch: int, clock):
         run.out.writer.write(step, result)
         run.out.reporter.message(
             f"epoch {epoch + 1}/{config.num_epochs}: test accuracy {100 * result['test/accuracy']:.2f}%"
-            f"{records.top5_text(result.get('test/top5_accuracy'))}{evaluation.validation_text(result)}, "
+            f"{records.top5_text(result.get('test/top5_accuracy'))}{evaluation.validation_text(result.get('validation/accuracy'))}, "
             f"loss {result['test/loss']:.4f}"
         )
     if run.is_main:
