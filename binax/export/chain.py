@@ -106,11 +106,11 @@ class Block:
         """The block's variables out of a model's variable tree."""
         out = {"norm": {}, "act": {}}
         for col, tree in float_vars.items():
-            node = _get(tree, self.path)
+            node = subtree(tree, self.path)
             if node is not None:
                 out["norm"][col] = node
             if self.act_module is not None:
-                node = _get(tree, self.act_path)
+                node = subtree(tree, self.act_path)
                 if node is not None:
                     out["act"][col] = node
         return out
@@ -129,7 +129,9 @@ class Block:
         return z if fn is None else fn(z)
 
 
-def _get(tree: Mapping, path: Sequence[str]):
+def subtree(tree: Mapping, path: Sequence[str]) -> Any:
+    """``tree[path[0]][path[1]]...``, or None where the path leaves the tree (a layer
+    without that variable collection)."""
     for k in path:
         if not isinstance(tree, Mapping) or k not in tree:
             return None
@@ -246,7 +248,8 @@ def chain_forward(plan: ChainPlan, arrays: Mapping, float_vars: Mapping, x: Arra
                     val = layer.float_apply(arrays["layers"][path], val)
                 else:
                     module = plan.modules[path]
-                    variables = {col: _get(t, path) for col, t in float_vars.items() if _get(t, path) is not None}
+                    found = {col: subtree(t, path) for col, t in float_vars.items()}
+                    variables = {col: v for col, v in found.items() if v is not None}
                     val = module.apply(variables, val, 1.0)
         elif kind == "block":
             path = op.path

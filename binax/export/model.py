@@ -68,7 +68,8 @@ from binax.export.inference import (
     quantize_kernels,
 )
 from binax.export.preprocessing import Preprocessing, as_preprocessing
-from binax.export.runtime import PackedModel, _subtree, trace
+from binax.export.chain import subtree
+from binax.export.runtime import PackedModel, trace
 from binax.transforms import inference_model
 
 __all__ = [
@@ -195,11 +196,11 @@ def export(
     exports: dict[tuple, LayerExport] = {}
     params = variables["params"]
     replaced = {p: c.module for p, c in calls.items() if exported(c.module)}
-    requests = {p: kernel_request(m, _subtree(params, p)) for p, m in replaced.items()}
+    requests = {p: kernel_request(m, subtree(params, p)) for p, m in replaced.items()}
     quantized = quantize_kernels({p: r for p, r in requests.items() if r is not None}, progress)
     for path, module in replaced.items():
         e = export_layer(
-            module, _subtree(params, path), progress=progress, map_shape=map_shapes.get(path), quantized=quantized.get(path)
+            module, subtree(params, path), progress=progress, map_shape=map_shapes.get(path), quantized=quantized.get(path)
         )
         if e is not None:
             exports[path] = e
@@ -254,7 +255,7 @@ def export(
         for path in traverse_util.flatten_dict(tree):
             if any(path[: len(s)] == s for s in skip):
                 continue
-            leaf = _subtree(variables.get(col, {}), path)
+            leaf = subtree(variables.get(col, {}), path)
             arrays["variables/" + "/".join((col,) + path)] = np.asarray(leaf, np.float32)
     return PackedModel(meta, arrays, _traced=(model, calls))
 

@@ -47,18 +47,6 @@ def trace(model: nn.Module, input_shape: Sequence[int]) -> tuple[dict[tuple, mod
     return first, variables
 
 
-# ------------------------------------------------------------------------- trees
-
-
-def _subtree(tree: Mapping, path: Sequence[str]) -> Mapping | None:
-    for k in path:
-        if not isinstance(tree, Mapping) or k not in tree:
-            return None
-        tree = tree[k]
-    return tree
-
-
-
 class PackedModel:
     """A packed inference model.
 
