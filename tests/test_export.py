@@ -199,20 +199,10 @@ def assert_loads_back(packed, directory) -> None:
         np.testing.assert_array_equal(arr, want[key], err_msg=key)
 
 
-def _freeze(cfg: dict) -> tuple:
-    return tuple(sorted((k, _freeze(v) if isinstance(v, dict) else v) for k, v in cfg.items()))
-
-
-def _thaw(frozen: tuple) -> dict:
-    """:func:`_freeze` undone: nested ``(key, value)`` pairs back to dicts."""
-    return {k: _thaw(v) if isinstance(v, tuple) and v and all(isinstance(p, tuple) and len(p) == 2 for p in v)
-            and all(isinstance(p[0], str) for p in v) else v for k, v in frozen}
-
-
 @functools.lru_cache(maxsize=None)
-def _exported(name: str, cfg: tuple, runtime: str, ref_cfg: tuple | None):
-    cfg = json.loads(json.dumps(_thaw(cfg)))  # back to plain dicts / lists
-    ref_model = binax.models.create(name, **(_thaw(ref_cfg) if ref_cfg else cfg))
+def _exported(name: str, cfg_json: str, runtime: str, ref_json: str | None):
+    cfg = json.loads(cfg_json)
+    ref_model = binax.models.create(name, **(json.loads(ref_json) if ref_json else cfg))
     shape = input_shape_for(ref_model)
     x = images_for(shape)
     variables, ref, _ = calibrated(ref_model, x)
@@ -226,7 +216,9 @@ def exported(name: str, cfg: dict, runtime: str = "auto", ref_cfg: dict | None =
 
     ``ref_cfg``: the config of the reference graph when it differs (tanh_sign -> sign).
     """
-    return _exported(name, _freeze(cfg), runtime, _freeze(ref_cfg) if ref_cfg else None)
+    # JSON text as the cache key: hashable, and nested keyword dicts come back as dicts.
+    return _exported(name, json.dumps(cfg, sort_keys=True), runtime,
+                     json.dumps(ref_cfg, sort_keys=True) if ref_cfg else None)
 
 
 # ------------------------------------------------------------------------- every model
