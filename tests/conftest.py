@@ -1,12 +1,38 @@
 """Fixtures shared by test files."""
 
 import os
+import shutil
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
+_JAX_CACHE = pytest.StashKey[str]()
+
+
+def pytest_configure(config):
+    """One JAX compilation cache for the whole test session.
+
+    Many tests compile the same programs: the same small models in several files, and the
+    runs a test starts as subprocesses (a killed run, its resume, the uninterrupted
+    reference). XLA's persistent cache lets the second compile of a program read the
+    first's result from disk. Set in the main process before any worker or subprocess
+    starts, so pytest-xdist's workers and every subprocess inherit the same folder; a
+    ``JAX_COMPILATION_CACHE_DIR`` already set is left alone. The folder is removed when
+    the session ends."""
+    if os.environ.get("JAX_COMPILATION_CACHE_DIR") or hasattr(config, "workerinput"):
+        return
+    path = tempfile.mkdtemp(prefix="binax-tests-jax-cache-")
+    config.stash[_JAX_CACHE] = path
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = path
+
+
+def pytest_unconfigure(config):
+    path = config.stash.get(_JAX_CACHE, None)
+    if path is not None:
+        shutil.rmtree(path, ignore_errors=True)
 
 
 @pytest.fixture
