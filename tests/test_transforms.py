@@ -88,7 +88,14 @@ def test_binaryduo_decoupling_is_exact(name, overrides, shape):
         # Exact: ternary(y) == (1[y + 1/4 >= 1/2] + 1[y - 1/4 >= 1/2]) / 2, element by element.
         np.testing.assert_array_equal(t, (b[..., :c] + b[..., c:]) / 2)
     np.testing.assert_allclose(decoupled_logits, coupled_logits, rtol=1e-5, atol=1e-5)
-    np.testing.assert_array_equal(jnp.argmax(decoupled_logits, -1), jnp.argmax(coupled_logits, -1))
+    # Predictions wherever the top two logits are further apart than that tolerance: a
+    # binary classifier's logits tie exactly (sums of ±1), and the arg max of a tie is
+    # decided by rounding.
+    coupled_logits = np.asarray(coupled_logits)
+    top2 = np.sort(coupled_logits, -1)[:, -2:]
+    clear = top2[:, 1] - top2[:, 0] > 1e-5 + 1e-5 * np.abs(top2[:, 1])
+    assert clear.sum() >= len(clear) // 2, "too many tied predictions to compare"
+    np.testing.assert_array_equal(np.argmax(decoupled_logits, -1)[clear], coupled_logits.argmax(-1)[clear])
 
 
 def test_decouple_binaryduo_param_rules():
