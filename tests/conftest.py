@@ -27,6 +27,9 @@ def pytest_configure(config):
     path = tempfile.mkdtemp(prefix="binax-tests-jax-cache-")
     config.stash[_JAX_CACHE] = path
     os.environ["JAX_COMPILATION_CACHE_DIR"] = path
+    # Every program, not only those compiling for over a second (JAX's default): the
+    # tests' small models compile in well under a second, many times over.
+    os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 
 
 def pytest_unconfigure(config):
