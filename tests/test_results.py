@@ -233,5 +233,8 @@ def test_the_sb_schedule_is_chosen_on_validation_not_test():
     config = sb_schedule.variant_config("relative_1_to_30_until_90", "mlp", 1, 5)
     assert config.data.validation_holdout == recipe.HOLDOUT and config.seed == 1
     assert config.model.kernel_quantizer_kwargs.nu_start == 30.0 and config.model.kernel_quantizer_kwargs.relative
-    # The recipe's default is the variant validation chose.
-    assert dict(recipe.SB_NU) == sb_schedule.VARIANTS["relative_1_to_3_until_90"][0]
+    # The recipe's schedule per architecture is the variant validation chose for it.
+    for arch, chosen in (("mlp", "relative_1_to_3_until_90"), ("cnn", "relative_1_to_10_until_90")):
+        model = recipe.get_config(f"method=sb,arch={arch}").model
+        assert dict(model.input_quantizer_kwargs) == sb_schedule.VARIANTS[chosen][0]
+        assert dict(model.kernel_quantizer_kwargs) == {**sb_schedule.VARIANTS[chosen][0], "relative": True}
