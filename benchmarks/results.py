@@ -28,6 +28,7 @@ import math
 import os
 import platform
 import statistics
+import subprocess
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -173,13 +174,29 @@ def machine() -> str:
         f" (XLA_FLAGS={xla})" if xla else "") + ", CPU only"
 
 
-def record(spec: str, seed: int, summary: dict, cost: tuple, epochs: int, where: str, date: str) -> dict:
-    """One run's entry in the raw results."""
+def code_version(root: str = ROOT) -> str:
+    """The git commit of the code that trains (``+changes`` when its tracked library, config
+    or benchmark files differ from it): the same commit, machine and seed give the same
+    figures, another commit may not. ``unknown`` outside a git checkout."""
+    def git(*args):
+        return subprocess.run(["git", "-C", root, *args], capture_output=True, text=True, check=True).stdout.strip()
+
+    try:
+        head = git("rev-parse", "--short=12", "HEAD")
+        changed = git("status", "--porcelain", "--untracked-files=no", "--", "binax", "configs", "benchmarks")
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+    return head + ("+changes" if changed else "")
+
+
+def record(spec: str, seed: int, summary: dict, cost: tuple, epochs: int, where: str, date: str,
+           code: str | None = None) -> dict:
+    """One run's entry in the raw results (``code``: :func:`code_version`)."""
     packed, float32, ops = cost
     kept = {k: summary[k] for k in KEEP if summary.get(k) is not None}
     return dict(spec=spec, seed=seed, epochs=epochs, binary_ops=int(ops), packed_bytes=int(packed),
                 float32_bytes=int(float32), resumed=summary.get("resumed_from_step") is not None,
-                machine=where, date=date, **kept)
+                machine=where, date=date, **({"code": code} if code else {}), **kept)
 
 
 def json_path(arch: str) -> str:
@@ -314,7 +331,9 @@ def _machine_line(runs: list[dict]) -> str:
     dates = sorted({r["date"] for r in runs})
     when = dates[0] if len(dates) == 1 else f"{dates[0]} to {dates[-1]}"
     wall = sum(r.get("wall_time_s") or 0.0 for r in runs)
-    return (f"Machine{'s' if len(machines) > 1 else ''}: {'; '.join(machines)}; {when}; "
+    codes = sorted({r["code"] for r in runs if r.get("code")})
+    code = f"; code: commit {', '.join(codes)}" if codes else ""
+    return (f"Machine{'s' if len(machines) > 1 else ''}: {'; '.join(machines)}; {when}{code}; "
             f"total wall time of this table's runs {wall / 60:.0f} min.")
 
 
@@ -371,7 +390,7 @@ def main() -> None:
     table = dict(arch=args.arch, epochs=args.epochs, seeds=args.seeds, holdout=recipe.HOLDOUT, runs=[])
     table = merge_recorded(raw, table)
     recorded = {(r["spec"], r["seed"]) for r in table["runs"]}
-    where, today = machine(), time.strftime("%Y-%m-%d")
+    where, today, code = machine(), time.strftime("%Y-%m-%d"), code_version()
     # Seed-major order: the first pass gives a whole (one-seed) table early. Rows left out
     # by --methods keep their recorded runs.
     for seed in range(args.seeds):
@@ -381,7 +400,7 @@ def main() -> None:
             summary = run_one(args.arch, spec, seed, args.epochs, args.root, args.quick)
             print(json.dumps({"arch": args.arch, "spec": spec, "seed": seed, **summary}), flush=True)
             epochs = total_epochs(_config(args.arch, spec, seed, args.epochs, args.quick))
-            table["runs"].append(record(spec, seed, summary, deployed_cost(args.arch, spec), epochs, where, today))
+            table["runs"].append(record(spec, seed, summary, deployed_cost(args.arch, spec), epochs, where, today, code))
             if not args.quick:  # a smoke run's figures are not results: printed, not written
                 table = merge_recorded(raw, table)  # e.g. a second process on the other core
                 write_raw(raw, table)

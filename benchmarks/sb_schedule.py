@@ -17,7 +17,8 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
+
+from benchmarks.selection import summary_lines
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -44,12 +45,6 @@ def variant_config(name: str, arch: str, seed: int, epochs: int):
     config.model.kernel_quantizer_kwargs = {**nu, "relative": relative}
     config.report_every_seconds = 300.0
     return config
-
-
-def choose(results: dict[str, list[dict]]) -> str:
-    """The variant with the highest mean validation accuracy (ties: the first listed)."""
-    scored = {n: statistics.fmean(r["validation_accuracy"] for r in runs) for n, runs in results.items() if runs}
-    return max(scored, key=scored.get)
 
 
 def main() -> None:
@@ -79,14 +74,8 @@ def main() -> None:
             print(json.dumps({"variant": name, "seed": seed, **{k: summary.get(k) for k in (
                 "validation_accuracy", "test_accuracy", "tanh_validation_accuracy", "agreement", "train_time_s")}}),
                 flush=True)
-    for name, runs in results.items():
-        print(json.dumps({
-            "variant": name, "n": len(runs),
-            "mean_validation_accuracy": statistics.fmean(r["validation_accuracy"] for r in runs),
-            "mean_test_accuracy": statistics.fmean(r["test_accuracy"] for r in runs),
-        }))
-    if results:
-        print(json.dumps({"chosen": choose(results)}))
+    for line in summary_lines(results):
+        print(json.dumps(line))
 
 
 if __name__ == "__main__":

@@ -35,7 +35,10 @@ from binax.errors import ConfigError
 from binax.train import config_check, evaluate
 from binax.train.workdir import environment_errors, lock_workdir, usable_workdir
 
-__all__ = ["run", "predict", "binaryduo", "binaryduo_widths", "check_decoupling", "self_binarizing"]
+__all__ = [
+    "run", "predict", "binaryduo", "binaryduo_widths", "check_decoupling", "decouple", "finetune_config",
+    "FINETUNE_LR_FACTOR", "self_binarizing",
+]
 
 
 def predict(model, variables: Mapping[str, Any], ds, batch_size: int = 1000, progress: float = 1.0,
@@ -174,8 +177,57 @@ def check_decoupling(coupled_logits: np.ndarray, decoupled_logits: np.ndarray) -
     return float(np.max(per_image)), differing, agreement
 
 
+#: BinaryDuo fine-tunes at this fraction of the coupled network's learning rate when the
+#: config does not set ``recipe.finetune_lr_factor`` (``configs/recipe.py`` sets it per
+#: architecture, chosen on validation accuracy by ``benchmarks/duo_finetune_lr.py``; the
+#: official code takes ``-LR`` from the command line and publishes no runs' values).
+FINETUNE_LR_FACTOR = 0.1
+
+
+def decouple(config: ml_collections.ConfigDict, coupled_dir: str):
+    """BinaryDuo's decoupling of the trained coupled network in ``coupled_dir``.
+
+    Returns ``(model, variables, overrides, checks)``: the decoupled network (its coupled
+    layers' outputs copied twice, tied weights; ``transforms.decouple_binaryduo_model``),
+    the model-config overrides that build it, and ``checks``: its agreement with the
+    coupled network's test logits (:func:`check_decoupling`) and its test (and validation)
+    accuracy before any fine-tuning.
+    """
+    model, variables, _, _ = train.restore_variables(coupled_dir, step="latest")
+    dmodel, dvars, overrides = transforms.decouple_binaryduo_model(model, variables)
+    ds = _dataset(config)
+    coupled_logits, labels = predict(model, variables, ds, config.eval_batch_size)
+    decoupled_logits, _ = predict(dmodel, dvars, ds, config.eval_batch_size)
+    max_diff, differing, same_predictions = check_decoupling(coupled_logits, decoupled_logits)
+    checks = {
+        "decoupled_test_accuracy": float(np.mean(decoupled_logits.argmax(-1) == labels)),
+        "decoupling_max_logit_diff": max_diff,
+        "decoupling_differing_fraction": differing,
+        "decoupling_prediction_agreement": same_predictions,
+        **_prefixed("decoupled_", _validation_accuracy(dmodel, dvars, ds, config.eval_batch_size)),
+    }
+    return dmodel, dvars, overrides, checks
+
+
+def finetune_config(config: ml_collections.ConfigDict, overrides: Mapping[str, Any],
+                    lr_factor: float | None = None) -> ml_collections.ConfigDict:
+    """The fine-tuning stage's config: ``config`` with the decoupled model's ``overrides``,
+    ``recipe.finetune_epochs`` epochs, and learning rate ``lr · lr_factor`` (default
+    ``recipe.finetune_lr_factor``, else :data:`FINETUNE_LR_FACTOR`)."""
+    if lr_factor is None:
+        lr_factor = config.recipe.get("finetune_lr_factor", FINETUNE_LR_FACTOR)
+    ft = ml_collections.ConfigDict(config.to_dict())
+    for key, value in overrides.items():
+        ft.model[key] = tuple(value) if isinstance(value, (list, tuple)) else value
+    ft.num_epochs = config.recipe.finetune_epochs
+    ft.optimizer.learning_rate = config.optimizer.learning_rate * lr_factor
+    ft.recipe.procedure = "train"
+    return ft
+
+
 def binaryduo(config: ml_collections.ConfigDict, workdir: str, *, allow_config_change: bool = False) -> dict:
-    """BinaryDuo's three stages: coupled ternary training → decoupling → fine-tuning.
+    """BinaryDuo's three stages: coupled ternary training → decoupling (:func:`decouple`)
+    → fine-tuning (:func:`finetune_config`).
 
     The decoupled network must compute the coupled one's logits on the test set; images
     whose logits differ, from float rounding at an activation threshold, are counted
@@ -185,35 +237,19 @@ def binaryduo(config: ml_collections.ConfigDict, workdir: str, *, allow_config_c
     coupled_dir = os.path.join(workdir, "coupled")
     decoupled_dir = os.path.join(workdir, "decoupled")
     coupled_final = train.train_and_evaluate(config, coupled_dir, allow_config_change=allow_config_change)
-    model, variables, _, _ = train.restore_variables(coupled_dir, step="latest")
-    dmodel, dvars, overrides = transforms.decouple_binaryduo_model(model, variables)
-
-    ds = _dataset(config)
-    coupled_logits, labels = predict(model, variables, ds, config.eval_batch_size)
-    decoupled_logits, _ = predict(dmodel, dvars, ds, config.eval_batch_size)
-    max_diff, differing, same_predictions = check_decoupling(coupled_logits, decoupled_logits)
-    # Before fine-tuning, which donates dvars' buffers.
-    decoupled_validation = _validation_accuracy(dmodel, dvars, ds, config.eval_batch_size)
-
-    ft = ml_collections.ConfigDict(config.to_dict())
-    for key, value in overrides.items():
-        ft.model[key] = tuple(value) if isinstance(value, (list, tuple)) else value
-    ft.num_epochs = config.recipe.finetune_epochs
-    ft.optimizer.learning_rate = config.optimizer.learning_rate * config.recipe.get("finetune_lr_factor", 0.1)
-    ft.recipe.procedure = "train"
+    # Before fine-tuning, which donates dvars' buffers, decouple() has measured them.
+    dmodel, dvars, overrides, checks = decouple(config, coupled_dir)
+    max_diff = checks["decoupling_max_logit_diff"]
     final = train.train_and_evaluate(
-        ft, decoupled_dir, init_variables=dvars, allow_config_change=allow_config_change
+        finetune_config(config, overrides), decoupled_dir, init_variables=dvars,
+        allow_config_change=allow_config_change,
     )
     summary = {
         "coupled_test_accuracy": coupled_final["test_accuracy"],
-        "decoupled_test_accuracy": float(np.mean(decoupled_logits.argmax(-1) == labels)),
         "test_accuracy": final["test_accuracy"],
-        "decoupling_max_logit_diff": max_diff,
-        "decoupling_differing_fraction": differing,
-        "decoupling_prediction_agreement": same_predictions,
+        **checks,
         "decoupled_widths": list(overrides.get("widths", ())),
         **_prefixed("coupled_", coupled_final),
-        **_prefixed("decoupled_", decoupled_validation),
         **_prefixed("", final),
         "train_time_s": (coupled_final.get("train_time_s") or 0) + (final.get("train_time_s") or 0),
         "wall_time_s": (coupled_final.get("wall_time_s") or 0) + (final.get("wall_time_s") or 0),

@@ -131,6 +131,11 @@ ARCHS = ("mlp", "cnn")
 # for about a third of it: the official train.lua decays at epochs 71/91/111 from scratch
 # and 21/31/36 when fine-tuning (ImageNet ResNet-18), 41/71/91 and 16/26/36 (AlexNet).
 BINARYDUO_FINETUNE_FRACTION = 1 / 3
+# ... at this factor of the coupled network's learning rate: the official code takes the
+# rate from the command line (-LR) and publishes no runs' values, so binax chooses it per
+# architecture on validation accuracy (benchmarks/duo_finetune_lr.py, seeds 0-1, factors
+# 1, 0.1, 0.01; docs/recipes.md). Conv nets: the CNN's.
+BINARYDUO_FINETUNE_LR_FACTOR = {"mlp": 1.0, "conv": 0.1}
 
 
 def _fashion_mnist(c, args):
@@ -271,6 +276,9 @@ def get_config(arg=None) -> ml_collections.ConfigDict:
         raise ConfigError(
             f"epochs_match={args.epochs_match!r} must be 'binaryduo' (or absent), for a method other than binaryduo"
         )
+    if args.method == "binaryduo":
+        arch = "mlp" if (args.dataset, args.arch) == ("fashion_mnist", "mlp") else "conv"
+        c.recipe.finetune_lr_factor = BINARYDUO_FINETUNE_LR_FACTOR[arch]
     if args.epochs_match:  # BinaryDuo's coupled epochs plus its fine-tuning
         c.num_epochs += c.recipe.finetune_epochs
         c.progress_unit = common.progress_unit(c.num_epochs)

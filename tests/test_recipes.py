@@ -99,6 +99,24 @@ def test_binaryduo_is_one_command(tmp_path):
     assert json.load(open(tmp_path / "recipe.json"))["decoupling_prediction_agreement"] == 1.0
 
 
+def test_binaryduo_finetunes_at_a_factor_of_the_coupled_learning_rate():
+    # The recipe's factor per architecture, as validation chose it (docs/recipes.md).
+    for spec, arch in (("arch=mlp", "mlp"), ("arch=cnn", "conv"), ("dataset=cifar10", "conv")):
+        config = recipe.get_config(f"method=binaryduo,{spec}")
+        ft = recipes.finetune_config(config, {})
+        factor = recipe.BINARYDUO_FINETUNE_LR_FACTOR[arch]
+        assert ft.optimizer.learning_rate == pytest.approx(config.optimizer.learning_rate * factor), spec
+    config = recipe.get_config("method=binaryduo")
+    lr = config.optimizer.learning_rate
+    ft = recipes.finetune_config(config, {"widths": [8, 8, 8]})
+    assert ft.optimizer.learning_rate == pytest.approx(lr * recipe.BINARYDUO_FINETUNE_LR_FACTOR["mlp"])
+    assert (ft.num_epochs, ft.recipe.procedure, ft.model.widths) == (config.recipe.finetune_epochs, "train", (8, 8, 8))
+    assert config.model.widths == (362, 300, 512) and config.recipe.procedure == "binaryduo"  # a copy
+    assert recipes.finetune_config(config, {}, 0.01).optimizer.learning_rate == pytest.approx(lr * 0.01)
+    del config.recipe["finetune_lr_factor"]  # a config of its own: the library's default
+    assert recipes.finetune_config(config, {}).optimizer.learning_rate == pytest.approx(lr * recipes.FINETUNE_LR_FACTOR)
+
+
 def test_binaryduo_widths_follow_the_official_rule_and_match_the_binary_cost():
     import binax
 

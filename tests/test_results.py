@@ -181,6 +181,25 @@ def test_a_record_keeps_the_figures_and_marks_resumed_runs():
     assert run == dict(spec="method=bnn", seed=3, epochs=5, binary_ops=30, packed_bytes=10, float32_bytes=20,
                        resumed=True, machine="here", date="2026-12-03", test_accuracy=0.88,
                        validation_accuracy=0.89, train_time_s=40.0)
+    assert results.record("method=bnn", 3, summary, (10.0, 20.0, 30), 5, "here", "2026-12-03", "abc123")["code"] == "abc123"
+
+
+def test_a_run_records_the_commit_that_trained_it(tmp_path):
+    import subprocess
+
+    assert results.code_version(str(tmp_path)) == "unknown"  # not a git checkout
+    head = subprocess.run(["git", "-C", results.ROOT, "rev-parse", "--short=12", "HEAD"], capture_output=True,
+                          text=True, check=True).stdout.strip()
+    assert results.code_version().removesuffix("+changes") == head
+    repo = tmp_path / "repo"
+    (repo / "binax").mkdir(parents=True)
+    (repo / "binax" / "m.py").write_text("x = 1\n")
+    git = ["git", "-C", str(repo), "-c", "user.name=t", "-c", "user.email=t@t"]
+    for args in (["init", "-q"], ["add", "."], ["commit", "-qm", "m"]):
+        subprocess.run(git + args, check=True)
+    clean = results.code_version(str(repo))
+    (repo / "binax" / "m.py").write_text("x = 2\n")  # an uncommitted change to the library
+    assert results.code_version(str(repo)) == clean + "+changes"
 
 
 def test_duo_binary_can_train_for_binaryduos_total_epochs():
@@ -225,11 +244,12 @@ def test_processes_sharing_a_table_lose_no_run(tmp_path):
 
 
 def test_the_sb_schedule_is_chosen_on_validation_not_test():
-    from benchmarks import sb_schedule
+    from benchmarks import sb_schedule, selection
 
     runs = {"a": [{"validation_accuracy": 0.88, "test_accuracy": 0.90}] * 2,
             "b": [{"validation_accuracy": 0.89, "test_accuracy": 0.85}, {"validation_accuracy": 0.885, "test_accuracy": 0.85}]}
-    assert sb_schedule.choose(runs) == "b"
+    assert selection.choose(runs) == "b"
+    assert selection.summary_lines(runs)[-1] == {"chosen": "b"}
     config = sb_schedule.variant_config("relative_1_to_30_until_90", "mlp", 1, 5)
     assert config.data.validation_holdout == recipe.HOLDOUT and config.seed == 1
     assert config.model.kernel_quantizer_kwargs.nu_start == 30.0 and config.model.kernel_quantizer_kwargs.relative
@@ -238,3 +258,19 @@ def test_the_sb_schedule_is_chosen_on_validation_not_test():
         model = recipe.get_config(f"method=sb,arch={arch}").model
         assert dict(model.input_quantizer_kwargs) == sb_schedule.VARIANTS[chosen][0]
         assert dict(model.kernel_quantizer_kwargs) == {**sb_schedule.VARIANTS[chosen][0], "relative": True}
+
+
+def test_the_binaryduo_finetuning_factor_study_reads_the_tables_coupled_runs_only_when_finished(tmp_path):
+    from benchmarks import duo_finetune_lr
+
+    config = duo_finetune_lr.base_config("cnn", 1, 2)
+    assert (config.recipe.method, config.seed, config.num_epochs) == ("binaryduo", 1, 2)
+    assert config.data.validation_holdout == recipe.HOLDOUT
+    table = tmp_path / "table" / "cnn" / "binaryduo" / "seed1" / "coupled"
+    table.mkdir(parents=True)
+    own = os.path.join(tmp_path / "study", "cnn", "seed1", "coupled")
+    # An unfinished (e.g. interrupted) table run is not used: the study trains its own.
+    assert duo_finetune_lr.coupled_dir(str(tmp_path / "study"), "cnn", 1, str(tmp_path / "table")) == own
+    (table / "final.json").write_text("{}")
+    assert duo_finetune_lr.coupled_dir(str(tmp_path / "study"), "cnn", 1, str(tmp_path / "table")) == str(table)
+    assert duo_finetune_lr.coupled_dir(str(tmp_path / "study"), "cnn", 1, None) == own
