@@ -24,8 +24,8 @@ DUO_MATCHED = "method=duo_binary,epochs_match=binaryduo"
 #: A reference to BinaryDuo's coupled ternary network (before fine-tuning) in a claim.
 DUO_COUPLED = "method=binaryduo#coupled"
 
-IRNET = ("Qin et al. CVPR 2020, Table 2: on CIFAR-10, VGG-Small 1/1, IR-Net (90.4%) is above both "
-         "BNN and XNOR-Net")
+IRNET = ("Qin et al. CVPR 2020, Table 2: on CIFAR-10, VGG-Small 1/1, IR-Net (90.4%, also in the official "
+         "README, htqin/IR-Net f63a590 README.md:37) is above both BNN and XNOR-Net")
 BINARYDUO = ("Kim et al. ICLR 2020, abstract: BinaryDuo \"outperforms state-of-the-art BNNs [...] with the "
              "same amount of parameters and computing cost\"")
 ABC = ("Lin et al. NIPS 2017, its ImageNet ResNet-18 table over M and N: top-1 rises with M and N, 42.7% at M = N = 1 "
