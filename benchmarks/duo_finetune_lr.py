@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 
 from benchmarks.selection import summary_lines
 
@@ -90,4 +91,7 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    from benchmarks.cli import resumable
+
+    with resumable("python -m benchmarks.duo_finetune_lr " + " ".join(sys.argv[1:])):
+        main()

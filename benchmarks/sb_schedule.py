@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 
 from benchmarks.selection import summary_lines
 
@@ -79,4 +80,7 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    from benchmarks.cli import resumable
+
+    with resumable("python -m benchmarks.sb_schedule " + " ".join(sys.argv[1:])):
+        main()

@@ -274,3 +274,26 @@ def test_the_binaryduo_finetuning_factor_study_reads_the_tables_coupled_runs_onl
     (table / "final.json").write_text("{}")
     assert duo_finetune_lr.coupled_dir(str(tmp_path / "study"), "cnn", 1, str(tmp_path / "table")) == str(table)
     assert duo_finetune_lr.coupled_dir(str(tmp_path / "study"), "cnn", 1, None) == own
+
+
+@pytest.mark.parametrize("module", ["benchmarks.results", "benchmarks.sb_schedule", "benchmarks.duo_finetune_lr"])
+def test_a_signal_stops_a_table_with_one_line_and_the_shells_status(module, tmp_path):
+    import subprocess
+
+    # The training loop raises StopRequested after its checkpoint; the benchmark must say
+    # how to resume, not print a traceback, and exit 128 + signum like experiments.run.
+    script = (
+        "import runpy, sys\n"
+        "import binax.recipes, binax.train\n"
+        "def stop(*a, **k): raise binax.train.loop.StopRequested(15)\n"
+        "binax.recipes.run = binax.train.train_and_evaluate = stop\n"
+        f"sys.argv = ['{module}', '--arch', 'mlp', '--seeds', '{'1' if module.endswith('results') else '0'}', "
+        f"'--root', {str(tmp_path)!r}]"
+        + (f" + ['--methods', 'fp', '--raw', {str(tmp_path / 'r.json')!r}, '--output', {str(tmp_path / 'r.md')!r}]"
+           if module.endswith("results") else "") + "\n"
+        f"runpy.run_module('{module}', run_name='__main__')\n"
+    )
+    out = subprocess.run([sys.executable, "-c", script], cwd=results.ROOT, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 143, out.stderr[-2000:]
+    assert "stopped by SIGTERM" in out.stderr and f"python -m {module} --arch mlp" in out.stderr
+    assert "Traceback" not in out.stderr
