@@ -46,6 +46,17 @@ def test_a_registered_binarizer_with_a_schedule_is_logged_by_its_descriptor():
     assert _scalars(model, 0.5) == {"schedule/probe_ramp_sign/slope": pytest.approx(2.0)}
 
 
+def test_a_standalone_rsign_with_a_schedule_is_logged():
+    from binax.layers import RSign
+
+    nu_kwargs = dict(nu_0=1.0, nu_max=100.0, start=0.5, nu_start=3.0)
+    rsign = RSign(binarizer="tanh_sign", binarizer_kwargs=nu_kwargs)
+    assert probes.quantizers_of(rsign) == {"binarizer": ("tanh_sign", nu_kwargs)}
+    calls = [models.Call(("rsign",), rsign, (2, 4), (2, 4))]
+    got = probes.schedule_scalars(calls, 0.25)
+    assert got == {"schedule/tanh_sign/nu": pytest.approx(float(binarizers.nu_schedule(0.25, **nu_kwargs)), rel=1e-5)}
+
+
 def test_layers_with_other_schedule_settings_get_their_own_scalar():
     model = models.create("bnn_mlp", widths=(16, 16, 16), input_quantizer="ede_sign",
                           input_quantizer_kwargs={"t_min": 0.1, "t_max": 10.0})

@@ -31,12 +31,14 @@ __all__ = ["schedule_scalars", "quantizers_of", "PreActivations"]
 
 
 def quantizers_of(module) -> dict[str, tuple[Any, Mapping[str, Any]]]:
-    """``{field: (spec, kwargs)}`` for every ``*_quantizer`` field of a module that is set."""
+    """``{field: (spec, kwargs)}`` for every quantizer field of a module that is set: the
+    layers' ``*_quantizer`` fields and a standalone activation's ``binarizer`` (ReActNet's
+    ``RSign``)."""
     if not dataclasses.is_dataclass(module):
         return {}
     out = {}
     for field in dataclasses.fields(module):
-        if field.name.endswith("_quantizer"):
+        if field.name.endswith("_quantizer") or field.name == "binarizer":
             spec = getattr(module, field.name)
             if spec is not None:
                 out[field.name] = (spec, getattr(module, field.name + "_kwargs", None) or {})
