@@ -333,7 +333,9 @@ def _machine_line(runs: list[dict]) -> str:
     when = dates[0] if len(dates) == 1 else f"{dates[0]} to {dates[-1]}"
     wall = sum(r.get("wall_time_s") or 0.0 for r in runs)
     codes = sorted({r["code"] for r in runs if r.get("code")})
-    code = f"; code: commit {', '.join(codes)}" if codes else ""
+    coded = sum(1 for r in runs if r.get("code"))
+    code = (f"; code: commit {', '.join(codes)}" + (f" ({coded} of {len(runs)} runs recorded one)" if coded < len(runs) else "")
+            if codes else "")
     return (f"Machine{'s' if len(machines) > 1 else ''}: {'; '.join(machines)}; {when}{code}; "
             f"total wall time of this table's runs {wall / 60:.0f} min.")
 

@@ -130,6 +130,15 @@ def test_the_block_shows_validation_and_test_deviations_and_the_deployment_check
     assert "deployment check (of binax's folding, not a claim of the paper)" in block
     assert "duo_binary for BinaryDuo's total epochs" in block and "fine-tuned 89.30% (validation 89.70%)" in block
     assert "Machine: x86_64, 2 CPU cores, CPU only; 2026-12-03; total wall time of this table's runs 33 min." in block
+    # The commits that trained the runs, and how many runs predate the field.
+    table = _table()
+    for run in table["runs"][:3]:
+        run["code"] = "eab404fba6fa"
+    assert ("2026-12-03; code: commit eab404fba6fa (3 of 28 runs recorded one); total wall"
+            in results.render_block(table))
+    for run in table["runs"]:
+        run["code"] = "eab404fba6fa"
+    assert "2026-12-03; code: commit eab404fba6fa; total wall" in results.render_block(table)
 
 
 @pytest.mark.parametrize("arch", ["mlp", "cnn"])
