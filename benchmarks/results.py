@@ -62,7 +62,7 @@ DEVIATIONS = {
     "method=bireal": "no real-valued shortcuts (the MLP/CNN have none)",
     "method=reactnet": "no distillation from a float teacher",
     "method=sb": "weights inside tanh scaled by mean\\|w\\|; ν schedule binax's (none published)",
-    "method=binaryduo": "fine-tuning lr factor 0.1 binax's (none published); ⌊W/√2⌋ widths read from tiny VGG-7 only",
+    "method=binaryduo": "fine-tuning lr factor binax's, chosen on validation (none published); ⌊W/√2⌋ widths read from tiny VGG-7 only",
 }
 
 #: Fashion-MNIST's training images; the last ``holdout`` of them are the validation split.
