@@ -1,7 +1,7 @@
 """BinaryDuo's fine-tuning learning-rate factor chosen on VALIDATION accuracy.
 
 The official code takes the learning rate from the command line (``-LR``) and publishes
-no runs' values, so the factor by which fine-tuning lowers the coupled network's learning
+no runs' values, so the factor by which fine-tuning scales the coupled network's learning
 rate is binax's choice (``binax.recipes.FINETUNE_LR_FACTOR``). This trains
 ``configs/recipe.py:method=binaryduo``'s coupled network once per seed, then decouples it
 and fine-tunes with each factor, and scores the fine-tuned network on the validation split

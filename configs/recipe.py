@@ -232,6 +232,12 @@ def _imagenet(c, args):
     c.num_epochs = args.epochs or 120
 
 
+def _family(args) -> str:
+    """'mlp' for the Fashion-MNIST MLP, 'conv' for every conv net: the settings chosen per
+    architecture on validation (SB_NU, BINARYDUO_FINETUNE_LR_FACTOR) are keyed by it."""
+    return "mlp" if (args.dataset, args.arch) == ("fashion_mnist", "mlp") else "conv"
+
+
 def _method_overrides(args) -> dict:
     overrides = dict(METHODS[args.method][0])
     for key in ("input_quantizer", "kernel_quantizer"):
@@ -242,7 +248,7 @@ def _method_overrides(args) -> dict:
     if args.method == "abc":
         overrides.update(abc_m=args.m, abc_n=args.n)
     if args.method == "sb":
-        nu = SB_NU["mlp" if (args.dataset, args.arch) == ("fashion_mnist", "mlp") else "conv"]
+        nu = SB_NU[_family(args)]
         overrides.update(input_quantizer_kwargs=dict(nu), kernel_quantizer_kwargs={**nu, "relative": True})
     return overrides
 
@@ -277,8 +283,7 @@ def get_config(arg=None) -> ml_collections.ConfigDict:
             f"epochs_match={args.epochs_match!r} must be 'binaryduo' (or absent), for a method other than binaryduo"
         )
     if args.method == "binaryduo":
-        arch = "mlp" if (args.dataset, args.arch) == ("fashion_mnist", "mlp") else "conv"
-        c.recipe.finetune_lr_factor = BINARYDUO_FINETUNE_LR_FACTOR[arch]
+        c.recipe.finetune_lr_factor = BINARYDUO_FINETUNE_LR_FACTOR[_family(args)]
     if args.epochs_match:  # BinaryDuo's coupled epochs plus its fine-tuning
         c.num_epochs += c.recipe.finetune_epochs
         c.progress_unit = common.progress_unit(c.num_epochs)
