@@ -177,11 +177,12 @@ def check_decoupling(coupled_logits: np.ndarray, decoupled_logits: np.ndarray) -
     return float(np.max(per_image)), differing, agreement
 
 
-#: BinaryDuo fine-tunes at this fraction of the coupled network's learning rate when the
-#: config does not set ``recipe.finetune_lr_factor`` (``configs/recipe.py`` sets it per
-#: architecture, chosen on validation accuracy by ``benchmarks/duo_finetune_lr.py``; the
-#: official code takes ``-LR`` from the command line and publishes no runs' values).
-FINETUNE_LR_FACTOR = 0.1
+#: BinaryDuo fine-tunes at this factor of the coupled network's learning rate when the
+#: config does not set ``recipe.finetune_lr_factor``: 1, the coupled network's own rate, as
+#: the official code's one ``-LR`` flag gives both stages by default (it publishes no runs'
+#: values), and what validation accuracy chose for the MLP and the CNN
+#: (``benchmarks/duo_finetune_lr.py``; ``configs/recipe.py`` sets it per architecture).
+FINETUNE_LR_FACTOR = 1.0
 
 
 def decouple(config: ml_collections.ConfigDict, coupled_dir: str):

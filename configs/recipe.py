@@ -135,7 +135,7 @@ BINARYDUO_FINETUNE_FRACTION = 1 / 3
 # rate from the command line (-LR) and publishes no runs' values, so binax chooses it per
 # architecture on validation accuracy (benchmarks/duo_finetune_lr.py, seeds 0-1, factors
 # 1, 0.1, 0.01; docs/recipes.md). Conv nets: the CNN's.
-BINARYDUO_FINETUNE_LR_FACTOR = {"mlp": 1.0, "conv": 0.1}
+BINARYDUO_FINETUNE_LR_FACTOR = {"mlp": 1.0, "conv": 1.0}
 
 
 def _fashion_mnist(c, args):
