@@ -8,11 +8,13 @@ import sys
 
 
 @contextlib.contextmanager
-def resumable(command: str):
-    """Ctrl-C or SIGTERM ends the benchmark like ``experiments.run``: the training loop has
-    saved a checkpoint (``binax.train.loop.StopRequested``), so one line says how to go on
-    instead of a traceback, and the exit status is the shell's for the signal (128 + signum:
-    130 for Ctrl-C, 143 for SIGTERM)."""
+def resumable(module: str):
+    """Ctrl-C or SIGTERM ends benchmark ``module`` like ``experiments.run``: the training
+    loop has saved a checkpoint (``binax.train.loop.StopRequested``), so one line gives the
+    command that goes on (``python -m module`` with this run's arguments) instead of a
+    traceback, and the exit status is the shell's for the signal (128 + signum: 130 for
+    Ctrl-C, 143 for SIGTERM)."""
+    command = " ".join(["python", "-m", module, *sys.argv[1:]])
     try:
         yield
     except KeyboardInterrupt as e:

@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 
 from benchmarks.selection import summary_lines
 
@@ -93,5 +92,5 @@ def main() -> None:
 if __name__ == "__main__":
     from benchmarks.cli import resumable
 
-    with resumable("python -m benchmarks.duo_finetune_lr " + " ".join(sys.argv[1:])):
+    with resumable("benchmarks.duo_finetune_lr"):
         main()

@@ -29,7 +29,6 @@ import os
 import platform
 import statistics
 import subprocess
-import sys
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -413,5 +412,5 @@ def main() -> None:
 if __name__ == "__main__":
     from benchmarks.cli import resumable
 
-    with resumable("python -m benchmarks.results " + " ".join(sys.argv[1:])):
+    with resumable("benchmarks.results"):
         main()

@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 
 from benchmarks.selection import summary_lines
 
@@ -82,5 +81,5 @@ def main() -> None:
 if __name__ == "__main__":
     from benchmarks.cli import resumable
 
-    with resumable("python -m benchmarks.sb_schedule " + " ".join(sys.argv[1:])):
+    with resumable("benchmarks.sb_schedule"):
         main()
