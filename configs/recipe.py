@@ -133,8 +133,8 @@ ARCHS = ("mlp", "cnn")
 BINARYDUO_FINETUNE_FRACTION = 1 / 3
 # ... at this factor of the coupled network's learning rate: the official code takes the
 # rate from the command line (-LR) and publishes no runs' values, so binax chooses it per
-# architecture on validation accuracy (benchmarks/duo_finetune_lr.py, seeds 0-1, factors
-# 1, 0.1, 0.01; docs/recipes.md). Conv nets: the CNN's.
+# architecture on validation accuracy (benchmarks/duo_finetune_lr.py, seeds 0-1; factors
+# 1, 0.1, 0.01 on the MLP, 1 and 0.1 on the CNN; docs/recipes.md). Conv nets: the CNN's.
 BINARYDUO_FINETUNE_LR_FACTOR = {"mlp": 1.0, "conv": 1.0}
 
 
