@@ -1,8 +1,8 @@
 """IR-Net ResNet-20, 1-bit weights and activations, on CIFAR-10 (Qin et al., CVPR 2020).
 
 The recipe of IR-Net's official code (htqin/IR-Net): SGD with momentum 0.9, weight decay
-1e-4, learning rate 0.1 with cosine decay over 400 epochs, batch 128 (not given in
-methods.md: assumed, the CIFAR convention); EDE's t from 1e-3 to 10, stepped per epoch;
+1e-4, learning rate 0.1 with cosine decay over 400 epochs, batch 128
+(``CIFAR-10/ResNet20/1w1a/trainer.py:29-39`` at f63a590); EDE's t from 1e-3 to 10, stepped per epoch;
 first conv and classifier full precision (the model's defaults). Standard augmentation
 (4-pixel pad + crop, flip). Paper: 86.5% (1w1a). Needs CIFAR-10 built for tfds.
 

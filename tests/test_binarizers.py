@@ -1,9 +1,9 @@
 """Tests for binax.binarizers: every estimator against its written-out formula.
 
-Forward references are NumPy expressions of the formulas in methods.md; backward references
-are the surrogate gradients written out independently (a finite difference cannot check an
-STE: the forward is piecewise constant). Inputs include exact zeros (both signs) and the
-clip boundaries.
+Forward references are NumPy expressions of the papers' formulas (as each binarizer's
+docstring gives them); backward references are the surrogate gradients written out
+independently (a finite difference cannot check an STE: the forward is piecewise constant).
+Inputs include exact zeros (both signs) and the clip boundaries.
 """
 
 from __future__ import annotations

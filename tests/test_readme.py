@@ -52,3 +52,29 @@ def test_import_binax_is_light_and_every_submodule_is_an_attribute():
     assert lines[0] == "heavy []"
     assert lines[1] == "restore_variables binax.export binax.mismatch create"
     assert lines[2] == "[]"
+
+
+def _project_text_files():
+    """The files a user of binax gets: the package, configs, entry points, benchmarks,
+    notebooks, docs and tests (what a clone holds, without its virtual environment or runs)."""
+    for top in ("binax", "configs", "experiments", "benchmarks", "notebooks", "docs", "tests"):
+        for dirpath, _, names in os.walk(os.path.join(ROOT, top)):
+            for name in names:
+                if name.endswith((".py", ".md")):
+                    yield os.path.join(dirpath, name)
+    for name in os.listdir(ROOT):
+        if name.endswith(".md"):
+            yield os.path.join(ROOT, name)
+
+
+def test_docs_stand_alone_without_the_teams_reference_folder():
+    # Users do not have the folder the team was given: a citation must name a paper or official
+    # code. The pattern is assembled so that this file does not match itself.
+    pattern = re.compile(r"\.\./" + "shared|shared/" + "reference|" + r"methods\.md")
+    offenders = []
+    for path in _project_text_files():
+        with open(path, encoding="utf-8") as f:
+            for number, line in enumerate(f, start=1):
+                if pattern.search(line):
+                    offenders.append(f"{os.path.relpath(path, ROOT)}:{number}: {line.strip()}")
+    assert not offenders, "cite the paper or official code instead:\n" + "\n".join(offenders)

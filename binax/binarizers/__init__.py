@@ -1,8 +1,8 @@
 """Binarizers: pure forward/backward estimators for binary (and few-bit) networks.
 
 Every estimator is a plain function built on ``jax.custom_vjp``: the forward is the
-quantizer, the backward the paper's surrogate gradient. Formulas follow
-``shared/reference/methods.md``; the conventions binax keeps everywhere:
+quantizer, the backward the paper's surrogate gradient. Each function's docstring gives
+its formula and the paper it comes from; the conventions binax keeps everywhere:
 
 * ``sign(0) = +1`` (as Larq does; ``jnp.sign(0)`` is 0).
 * A kernel's LAST axis is its output channel; "per output channel" reduces over every

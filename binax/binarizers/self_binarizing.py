@@ -67,8 +67,8 @@ def nu_schedule(
     ``nu = nu_0 * (nu_start / nu_0) ** (p / start)`` for ``p < start``, then
     ``nu = nu_start * (nu_max / nu_start) ** ((p - start) / (1 - start))``.
     ``nu_start=None`` (= ``nu_0``) holds nu at ``nu_0`` until ``start``; ``start = 0``
-    (the default) is one geometric ramp ``nu_0 * (nu_max / nu_0) ** p``. The paper gives no
-    exact schedule (methods.md); binax's recipe is in ``configs/recipe.py``. The default
+    (the default) is one geometric ramp ``nu_0 * (nu_max / nu_0) ** p``. The paper says only
+    that nu grows during training (Lahoud & Achanta 2019, no official code); binax's recipe is in ``configs/recipe.py``. The default
     ``nu_max = 1000`` makes ``tanh(nu x)`` within 1e-3 of ``sign(x)`` for ``|x| >= 0.004``;
     the recipe needs far more for the trained network to BE the sign network on every
     test image.
